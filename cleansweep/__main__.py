@@ -1,0 +1,3 @@
+from cleansweep.cli import entrypoint
+
+entrypoint()

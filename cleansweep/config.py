@@ -1,0 +1,188 @@
+"""Typed, validated configuration: one pydantic model per concept, checked once at the edge.
+
+Every model is frozen and rejects unknown keys, so a typo in a YAML file is an error naming the key, never a
+silently ignored setting. Inner functions take plain values pulled out of these objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cleansweep.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(Strict):
+    name: str = Field("tiny-rn", description="Model configuration name (cleansweep.models.list_models()).")
+    init: Path | None = Field(None, description="Checkpoint to start from (.safetensors or .pt); None = random init.")
+
+
+class DataSpec(Strict):
+    train_csv: Path = Field(description="Image-caption CSV (paths relative to the CSV) to train or clean on.")
+    image_key: str = Field("image", description="CSV column holding image paths.")
+    caption_key: str = Field("caption", description="CSV column holding captions.")
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "skip", description="Missing/corrupt image: skip and count it, or fail naming the row."
+    )
+    eval_dir: Path = Field(description="ImageNet-style evaluation folder (one subfolder per class).")
+    eval_subset: int | None = Field(None, ge=1, description="Evaluate on a fixed seeded subset of this many images.")
+    batch_size: int = Field(128, ge=2, description="Global training batch size (split across workers).")
+    eval_batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+
+
+class AttackSpec(Strict):
+    name: str = Field("badnet", description="Trigger used for ASR evaluation (cleansweep.poison.TRIGGERS).")
+    target: str = Field("banana", description="Target class name of the backdoor.")
+    patch_size: int | None = Field(None, ge=1, description="BadNet patch side in pixels; None = 16 at 224 px, scaled.")
+    location: Literal["random", "fixed"] = Field("random", description="BadNet patch position: random or bottom-right.")
+    patch: Literal["fresh", "fixed"] = Field("fresh", description="BadNet patch values: fresh per image or one per run.")
+    seed: int = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
+
+
+class MethodSpec(Strict):
+    name: str = Field("contrastive", description="Training/cleaning method (cleansweep.methods.list_methods()).")
+    mmcl_weight: float = Field(1.0, ge=0, description="Weight of the multimodal CLIP loss (eq. 1).")
+    ssl_weight: float = Field(0.0, ge=0, description="Weight of the in-modal self-supervised loss (eq. 2).")
+    cluster_weight: float = Field(0.0, ge=0, description="Weight of the deep-clustering cross-entropy.")
+    num_clusters: int = Field(1000, ge=2, description="k of the spherical k-means for deep clustering.")
+    cluster_iters: int = Field(20, ge=1, description="k-means iterations per epoch.")
+    l2_init_weight: float = Field(0.0, ge=0, description="Weight of the L2 pull toward the initial weights.")
+    shrink: float = Field(1.0, ge=0, description="Shrink-and-perturb lambda: theta <- lambda*theta + sigma*noise.")
+    perturb: float = Field(0.0, ge=0, description="Shrink-and-perturb sigma (scale of a fresh random init).")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> MethodSpec:
+        if self.mmcl_weight == 0 and self.ssl_weight == 0 and self.cluster_weight == 0:
+            raise ValueError("all loss weights are 0; set mmcl_weight, ssl_weight or cluster_weight > 0")
+        return self
+
+
+class OptimSpec(Strict):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norm/bias/logit_scale).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warm-up.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+
+
+class TrainSpec(Strict):
+    """One training run: pre-training, or one cleaning trial."""
+
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    attack: AttackSpec = AttackSpec()
+    method: MethodSpec = MethodSpec()
+    optim: OptimSpec = OptimSpec()
+    epochs: int = Field(10, ge=1, description="Training epochs.")
+    eval_every: float = Field(1.0, gt=0, description="Evaluate every this many epochs (1/3 = the short paper).")
+    eval_at_start: bool = Field(True, description="Evaluate before the first step (the starting model).")
+    seed: int = Field(0, description="Seed of initialisation, data order and augmentations.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    amp: bool = Field(True, description="Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
+    logit_scale_max: float = Field(4.6052, gt=0, description="Clamp logit_scale to [0, this] (ln 100, as CLIP).")
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="Existing Ray cluster address; None starts a local one.")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = run in the driver process).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+
+
+class MlflowSpec(Strict):
+    tracking_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI or sqlite in the working dir.")
+    experiment: str = Field("cleansweep", description="MLflow experiment name.")
+
+
+class PretrainConfig(Strict):
+    name: str = Field(description="Run name (also the storage folder and the MLflow run name).")
+    train: TrainSpec
+    ray: RaySpec = RaySpec()
+    mlflow: MlflowSpec = MlflowSpec(experiment="cleansweep-pretrain")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides the selected one.")
+    selection: Literal["best_top1", "closest_top1", "last"] = Field(
+        "best_top1", description="Which evaluation's model to hand to cleaning (the paper's rules)."
+    )
+    reference_top1: float | None = Field(None, ge=0, le=1, description="Target accuracy for closest_top1.")
+
+    @model_validator(mode="after")
+    def _reference(self) -> PretrainConfig:
+        if self.selection == "closest_top1" and self.reference_top1 is None:
+            raise ValueError("selection 'closest_top1' needs reference_top1 (e.g. 0.2376)")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_name(v)
+
+
+def check_name(name: str) -> str:
+    """Run and sweep names become folder names and MLflow run names: keep them to a safe alphabet."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", name):
+        raise ValueError(f"name {name!r} must be 1-100 characters of letters, digits, '_', '.', '-'")
+    return name
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming the first bad key and what is wrong with it."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check the spelling against the documented keys"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every problem into a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}; pass the path of an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}; fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def validate(model: type[Strict], data: dict[str, Any], source: str) -> Any:
+    """Validate `data` against `model`, or raise a one-line UserError naming the bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge; values in `overrides` win (dotted keys like 'optim.lr' are expanded)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            value = {rest: value}
+        if isinstance(value, dict) and isinstance(out.get(head), dict):
+            out[head] = deep_update(out[head], value)
+        else:
+            out[head] = value
+    return out
