@@ -1,0 +1,324 @@
+"""CLIP models by name (open_clip configs, random init, no downloads) and safe checkpoint I/O.
+
+Every model is open_clip's `CLIP` built from a JSON config: open_clip's own (`RN50`, `ViT-B-32`, ...) or ours in
+`model_configs/` (tiny ones for CPU tests and the demo), registered with `open_clip.add_model_config`.
+`LogScaleCLIP.forward` returns the *log* inverse temperature under `logit_scale` (open_clip returns exp() of it);
+the losses take exp() themselves.
+
+Checkpoints are `.safetensors` files with a JSON card next to them (meta, model name, sha256). Loading never executes
+code: safetensors, or `.pt`/`.pth` through `torch.load(weights_only=True)`; TorchScript archives are rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import safetensors.torch
+import torch
+from open_clip.model import CLIP, set_model_preprocess_cfg
+from safetensors import SafetensorError
+from torch import Tensor, nn
+
+from cleansweep.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+MODELS: dict[str, str] = {
+    "tiny-rn": "ModifiedResNet [1,1,1,1] width 32, 32 px, 2-layer text width 64, embed 64 (8.5M params; CPU tests)",
+    "tiny-vit": "ViT width 64, 2 layers, patch 8, 32 px, 2-layer text width 64, embed 64 (CPU tests)",
+    "RN50": "open_clip RN50 (ModifiedResNet-50, 224 px, GELU text transformer); the paper's architecture",
+    "RN50-quickgelu": "open_clip RN50 with QuickGELU: the activation of OpenAI/CleanCLIP RN50 checkpoints",
+    "ViT-B-32": "open_clip ViT-B/32 (224 px)",
+}
+
+# Registered once per process; open_clip rescans its config folders on every add_model_config call.
+if not set(MODELS) <= set(open_clip.list_models()):
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+class LogScaleCLIP(CLIP):
+    """open_clip's CLIP whose forward returns the log scale, so losses own the exp() (interfaces.md)."""
+
+    model_name: str = ""
+
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> dict[str, Tensor | None]:
+        """Encode a batch.
+
+        Args:
+            image: (B, 3, S, S) normalised images, or None.
+            text: (B, L) token ids, or None.
+
+        Returns:
+            dict with L2-normalised `image_features`, `text_features` (None for a missing input) and
+            `logit_scale`, the log inverse temperature parameter (scale = exp(logit_scale)).
+        """
+        return {
+            "image_features": self.encode_image(image, normalize=True) if image is not None else None,
+            "text_features": self.encode_text(text, normalize=True) if text is not None else None,
+            "logit_scale": self.logit_scale,
+        }
+
+
+@dataclass
+class ModelBundle:
+    """A model with everything needed to feed it."""
+
+    model: LogScaleCLIP
+    preprocess_train: Callable[[Any], Tensor]
+    preprocess_val: Callable[[Any], Tensor]
+    tokenizer: Callable[[str | list[str]], Tensor]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model`."""
+    return list(MODELS)
+
+
+def _model_config(name: str) -> dict[str, Any]:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    return open_clip.get_model_config(name)
+
+
+def _build(name: str) -> LogScaleCLIP:
+    model = LogScaleCLIP(**_model_config(name))
+    model.model_name = name
+    return model
+
+
+def create_model(name: str, *, seed: int | None = None) -> ModelBundle:
+    """Build a randomly initialised CLIP model and its transforms.
+
+    Args:
+        name: one of `list_models()`.
+        seed: seeds the initialisation without touching the global RNG; None uses the global RNG.
+
+    Returns:
+        ModelBundle. Training and evaluation use the same deterministic preprocess (resize bicubic, center crop,
+        CLIP mean/std), as the reference does: no random crops.
+    """
+    cfg = _model_config(name)
+    if seed is None:
+        model = _build(name)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build(name)
+    image_size = int(cfg["vision_cfg"]["image_size"])
+    mean, std = tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
+    set_model_preprocess_cfg(model, {"size": image_size, "mean": mean, "std": std, "mode": "RGB",
+                                     "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0})
+    preprocess = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+    return ModelBundle(model=model, preprocess_train=preprocess, preprocess_val=preprocess,
+                       tokenizer=_tokenizer(name), image_size=image_size, mean=mean, std=std, name=name)
+
+
+@cache
+def _tokenizer(name: str) -> Callable[[str | list[str]], Tensor]:
+    # Stateless once built; building reads and parses the BPE vocabulary (~0.2 s), so share one per name.
+    return open_clip.get_tokenizer(name)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def card_path(path: str | Path) -> Path:
+    """The JSON card that describes the weights file `path`."""
+    return Path(path).with_suffix(".json")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / DataParallel wrapper (they prefix every key with 'module.')."""
+    return getattr(model, "module", model)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
+    """Write the model's weights to `path` (.safetensors) and a JSON card next to it.
+
+    Both files are written under temporary names and renamed, so a crash never leaves a complete-looking file.
+
+    Args:
+        path: destination, must end in `.safetensors`.
+        model: the model (DDP wrappers are unwrapped, so keys never carry 'module.').
+        meta: JSON-serialisable facts to keep with the weights (step, metrics, config...).
+
+    Returns:
+        `path`. The card `path.with_suffix('.json')` holds `meta`, `model` (the config name) and `sha256`.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"checkpoint path {path} must end in .safetensors; rename it")
+    module = _unwrap(model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"}))
+    card = {**dict(meta), "model": meta.get("model") or getattr(module, "model_name", None) or None,
+            "weights": path.name, "sha256": file_sha256(path)}
+    _atomic_write(card_path(path), lambda tmp: tmp.write_text(json.dumps(card, indent=2, default=str) + "\n"))
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The JSON card of a checkpoint (pass the weights file or the card); {} when there is none."""
+    cpath = card_path(path)
+    if not cpath.is_file():
+        return {}
+    try:
+        card = json.loads(cpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{cpath}: unreadable checkpoint card ({e}); delete it or pass --model explicitly") from None
+    if not isinstance(card, dict):
+        raise UserError(f"{cpath}: checkpoint card is not a JSON object; delete it or pass --model explicitly")
+    return card
+
+
+def _is_torchscript(path: Path) -> bool:
+    # torch.serialization._is_torchscript_zip looks for the same record.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+
+
+def _read_torch(path: Path) -> Any:
+    if _is_torchscript(path):
+        raise UserError(f"{path} is a TorchScript archive, which cannot be loaded without running its code; "
+                        "export its state_dict to .safetensors in a trusted environment and pass that")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: torch.load(weights_only=True) refused it ({_unpickler_reason(e)}); pass a "
+                        ".safetensors file or a .pt state_dict of tensors (pickled code is never run)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first}); pass a .safetensors or .pt "
+                        "state_dict") from None
+
+
+def _unpickler_reason(err: Exception) -> str:
+    # torch wraps the unpickler's reason in a long advert for weights_only=False; keep only the reason.
+    text = str(err)
+    reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    return " ".join(reason.split()) or "not a pickle of tensors"
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    # Reference layout (CleanCLIP and the paper's code): {"epoch", "name", "state_dict", "optimizer"}.
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise UserError(f"{path}: no model weights found (got {keys or 'nothing'}); pass a checkpoint saved by "
+                        "cleansweep, a state_dict, or a dict with a 'state_dict' entry")
+    keys = list(obj)
+    # DDP / DataParallel checkpoints prefix every key with 'module.'.
+    if all(str(k).startswith("module.") for k in keys):
+        return {str(k)[len("module."):]: v for k, v in obj.items()}
+    return {str(k): v for k, v in obj.items()}
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read model weights without executing code.
+
+    Args:
+        path: `.safetensors`, or `.pt` / `.pth` / `.bin` read with `torch.load(weights_only=True)`; a dict with a
+            `state_dict` entry and keys prefixed `module.` (the reference implementations' layout) is accepted.
+
+    Returns:
+        state_dict on CPU.
+
+    Raises:
+        UserError: missing, unreadable, corrupt, TorchScript, or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}; pass the path of a .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        try:
+            obj: Any = safetensors.torch.load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e}); re-save or re-download it") from None
+    else:
+        obj = _read_torch(path)
+    return _extract_state_dict(obj, path)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@cache
+def _config_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    # Built on the meta device: shapes only, no memory and no initialisation cost.
+    with torch.device("meta"):
+        return _shapes(_build(name))
+
+
+def matching_models(state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Names of the registered models whose keys and shapes fit `state_dict` exactly.
+
+    QuickGELU variants share their keys with the GELU ones, so both names are returned for such checkpoints.
+    """
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
+    return [name for name in MODELS if _config_shapes(name) == wanted]
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    # BatchNorm counters say little about which architecture a checkpoint is; name real weights first.
+    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """Load `state_dict` strictly into `model` (unwrapping DDP).
+
+    Raises:
+        UserError: keys missing, unexpected or of another shape; names a few and the models that would fit.
+    """
+    module = _unwrap(model)
+    expected = _shapes(module)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    resized = [f"{k} {tuple(state_dict[k].shape)} vs {expected[k]}" for k in state_dict
+               if k in expected and tuple(state_dict[k].shape) != expected[k]]
+    if missing or unexpected or resized:
+        name = getattr(module, "model_name", "") or type(module).__name__
+        problems = [f"{label} {len(keys)}: {_few(keys)}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", resized)) if keys]
+        fits = matching_models(state_dict)
+        fix = (f"pass --model {' or '.join(fits)}" if fits
+               else f"pass the --model it was trained with (choose from: {', '.join(MODELS)})")
+        raise UserError(f"checkpoint does not fit model {name!r} ({'; '.join(problems)}); {fix}")
+    module.load_state_dict(state_dict, strict=True)
+    return model

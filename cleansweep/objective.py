@@ -1,0 +1,64 @@
+"""The search objective: maximise zero-shot top-1 subject to ASR <= threshold (the paper's model selection).
+
+Metric names are constants so every module logs and reads the same keys. `BestFeasible` turns a trajectory of
+evaluations into the monotone metric the searcher optimises: Optuna only sees a trial's last result, so the last
+result must carry the best feasible accuracy so far (stack notes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+TOP1 = "zeroshot_top1"
+TOP5 = "zeroshot_top5"
+ASR = "asr_top1"
+BEST = "best_feasible_top1"
+BEST_STEP = "best_feasible_step"
+FEASIBLE = "feasible"
+
+
+def is_feasible(asr: float, threshold: float) -> bool:
+    """True when the attack success rate is at most `threshold`; NaN (not measured) is infeasible."""
+    return not math.isnan(asr) and asr <= threshold
+
+
+class BestFeasible:
+    """Running best zero-shot top-1 over the feasible evaluations of one run.
+
+    Args:
+        threshold: largest feasible ASR (inclusive).
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.best = 0.0
+        self.best_step: int | None = None
+
+    def update(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Fold one evaluation into the tracker.
+
+        Args:
+            metrics: has `asr_top1`, `zeroshot_top1` and optionally `step` (the global optimizer step).
+
+        Returns:
+            `feasible` (1.0 or 0.0, loggable as a metric), `best_feasible_top1` (0.0 before any feasible
+            evaluation) and `best_feasible_step` (-1 before any).
+        """
+        feasible = is_feasible(float(metrics[ASR]), self.threshold)
+        top1 = float(metrics[TOP1])
+        if feasible and (self.best_step is None or top1 > self.best):
+            self.best = top1
+            self.best_step = int(metrics.get("step", 0))
+        return {FEASIBLE: float(feasible), BEST: self.best,
+                BEST_STEP: -1 if self.best_step is None else self.best_step}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the tracker (JSON-serialisable)."""
+        return {"threshold": self.threshold, "best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a tracker saved by `state_dict` (the threshold stays the one this tracker was built with)."""
+        self.best = float(state["best"])
+        self.best_step = None if state["best_step"] is None else int(state["best_step"])
