@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--n-clean", type=int, default=None, help="clean cleaning pairs")
     demo.add_argument("--n-eval", type=int, default=None, help="evaluation images")
     demo.add_argument("--image-size", type=int, default=None, help="image side in pixels")
+    demo.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                      help="difficulty knob (repeatable), e.g. --knob clutter=2 --knob noise=0.1; see world.json")
     demo.set_defaults(func=_cmd_data_demo)
 
 
@@ -49,6 +52,14 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
 
     knobs = {k: v for k, v in {"n_train": args.n_train, "n_clean": args.n_clean, "n_eval": args.n_eval,
                                "image_size": args.image_size}.items() if v is not None}
+    for item in args.knob:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--knob {item!r} must look like NAME=VALUE, e.g. --knob clutter=2")
+        try:
+            knobs[name.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"--knob {item!r}: the value must be a number; e.g. --knob noise=0.1") from None
     info = make_demo_world(args.out, seed=args.seed, **knobs)
     print(json.dumps(info, indent=2, default=str))
     return 0
@@ -118,8 +129,346 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ pretrain
+# Flag -> dotted key in PretrainConfig (flags override the YAML, which overrides the preset).
+_PRETRAIN_FLAGS = {
+    "name": "name", "model": "train.model.name", "init": "train.model.init", "train_csv": "train.data.train_csv",
+    "eval_data": "train.data.eval_dir", "attack": "train.attack.name", "target": "train.attack.target",
+    "epochs": "train.epochs", "batch_size": "train.data.batch_size", "lr": "train.optim.lr",
+    "warmup_steps": "train.optim.warmup_steps", "eval_every": "train.eval_every", "seed": "train.seed",
+    "num_workers": "ray.num_workers", "use_gpu": "ray.use_gpu", "cpus_per_worker": "ray.cpus_per_worker",
+    "address": "ray.address", "selection": "selection", "reference_top1": "reference_top1",
+}
+_OBJECTIVES = {"mmcl": {"train.method.mmcl_weight": 1.0, "train.method.ssl_weight": 0.0},
+               "mmcl+ssl": {"train.method.mmcl_weight": 1.0, "train.method.ssl_weight": 1.0}}
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pre-train CLIP on (poisoned) data with Ray Train, logging to MLflow")
+    p.add_argument("config", nargs="?", type=Path, help="PretrainConfig YAML (flags override it)")
+    p.add_argument("--preset", help="demo: build + poison the synthetic world if absent, then train; cc3m, cc6m: the "
+                   "paper's settings on your --train-csv/--eval-data")
+    p.add_argument("--objective", choices=sorted(_OBJECTIVES), help="pre-training loss: mmcl or mmcl+ssl")
+    p.add_argument("--name", help="run name: folder <workdir>/pretrain/NAME and the MLflow run name")
+    p.add_argument("--model", help="model config name (cleansweep.models.list_models())")
+    p.add_argument("--train-csv", type=Path, help="image-caption CSV to train on")
+    p.add_argument("--eval-data", type=Path, help="ImageNet-style evaluation folder")
+    p.add_argument("--attack", help="trigger for the ASR evaluation: badnet, blended, sig, wanet")
+    p.add_argument("--target", help="target class name of the backdoor")
+    p.add_argument("--init", type=Path, help="checkpoint to start from (.safetensors or .pt)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size (split across workers)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--eval-every", type=float, help="evaluate every this many epochs (1/3 = the short paper)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (0 = run in this process)")
+    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--address", help="existing Ray cluster (default: start a local one)")
+    p.add_argument("--selection", choices=["best_top1", "closest_top1", "last"],
+                   help="checkpoint handed to cleaning: best accuracy, accuracy closest to --reference-top1, last")
+    p.add_argument("--reference-top1", type=float, help="target accuracy for --selection closest_top1")
+    p.add_argument("--resume", action="store_true", help="continue run NAME from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set train.optim.weight_decay=0.2 (repeatable; YAML values)")
+    p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _parse_sets(items: list[str]) -> dict[str, object]:
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r} is not KEY=VALUE; write e.g. --set train.optim.lr=0.001")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not valid YAML; quote it") from None
+    return out
+
+
+def _nest(flat: dict[str, object]) -> dict[str, object]:
+    """{'train.optim.lr': 1} -> {'train': {'optim': {'lr': 1}}} (deep_update expands one level only)."""
+    out: dict[str, object] = {}
+    for key, value in flat.items():
+        *heads, last = key.split(".")
+        node = out
+        for head in heads:
+            node = node.setdefault(head, {})  # type: ignore[assignment]
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {head} is set both as a value and as a section; set one of them")
+        node[last] = value
+    return out
+
+
+def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 - PretrainConfig, imported lazily
+    from cleansweep.config import PretrainConfig, deep_update, read_yaml, validate
+
+    data: dict = {}
+    if args.preset:
+        from cleansweep import presets
+
+        presets.get_preset(args.preset)  # unknown name -> one-line error
+        objective = args.objective or "mmcl"
+        if args.preset == "demo":
+            paths: dict = presets.prepare_demo_data(workdir, seed=args.seed or 0)
+        else:
+            paths = {"train_csv": args.train_csv, "eval_dir": args.eval_data, "init": args.init}
+        data = {"name": f"{args.preset}-{objective.replace('+', '-')}",
+                "train": presets.pretrain_spec(args.preset, objective, paths)}
+    if args.config is not None:
+        data = deep_update(data, read_yaml(args.config))
+    flags = {key: getattr(args, attr) for attr, key in _PRETRAIN_FLAGS.items() if getattr(args, attr) is not None}
+    flags |= _OBJECTIVES[args.objective] if args.objective else {}
+    data = deep_update(data, _nest({k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}))
+    data = deep_update(data, _nest(_parse_sets(args.set)))
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    tdata = train.get("data") if isinstance(train.get("data"), dict) else {}
+    for key, hint in (("train_csv", "--train-csv CSV"), ("eval_dir", "--eval-data FOLDER")):
+        if key not in tdata:
+            raise UserError(f"no train.data.{key} given; pass {hint}, a CONFIG.yaml that sets it, or --preset demo")
+    if "name" not in data:
+        raise UserError("no run name given; pass --name NAME (or set name: in the YAML)")
+    return validate(PretrainConfig, data, str(args.config) if args.config else "pretrain flags")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    workdir = (args.workdir or default_workdir()).resolve()
+    cfg = _pretrain_config(args, workdir)
+    from cleansweep.pretrain import pretrain
+
+    summary = pretrain(cfg, workdir=workdir, resume=args.resume)
+    asr = summary.get("asr_top1")
+    print(f"selected checkpoint: {summary['selected']}")
+    print(f"  step {summary['step']:.0f} (epoch {summary['epoch']:.2f}), zeroshot_top1 {summary['zeroshot_top1']:.4f}, "
+          f"asr_top1 {'n/a' if asr is None else f'{asr:.4f}'}, {summary['minutes']:.1f} min; "
+          f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Pareto plot, trajectories, Table 2 and stopping analysis of a sweep (MLflow)")
+    p.add_argument("name", help="sweep name (the parent run's cleansweep.sweep tag)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <workdir>/reports/NAME)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment holding the sweep (default: all)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="ASR threshold of a successful cleaning, 0..1 (default: the sweep's own, else 0.05)")
+    p.add_argument("--no-log", action="store_true", help="do not upload the files to the sweep's parent run")
+    p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cleansweep import report, tracking
+
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold {args.threshold} is not a fraction; pass a value in 0..1 (0.05 = 5% ASR)")
+    workdir = (args.workdir or default_workdir()).resolve()
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, workdir)
+    out = args.out or workdir / "reports" / args.name
+    result = report.report_sweep(args.name, tracking_uri=uri, experiment=args.experiment, out_dir=out,
+                                 threshold=args.threshold, log_artifacts=not args.no_log)
+    ss = result.stopping_summary.iloc[0]
+    print(report.markdown_table(result.summary))
+    print(f"\nstopping: {ss['trials_feasible_at_end']} of {ss['trials']} trials end feasible, "
+          f"{ss['trials_feasible_anywhere']} are feasible somewhere, {ss['trials_best_mid_trajectory']} have their "
+          "best feasible model mid-trajectory")
+    logged = "" if args.no_log else " (also logged under report/ on the sweep's parent run)"
+    print(f"wrote {len(result.files)} files to {result.out_dir}{logged}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ ui
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="serve the MLflow UI on the store the sweeps use (Ctrl-C to stop)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default loopback: MLflow has no login, so tunnel rather than expose it)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
+    p.set_defaults(func=_cmd_ui)
+
+
+def mlflow_ui_command(tracking_uri: str, *, host: str, port: int) -> list[str]:
+    """The `mlflow server` command line that serves the UI for the store at `tracking_uri`.
+
+    Artifacts of experiments created from the UI land beside a sqlite file, where `cleansweep.tracking` puts them.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        raise UserError(f"the tracking URI {tracking_uri} is already an MLflow server; open it in a browser "
+                        "(or pass --tracking-uri sqlite:///PATH.db to serve a local store)")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri, "--host", host,
+           "--port", str(port), "--workers", "1"]
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise UserError(f"no MLflow database at {db}; run a sweep first, or pass --tracking-uri / set "
+                            "CLEANSWEEP_WORKDIR to the folder holding mlflow.db")
+        cmd += ["--artifacts-destination", str(db.parent / "mlartifacts")]
+    return cmd
+
+
+def _wait_for_server(proc: subprocess.Popen, url: str, timeout_s: float = 120.0) -> bool:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+
+    from cleansweep import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, (args.workdir or default_workdir()).resolve())
+    cmd = mlflow_ui_command(uri, host=args.host, port=args.port)
+    with socket.socket() as s:
+        if s.connect_ex((args.host if args.host != "0.0.0.0" else "127.0.0.1", args.port)) == 0:
+            raise UserError(f"port {args.port} on {args.host} is already in use; pass --port with a free port")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: MLflow has no login; anyone who reaches port {args.port} can read "
+              "and delete runs. Prefer the default 127.0.0.1 and an SSH tunnel.", file=sys.stderr)
+    url = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
+    # MLflow's job runner (GenAI judges/scorers) starts ~8 worker processes we never use; the user's setting wins.
+    proc = subprocess.Popen(cmd, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
+    try:
+        if not _wait_for_server(proc, url):
+            proc.terminate()
+            proc.wait(timeout=30)
+            raise UserError(f"mlflow server did not start (exit code {proc.returncode}); see its output above")
+        print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -------------------------------------------------------------------------------------------------- search
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="cleaning sweep on Ray Tune + Optuna: max zero-shot top-1 s.t. ASR <= threshold")
+    p.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
+    p.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file stem)")
+    p.add_argument("--storage-path", type=Path, default=None, help="Tune storage folder (default: <workdir>/sweeps)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials (optuna/random) or grid repeats")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep of this --name")
+    p.add_argument("--workdir", type=Path, default=None, help="cache, sweeps and MLflow database (default: "
+                   "$CLEANSWEEP_WORKDIR or ./cleansweep-runs)")
+    p.add_argument("--top-k", type=int, default=10, help="rows of the leaderboard printed at the end")
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from cleansweep import spaces
+
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples} must be >= 1")
+    from cleansweep.methods import list_methods
+
+    cfg = spaces.load(args.space, known_methods=list_methods())
+    from cleansweep.config import check_name
+    from cleansweep.search import format_leaderboard, search
+
+    name = args.name or cfg.name or args.space.stem
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise UserError(f"--name: {e}") from None
+    workdir = (args.workdir or default_workdir()).resolve()
+    out = search(cfg, name=name, workdir=workdir, space_file=args.space, storage_path=args.storage_path,
+                 num_samples=args.num_samples, address=args.address, resume=args.resume)
+    print(format_leaderboard(out["leaderboard"], "table", args.top_k))
+    print(f"sweep {name}: {len(out['leaderboard'])} trials in {out['seconds'] / 60:.1f} min; {out['sweep_dir']}; "
+          f"MLflow parent run {out['parent_run_id']} at {out['tracking_uri']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- results
+def _add_results(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("results", help="leaderboard of a sweep from MLflow: best feasible trial and the top-k")
+    p.add_argument("name", help="sweep name")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--top-k", type=int, default=10, help="rows to show")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment holding the sweep (default: all)")
+    p.add_argument("--workdir", type=Path, default=None, help="where the default MLflow database lives")
+    p.set_defaults(func=_cmd_results)
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from cleansweep.search import format_leaderboard, results
+
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k} must be >= 1")
+    board = results(args.name, workdir=(args.workdir or default_workdir()).resolve(),
+                    tracking_uri=args.tracking_uri, experiment=args.experiment)
+    print(format_leaderboard(board, args.format, args.top_k))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- study
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="the paper's experiment: poison, pre-train MMCL and MMCL+SSL, clean both, compare")
+    p.add_argument("preset", help="toy (built-in world, CPU), cc3m or cc6m (the paper's settings on your data)")
+    p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
+    p.add_argument("--train-csv", type=Path, default=None, help="poisoned pre-training image-caption CSV (cc3m/cc6m)")
+    p.add_argument("--clean-csv", type=Path, default=None, help="clean cleaning image-caption CSV (cc3m/cc6m)")
+    p.add_argument("--eval-dir", type=Path, default=None, help="ImageNet-style validation folder (cc3m/cc6m)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="override the preset's pre-training epochs")
+    p.add_argument("--clean-epochs", type=int, default=None, help="override the cleaning epochs per trial")
+    p.add_argument("--num-samples", type=int, default=None, help="override the trials per sweep (grid: repeats)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in world and its poisoning")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from cleansweep import report
+    from cleansweep.study import run_study
+
+    for flag in ("pretrain_epochs", "clean_epochs", "num_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    paths = {"train_csv": args.train_csv, "clean_csv": args.clean_csv, "eval_dir": args.eval_dir}
+    pre = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}
+    sweep = {k: v for k, v in {"epochs": args.clean_epochs, "search.num_samples": args.num_samples}.items() if v}
+    result = run_study(args.preset, workdir=(args.workdir or default_workdir()).resolve(),
+                       paths={k: v for k, v in paths.items() if v}, tracking_uri=args.tracking_uri,
+                       pretrain_overrides=pre, sweep_overrides=sweep, seed=args.seed, address=args.address)
+    print(report.markdown_table(result["table2"]))
+    print(f"\nwrote {result['out_dir']}: table2.csv/.md, figure2.png, study.json, one report per objective")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
-_ADDERS = [_add_data, _add_poison, _add_evaluate]
+_ADDERS = [_add_data, _add_poison, _add_evaluate, _add_pretrain, _add_search, _add_results, _add_report, _add_study,
+           _add_ui]
 
 
 def build_parser() -> argparse.ArgumentParser:

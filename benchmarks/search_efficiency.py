@@ -1,0 +1,144 @@
+"""Search efficiency: trial-epochs constrained Optuna + ASHA needs to match an exhaustive grid's best feasible model.
+
+Two real sweeps of CleanCLIP cleaning on the same starting model (the demo preset's poisoned model, built and cached
+on first use; `--world tiny` uses a tiny world instead, for a quick smoke run):
+
+1. grid: every (learning rate, SSL weight) of a log-spaced grid, every trial trained for all epochs. Its best feasible
+   accuracy (ASR <= threshold, over all evaluations) is the reference; its cost is trials x epochs.
+2. Optuna TPE (told the ASR constraint) + ASHA over the same ranges.
+
+Walking Optuna's evaluations in the order they were logged, count the trial-epochs spent until an evaluation is
+feasible and within `--tolerance` (1 point) of the grid's best. Figure of merit: that count / the grid's trial-epochs
+(target <= 0.2). Every evaluation of both sweeps is read back from MLflow.
+
+    python benchmarks/search_efficiency.py [--world demo|tiny] [--lrs 12] [--ssl 0.5,1,2] [--epochs 8]
+                                           [--samples 24] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cleansweep import search, spaces, tracking
+
+
+def tiny_lines(root: Path) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sweep_overhead import tiny_model
+
+    w, ckpt = tiny_model(root)
+    return textwrap.dedent(f"""
+        model: {{checkpoint: {ckpt}, name: tiny-rn}}
+        data: {{train_csv: {w['clean_csv']}, eval_dir: {w['eval_dir']}, batch_size: 16, eval_batch_size: 64}}
+        attack: {{patch_size: 4}}
+        """)
+
+
+def write_space(path: Path, head: str, body: str) -> Path:
+    path.write_text(head + textwrap.dedent(body))
+    return path
+
+
+def evaluations(uri: str, name: str) -> pd.DataFrame:
+    """Every evaluation of every trial of sweep `name`, with its log time, from MLflow."""
+    sweep = tracking.load_sweep(name, uri)
+    client = tracking.open_client(uri)
+    rows = []
+    for run_id, trial_id in zip(sweep.trials["run_id"], sweep.trials["trial_id"], strict=True):
+        hist = {key: {m.step: (m.timestamp, m.value) for m in client.get_metric_history(run_id, key)}
+                for key in ("zeroshot_top1", "asr_top1", "epoch")}
+        for step, (ts, top1) in hist["zeroshot_top1"].items():
+            rows.append({"trial_id": trial_id, "step": step, "time": ts, "zeroshot_top1": top1,
+                         "asr_top1": hist["asr_top1"][step][1], "epoch": hist["epoch"].get(step, (0, 0.0))[1]})
+    return pd.DataFrame(rows).sort_values(["time", "trial_id", "step"], ignore_index=True)
+
+
+def epochs_to_reach(evals: pd.DataFrame, target: float, threshold: float) -> tuple[float | None, float]:
+    """Trial-epochs spent (in log order) until a feasible evaluation reaches `target`; and the total spent."""
+    spent, last_epoch = 0.0, {}
+    for row in evals.itertuples(index=False):
+        spent += max(0.0, row.epoch - last_epoch.get(row.trial_id, 0.0))
+        last_epoch[row.trial_id] = row.epoch
+        if row.asr_top1 <= threshold and row.zeroshot_top1 >= target:
+            return spent, float(sum(last_epoch.values()))
+    return None, float(sum(last_epoch.values()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", choices=["demo", "tiny"], default="demo")
+    ap.add_argument("--lrs", type=int, default=12, help="grid learning rates (log-spaced over --lr-range)")
+    ap.add_argument("--lr-range", default="2e-4,5e-3")
+    ap.add_argument("--ssl", default="0.5,1,2", help="grid SSL weights (Optuna: the same as a choice)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=24, help="Optuna trials")
+    ap.add_argument("--threshold", type=float, default=0.05)
+    ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy gap to the grid's best (1 point)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="search-efficiency-"))
+    root.mkdir(parents=True, exist_ok=True)
+    head = "model: {preset: demo, objective: mmcl}\n" if args.world == "demo" else tiny_lines(root)
+    lo, hi = (float(x) for x in args.lr_range.split(","))
+    lrs = [float(f"{v:.3g}") for v in np.geomspace(lo, hi, args.lrs)]
+    ssl = [float(x) for x in args.ssl.split(",")]
+    common = f"""
+        objective: {{threshold: {args.threshold}}}
+        epochs: {args.epochs}
+        eval_every: 1
+        base: {{method.name: contrastive, method.mmcl_weight: 1}}
+        resources: {{cpu: 1}}
+        """
+    grid = write_space(root / "grid.yaml", head, common + f"""
+        space:
+          optim.lr: {{grid: {lrs}}}
+          method.ssl_weight: {{grid: {ssl}}}
+        search: {{algorithm: grid, max_concurrent: 2}}
+        scheduler: {{name: none}}
+        """)
+    tpe = write_space(root / "optuna.yaml", head, common + f"""
+        space:
+          optim.lr: {{loguniform: [{lo}, {hi}]}}
+          method.ssl_weight: {{choice: {ssl}}}
+        search: {{algorithm: optuna, num_samples: {args.samples}, max_concurrent: 2, n_startup_trials: 6}}
+        scheduler: {{name: asha, grace_period: 3, reduction_factor: 2}}
+        """)
+    stamp = int(time.time())
+    work = root / "work"
+    t0 = time.monotonic()
+    g = search.search(spaces.load(grid), name=f"eff-grid-{stamp}", workdir=work, echo=lambda s: None)
+    grid_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    o = search.search(spaces.load(tpe), name=f"eff-optuna-{stamp}", workdir=work, echo=lambda s: None)
+    optuna_s = time.monotonic() - t0
+    g_evals, o_evals = evaluations(g["tracking_uri"], g["name"]), evaluations(o["tracking_uri"], o["name"])
+    feasible = g_evals[g_evals["asr_top1"] <= args.threshold]
+    grid_epochs = float(g_evals.groupby("trial_id")["epoch"].max().sum())
+    result = {"grid_trials": int(g_evals["trial_id"].nunique()), "grid_trial_epochs": grid_epochs,
+              "grid_wall_s": round(grid_s, 1), "optuna_trials": int(o_evals["trial_id"].nunique()),
+              "optuna_wall_s": round(optuna_s, 1), "target": 0.2}
+    if feasible.empty:
+        result["note"] = "the grid found no feasible evaluation; widen the lr range or add epochs"
+    else:
+        best = float(feasible["zeroshot_top1"].max())
+        spent, total = epochs_to_reach(o_evals, best - args.tolerance, args.threshold)
+        o_feasible = o_evals[o_evals["asr_top1"] <= args.threshold]
+        result.update({"grid_best_feasible_top1": best, "optuna_best_feasible_top1":
+                       float(o_feasible["zeroshot_top1"].max()) if len(o_feasible) else None,
+                       "optuna_trial_epochs_total": total, "optuna_trial_epochs_to_reach": spent,
+                       "fraction_of_grid": None if spent is None else round(spent / grid_epochs, 3)})
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

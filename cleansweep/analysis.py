@@ -1,0 +1,254 @@
+"""Pure analysis of a sweep's evaluations: DataFrame in, DataFrame out (no files, no MLflow, no plotting).
+
+The numbers behind the paper's Table 2 (starting model vs the best evaluation with ASR <= threshold, relative
+change) and its stopping-criterion argument (per trial: best feasible evaluation vs the last one), the Pareto front,
+and the hyperparameters a sweep sampled. `cleansweep.report` writes them; the notebook and the tests call them
+directly on `cleansweep.tracking.load_sweep(...)` output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from cleansweep.tracking import SweepRecord
+
+TOP1, ASR, EPOCH = "zeroshot_top1", "asr_top1", "epoch"
+STAGE_TAG, SAMPLED_TAG = "cleansweep.stage", "cleansweep.sampled"  # trial tags written by cleansweep.search
+DEFAULT_THRESHOLD = 0.05  # the paper's success criterion: ASR <= 5%
+PERCENT_COLUMNS = ("asr_threshold", "start_top1", "start_asr", "best_top1", "best_asr", "relative_change",
+                   "best_feasible_top1", "best_feasible_asr", "last_top1", "last_asr", "top1_given_up",
+                   "best_feasible_top1_any", "best_feasible_top1_at_end", "final_top1", "final_asr")
+
+
+@dataclass(frozen=True)
+class Start:
+    """The model before cleaning: its accuracy, ASR, and where the numbers came from."""
+
+    top1: float
+    asr: float
+    source: str
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def evaluations(history: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every evaluation of every trial that has both an accuracy and an ASR.
+
+    Args:
+        history: One row per (run, step) with metric columns (`SweepRecord.history`).
+        trials: Optional trial table (`SweepRecord.trials`); adds each evaluation's trial `status`.
+
+    Returns:
+        Rows sorted by trial and step with `trial_id`, `run_id`, `step`, `epoch` (the step when no epoch was
+        logged), `zeroshot_top1`, `asr_top1`, the other metric columns, and `status` when `trials` is given.
+    """
+    if history.empty or TOP1 not in history or ASR not in history:
+        cols = ["trial_id", "run_id", "step", EPOCH, TOP1, ASR]
+        return pd.DataFrame({c: pd.Series(dtype=object if c in ("trial_id", "run_id") else float) for c in cols})
+    evals = history.dropna(subset=[TOP1, ASR]).copy()
+    if EPOCH not in evals:
+        evals[EPOCH] = np.nan
+    evals[EPOCH] = evals[EPOCH].fillna(evals["step"].astype(float))
+    if trials is not None and not trials.empty:
+        evals = evals.merge(trials[["run_id", "status"]], on="run_id", how="left")
+    return evals.sort_values(["trial_id", "step"], kind="stable", ignore_index=True)
+
+
+def starting_point(parent_metrics: Mapping[str, float], evals: pd.DataFrame) -> Start | None:
+    """The starting model: the parent run's `start_*` metrics, else the mean step-0 evaluation of the trials.
+
+    Args:
+        parent_metrics: Metrics of the sweep's parent run.
+        evals: Output of `evaluations`.
+
+    Returns:
+        A `Start`, or None when neither source exists.
+    """
+    top1, asr = parent_metrics.get(f"start_{TOP1}"), parent_metrics.get(f"start_{ASR}")
+    if top1 is not None and asr is not None:
+        return Start(float(top1), float(asr), "parent run metrics")
+    first = evals[evals["step"] == 0]
+    if first.empty:
+        return None
+    return Start(float(first[TOP1].mean()), float(first[ASR].mean()), f"mean of {len(first)} step-0 evaluations")
+
+
+def threshold_from_params(params: Mapping[str, str], default: float = DEFAULT_THRESHOLD) -> float:
+    """The sweep's ASR threshold from its parent params (any key named or ending in `asr_threshold`)."""
+    for key, value in params.items():
+        if key == "asr_threshold" or key.endswith(".asr_threshold"):
+            return float(value)
+    return default
+
+
+def pareto_front(evals: pd.DataFrame) -> pd.DataFrame:
+    """Evaluations not dominated by another (higher accuracy at lower or equal ASR), sorted by ASR."""
+    ordered = evals.sort_values([ASR, TOP1], ascending=[True, False], kind="stable")
+    best_so_far = ordered[TOP1].cummax().shift(fill_value=-math.inf)
+    return ordered[ordered[TOP1] > best_so_far].reset_index(drop=True)
+
+
+def summary_table(evals: pd.DataFrame, start: Start | None, threshold: float, *, sweep: str = "") -> pd.DataFrame:
+    """Table 2 of the paper for one sweep: start, best accuracy with ASR <= threshold, relative change.
+
+    Args:
+        evals: Output of `evaluations`.
+        start: The starting model (None leaves its columns NaN).
+        threshold: ASR threshold of a successful cleaning (0.05 in the paper).
+        sweep: Sweep name for the first column.
+
+    Returns:
+        One row: `sweep`, `trials`, `evaluations`, `feasible_evaluations`, `start_top1`, `start_asr`, `best_top1`,
+        `best_asr`, `best_trial`, `best_epoch`, `best_step`, `relative_change` ((best - start) / start). The `best_*`
+        columns are NaN when no evaluation is feasible.
+    """
+    feasible = evals[evals[ASR] <= threshold]
+    row: dict[str, Any] = {
+        "sweep": sweep, "trials": int(evals["trial_id"].nunique()), "evaluations": len(evals),
+        "feasible_evaluations": len(feasible), "asr_threshold": threshold,
+        "start_top1": start.top1 if start else np.nan, "start_asr": start.asr if start else np.nan,
+        "best_top1": np.nan, "best_asr": np.nan, "best_trial": None, "best_epoch": np.nan, "best_step": np.nan,
+        "relative_change": np.nan,
+    }
+    if not feasible.empty:
+        best = feasible.loc[feasible[TOP1].idxmax()]
+        row.update(best_top1=float(best[TOP1]), best_asr=float(best[ASR]), best_trial=best["trial_id"],
+                   best_epoch=float(best[EPOCH]), best_step=int(best["step"]))
+        if start and start.top1 > 0:
+            row["relative_change"] = (row["best_top1"] - start.top1) / start.top1
+    return pd.DataFrame([row])
+
+
+def stopping_table(evals: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per trial: the best feasible evaluation vs the last one (what "clean until the end" would hand you).
+
+    Args:
+        evals: Output of `evaluations`.
+        threshold: ASR threshold of a feasible evaluation.
+
+    Returns:
+        One row per trial, best feasible accuracy first: `trial_id`, `evaluations`, `best_feasible_top1`,
+        `best_feasible_asr`, `best_feasible_epoch` (NaN when the trial never was feasible), `last_top1`, `last_asr`,
+        `last_epoch`, `last_feasible`, `best_is_mid_trajectory` (an earlier evaluation beats the last one: the last is
+        infeasible, or feasible but less accurate) and `top1_given_up` (best feasible accuracy minus the accuracy
+        kept by stopping at the end, where an infeasible last model keeps nothing).
+    """
+    rows = []
+    for trial_id, t in evals.groupby("trial_id", sort=False):
+        t = t.sort_values("step", kind="stable")
+        last = t.iloc[-1]
+        feasible = t[t[ASR] <= threshold]
+        best = feasible.loc[feasible[TOP1].idxmax()] if not feasible.empty else None
+        last_feasible = bool(last[ASR] <= threshold)
+        best_top1 = float(best[TOP1]) if best is not None else np.nan
+        rows.append({
+            "trial_id": trial_id, "evaluations": len(t),
+            "best_feasible_top1": best_top1,
+            "best_feasible_asr": float(best[ASR]) if best is not None else np.nan,
+            "best_feasible_epoch": float(best[EPOCH]) if best is not None else np.nan,
+            "last_top1": float(last[TOP1]), "last_asr": float(last[ASR]), "last_epoch": float(last[EPOCH]),
+            "last_feasible": last_feasible,
+            "best_is_mid_trajectory": bool(best is not None and (not last_feasible or best_top1 > last[TOP1])),
+            "top1_given_up": best_top1 - (float(last[TOP1]) if last_feasible else 0.0) if best is not None else np.nan,
+        })
+    cols = ["trial_id", "evaluations", "best_feasible_top1", "best_feasible_asr", "best_feasible_epoch", "last_top1",
+            "last_asr", "last_epoch", "last_feasible", "best_is_mid_trajectory", "top1_given_up"]
+    table = pd.DataFrame(rows, columns=cols)
+    return table.sort_values(["best_feasible_top1", "last_top1"], ascending=False, na_position="last",
+                             kind="stable", ignore_index=True)
+
+
+def stopping_summary(stopping: pd.DataFrame, *, sweep: str = "") -> pd.DataFrame:
+    """One row condensing `stopping_table`: how many trials end feasible, and what stopping at the end costs.
+
+    Returns:
+        `sweep`, `trials`, `trials_feasible_anywhere`, `trials_feasible_at_end`, `trials_best_mid_trajectory`,
+        `best_feasible_top1_any` (best over all evaluations), `best_feasible_top1_at_end` (best over last
+        evaluations that are feasible; NaN when none is).
+    """
+    at_end = stopping.loc[stopping["last_feasible"], "last_top1"]
+    return pd.DataFrame([{
+        "sweep": sweep, "trials": len(stopping),
+        "trials_feasible_anywhere": int(stopping["best_feasible_top1"].notna().sum()),
+        "trials_feasible_at_end": int(stopping["last_feasible"].sum()),
+        "trials_best_mid_trajectory": int(stopping["best_is_mid_trajectory"].sum()),
+        "best_feasible_top1_any": float(stopping["best_feasible_top1"].max()),
+        "best_feasible_top1_at_end": float(at_end.max()) if not at_end.empty else np.nan,
+    }])
+
+
+def varying_params(trials: pd.DataFrame, *, among: Sequence[str] | None = None) -> list[str]:
+    """Dotted names of the params that differ between trials (the sampled hyperparameters, in practice).
+
+    Args:
+        trials: `SweepRecord.trials` (params as `params.<name>` columns).
+        among: Restrict to these names (e.g. the keys of the search space); None = every param.
+    """
+    names = [c.removeprefix("params.") for c in trials.columns if c.startswith("params.")]
+    if among is not None:
+        names = [n for n in names if n in set(among)]
+    return sorted(n for n in names if trials[f"params.{n}"].nunique(dropna=False) > 1)
+
+
+def sampled_params(trials: pd.DataFrame) -> list[str]:
+    """Dotted names of the sampled hyperparameters: the keys of each trial's `cleansweep.sampled` tag (JSON), else
+    the params that differ between trials."""
+    col = f"tags.{SAMPLED_TAG}"
+    if col not in trials or trials[col].dropna().empty:
+        return varying_params(trials)
+    keys: set[str] = set()
+    for text in trials[col].dropna():
+        keys.update(json.loads(text))
+    return sorted(k for k in keys if f"params.{k}" in trials)
+
+
+def main_stage(sweep: SweepRecord) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The sweep's trials and history without its preselect stage (two-stage shrink-and-perturb)."""
+    col = f"tags.{STAGE_TAG}"
+    trials = sweep.trials
+    if col in trials:
+        trials = trials[trials[col].fillna("main") == "main"].reset_index(drop=True)
+    history = sweep.history
+    if not history.empty:
+        history = history[history["run_id"].isin(trials["run_id"])].reset_index(drop=True)
+    return trials, history
+
+
+def trials_table(trials: pd.DataFrame, stopping: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
+    """Leaderboard: each trial's status and hyperparameters next to its best feasible and final evaluation."""
+    cols = ["trial_id", "status", *(f"params.{p}" for p in params)]
+    board = trials[[c for c in cols if c in trials]].rename(columns=lambda c: c.removeprefix("params."))
+    keep = stopping[["trial_id", "evaluations", "best_feasible_top1", "best_feasible_asr", "best_feasible_epoch",
+                     "last_top1", "last_asr"]].rename(columns={"last_top1": "final_top1", "last_asr": "final_asr"})
+    board = board.merge(keep, on="trial_id", how="left")
+    return board.sort_values(["best_feasible_top1", "final_top1"], ascending=False, na_position="last",
+                             kind="stable", ignore_index=True)
+
+
+def study_table(summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table 2 across pre-training objectives: one summary row per objective, `objective` first."""
+    rows = [s.assign(objective=label) for label, s in summaries.items()]
+    table = pd.concat(rows, ignore_index=True)
+    return table[["objective", *[c for c in table.columns if c != "objective"]]]
+
+
+def markdown_table(frame: pd.DataFrame, *, percent: Sequence[str] = PERCENT_COLUMNS, digits: int = 2) -> str:
+    """A GitHub Markdown table; accuracy/ASR fractions shown as percentages, missing values as '-'."""
+    shown = frame.copy()
+    for col in shown.columns:
+        if col in percent:
+            shown[col] = [("-" if pd.isna(v) else f"{100 * v:+.{digits}f}%" if col == "relative_change"
+                           else f"{100 * v:.{digits}f}%") for v in shown[col]]
+        elif pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = ["-" if pd.isna(v) else f"{v:g}" for v in shown[col]]
+        else:
+            shown[col] = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                          for v in shown[col]]
+    return shown.to_markdown(index=False)

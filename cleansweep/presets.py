@@ -1,0 +1,170 @@
+"""Named presets: the calibrated demo world and the paper's settings (CC3M / CC6M) that point at user data.
+
+A preset is a plain dict with a `description`; the functions here turn one into `TrainSpec` dicts (validated by
+the caller, e.g. `config.validate(TrainSpec, spec, ...)`):
+
+- `demo`: builds the synthetic world (`<workdir>/data/demo`), poisons its train.csv (`<workdir>/data/demo-badnet`)
+  and trains tiny-rn at 32 px on CPU in minutes. Pre-training objectives: `mmcl` (weights 1, 0) and `mmcl+ssl`
+  (1, 1); cleaning: CleanCLIP on clean.csv from the selected pre-trained checkpoint.
+- `cc3m`, `cc6m`: the paper's pre-training (RN50, 64 epochs, AdamW, cosine, 10,000 warm-up steps, lr 1e-3 from
+  scratch or 5e-7 when finetuning a pre-trained checkpoint, batch 256 for MMCL and 128 for MMCL+SSL; 1,500 / 3,000
+  BadNet poisons) and cleaning (100K clean pairs, batch 128, 20 epochs, 50 warm-up steps). They need the user's
+  data paths: `train_csv` (already poisoned, e.g. with `cleansweep poison --num-poison 1500`), `clean_csv`,
+  `eval_dir` (ImageNet validation folder).
+
+Demo calibration (benchmarks/calibrate_demo.py reproduces it; 2 shared CPU cores, tiny-rn, 32 px):
+CALIBRATION_TABLE
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from cleansweep.config import deep_update
+from cleansweep.errors import UserError
+
+OBJECTIVES: dict[str, dict[str, float]] = {
+    "mmcl": {"mmcl_weight": 1.0, "ssl_weight": 0.0},
+    "mmcl+ssl": {"mmcl_weight": 1.0, "ssl_weight": 1.0},
+}
+
+_DEMO: dict[str, Any] = {
+    "description": "synthetic 32 px world (30 classes incl. banana), BadNet 4x4 patch, tiny-rn on CPU in minutes",
+    "model": "tiny-rn",
+    "world": {"n_train": 4000, "n_clean": 1500, "n_eval": 900, "image_size": 32,
+              # Pinned (not the world's defaults) so the calibration holds if the defaults change.
+              "knobs": {"num_classes": 30, "shared_attributes": 2, "clutter": 2, "noise": 0.05, "caption_noise": 0.1,
+                        "jitter": 0.5, "colour_jitter": 0.06, "pattern_contrast": 0.8}},
+    "poison": {"attack": "badnet", "target": "banana", "fraction": 0.02, "patch_size": 4, "location": "random",
+               "patch": "fresh"},
+    "pretrain": {
+        "common": {"optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 50, "schedule": "cosine"},
+                   "data": {"batch_size": 128, "eval_batch_size": 512}, "eval_every": 1.0},
+        "mmcl": {"epochs": 10},
+        "mmcl+ssl": {"epochs": 10},
+    },
+    "clean": {"optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 10, "schedule": "cosine"},
+              "data": {"batch_size": 64, "eval_batch_size": 512}, "method": {"mmcl_weight": 1.0, "ssl_weight": 1.0},
+              "epochs": 8, "eval_every": 1.0},
+}
+
+
+def _paper(name: str, rows: str, poisons: int) -> dict[str, Any]:
+    return {
+        "description": f"the paper's {name.upper()} setting ({rows} pairs, {poisons:,} BadNet poisons, RN50 at 224 px);"
+                       " needs your data paths: train_csv (poisoned), clean_csv (100K clean pairs), eval_dir",
+        "model": "RN50",
+        "poison": {"attack": "badnet", "target": "banana", "num_poison": poisons, "patch_size": 16,
+                   "location": "random", "patch": "fresh"},
+        "pretrain": {
+            "common": {"optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 10_000, "schedule": "cosine"},
+                       "epochs": 64, "eval_every": 1.0, "data": {"eval_batch_size": 256}},
+            "finetune_lr": 5e-7,  # when paths carry "init" (poison induced by finetuning a pre-trained CLIP)
+            "mmcl": {"data": {"batch_size": 256}},
+            "mmcl+ssl": {"data": {"batch_size": 128}},
+        },
+        "clean": {"optim": {"lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 50, "schedule": "cosine"},
+                  "data": {"batch_size": 128, "eval_batch_size": 256},
+                  "method": {"mmcl_weight": 1.0, "ssl_weight": 1.0}, "epochs": 20, "eval_every": 1.0},
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {"demo": _DEMO, "cc3m": _paper("cc3m", "3.3M", 1500),
+                                      "cc6m": _paper("cc6m", "6M", 3000)}
+
+
+def list_presets() -> list[str]:
+    """Names of the presets."""
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A copy of preset `name` (safe to modify).
+
+    Raises:
+        UserError: unknown preset.
+    """
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def prepare_demo_data(workdir: str | Path, seed: int = 0) -> dict[str, str]:
+    """Build the demo world and its poisoned training set under `workdir/data` (idempotent; fast when cached).
+
+    Returns:
+        Paths: `world_dir`, `train_csv` (poisoned), `clean_train_csv` (the world's unpoisoned train.csv),
+        `clean_csv` (cleaning pairs), `eval_dir`, `poison_dir`, `manifest`.
+    """
+    from cleansweep.data import make_demo_world
+    from cleansweep.poison import poison_csv
+
+    preset = PRESETS["demo"]
+    data = Path(workdir) / "data"
+    w = preset["world"]
+    world = make_demo_world(data / "demo", seed=seed, n_train=w["n_train"], n_clean=w["n_clean"],
+                            n_eval=w["n_eval"], image_size=w["image_size"], **w["knobs"])
+    p = preset["poison"]
+    poison_dir = data / "demo-badnet"
+    manifest = poison_csv(world["train_csv"], poison_dir, attack=p["attack"], target=p["target"],
+                          fraction=p["fraction"], seed=seed, image_size=w["image_size"],
+                          patch_size=p["patch_size"], location=p["location"], patch=p["patch"])
+    return {"world_dir": world["out_dir"], "train_csv": str(poison_dir / manifest["output_csv"]),
+            "clean_train_csv": world["train_csv"], "clean_csv": world["clean_csv"], "eval_dir": world["eval_dir"],
+            "poison_dir": str(poison_dir), "manifest": str(poison_dir / "manifest.json")}
+
+
+def _require(paths: dict[str, Any], keys: tuple[str, ...], preset: str) -> None:
+    for key in keys:
+        if not paths.get(key):
+            raise UserError(f"preset {preset!r} needs the path {key!r}; pass it (e.g. --{key.replace('_', '-')} ...)")
+        if not Path(paths[key]).exists():
+            raise UserError(f"preset {preset!r}: {key} {paths[key]} does not exist; pass an existing path")
+
+
+def _attack(preset: dict[str, Any]) -> dict[str, Any]:
+    p = preset["poison"]
+    return {"name": p["attack"], "target": p["target"], "patch_size": p["patch_size"], "location": p["location"],
+            "patch": p["patch"]}
+
+
+def pretrain_spec(preset: str, objective: str, paths: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The TrainSpec dict that pre-trains with `objective` ("mmcl" or "mmcl+ssl") on `paths["train_csv"]`.
+
+    Args:
+        preset: a preset name.
+        objective: "mmcl" or "mmcl+ssl".
+        paths: `train_csv`, `eval_dir` (from `prepare_demo_data` for the demo); optional `init` (a pre-trained
+            checkpoint to finetune; the paper presets then use their finetuning lr 5e-7).
+        **overrides: dotted keys (`optim.lr=...`, `epochs=...`) applied last.
+    """
+    p = get_preset(preset)
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}; choose from: {', '.join(OBJECTIVES)}")
+    _require(paths, ("train_csv", "eval_dir"), preset)
+    pre = p["pretrain"]
+    spec = deep_update({"model": {"name": p["model"]}, "data": {"train_csv": str(paths["train_csv"]),
+                                                                "eval_dir": str(paths["eval_dir"])},
+                        "attack": _attack(p), "method": {"name": "contrastive", **OBJECTIVES[objective]}},
+                       pre["common"])
+    spec = deep_update(spec, pre[objective])
+    if paths.get("init"):
+        spec = deep_update(spec, {"model.init": str(paths["init"])})
+        if "finetune_lr" in pre:
+            spec = deep_update(spec, {"optim.lr": pre["finetune_lr"]})
+    return deep_update(spec, overrides)
+
+
+def clean_spec(preset: str, paths: dict[str, Any], init: str | Path, **overrides: Any) -> dict[str, Any]:
+    """The TrainSpec dict of one CleanCLIP cleaning run of checkpoint `init` on `paths["clean_csv"]`.
+
+    Search spaces override `optim.lr`, `method.*` etc. on top of it.
+    """
+    p = get_preset(preset)
+    _require({**paths, "init": init}, ("clean_csv", "eval_dir", "init"), preset)
+    spec = deep_update({"model": {"name": p["model"], "init": str(init)},
+                        "data": {"train_csv": str(paths["clean_csv"]), "eval_dir": str(paths["eval_dir"])},
+                        "attack": _attack(p), "method": {"name": "contrastive"}}, p["clean"])
+    return deep_update(spec, overrides)

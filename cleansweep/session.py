@@ -1,0 +1,303 @@
+"""The one place that wires a training run: pre-training workers and cleaning trials both call `fit`.
+
+Order (the reference's bug 1 fixed by construction): seed -> model -> init weights -> task (+ prepare) ->
+optimizer with the *user's* hyperparameters (re-applied after a resumed optimizer state) -> loop. The effective
+configuration is reported once, under `params`, in the first report of a run.
+
+Distributed (torch.distributed initialised, e.g. by Ray Train): the task is DDP-wrapped, every rank trains on its
+shard (per-rank batch = global batch / world size), evaluation runs on rank 0 only and its metrics are broadcast,
+so every rank calls `report` with identical metrics (Ray Train's report is a barrier). Only rank 0 writes
+checkpoints; other ranks report `checkpoint_dir=None`.
+
+Checkpoint directory layout (written by `save_state`, read by `fit(resume_from=...)` and the drivers):
+`model.safetensors` + `model.json` (the CLIP weights and card: usable directly as `model.init` or by
+`cleansweep evaluate`), `state.pt` (optimizer, task extras such as l2-init anchors or pseudo-labels, RNG states;
+loaded with weights_only=True), `loop.json` (step, best-feasible tracker; written by the loop).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from cleansweep import loop
+from cleansweep.augment import eda, ssl_image_transform
+from cleansweep.config import TrainSpec, validate
+from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip
+from cleansweep.errors import UserError
+from cleansweep.evaluate import evaluate, zeroshot_classifier
+from cleansweep.methods import Task, create_task
+from cleansweep.models import (
+    ModelBundle,
+    create_model,
+    file_sha256,
+    load_state_dict_file,
+    load_weights,
+    save_checkpoint,
+)
+from cleansweep.optim import apply_hyperparameters, create_optimizer, lr_at
+from cleansweep.poison import create_trigger
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+Report = Callable[[dict[str, Any], str | None], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the current CUDA device when available, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is visible; use device 'auto' or 'cpu'")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states, in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _datasets(spec: TrainSpec, bundle: ModelBundle) -> tuple[ImageCaptionDataset, Callable[[], ImageCaptionDataset]]:
+    """The plain set (no SSL views; deep clustering embeds it) and a factory of the set with SSL views."""
+    d = spec.data
+    common = {"image_key": d.image_key, "caption_key": d.caption_key, "on_bad_image": d.on_bad_image, "seed": spec.seed}
+    # Training uses the deterministic preprocess, as the reference does (no random crops that cut the trigger out).
+    plain = ImageCaptionDataset(d.train_csv, bundle.preprocess_val, bundle.tokenizer, **common)
+
+    def with_views() -> ImageCaptionDataset:
+        return ImageCaptionDataset(d.train_csv, bundle.preprocess_val, bundle.tokenizer,
+                                   ssl_image_transform=ssl_image_transform(bundle.preprocess_val), ssl_text_fn=eda,
+                                   **common)
+
+    return plain, with_views
+
+
+def _train_loader(spec: TrainSpec, dataset: ImageCaptionDataset, rank: int, world: int, cuda: bool) -> DataLoader:
+    batch = spec.data.batch_size
+    if batch % world:
+        raise UserError(f"data.batch_size {batch} is not divisible by the {world} workers; use a multiple of {world}")
+    per_rank = batch // world
+    if len(dataset) < batch:
+        raise UserError(f"{spec.data.train_csv} has {len(dataset)} rows, fewer than one batch of {batch}; "
+                        "lower data.batch_size or add rows")
+    sampler = loop.ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed,
+                                    drop_last=True)
+    # Its own generator: an iterator created mid-epoch on resume must not draw from the global RNG.
+    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate_skip,
+                      num_workers=spec.data.workers, pin_memory=cuda, generator=torch.Generator().manual_seed(spec.seed))
+
+
+def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Callable[[], dict[str, Any]]:
+    """Zero-shot accuracy + ASR of the current model; the classifier is rebuilt each time (the text tower trains)."""
+    folder = EvalFolder(spec.data.eval_dir, bundle.image_size, subset=spec.data.eval_subset, seed=spec.seed)
+    target = folder.class_index(spec.attack.target)
+    a = spec.attack
+    trigger = create_trigger(a.name, bundle.image_size, patch_size=a.patch_size, location=a.location, patch=a.patch)
+    loader = DataLoader(folder, batch_size=spec.data.eval_batch_size, shuffle=False, num_workers=spec.data.workers)
+    model = bundle.model
+
+    def evaluate_fn() -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            classifier = zeroshot_classifier(model, bundle.tokenizer, folder.classnames, folder.templates, device)
+            return evaluate(model, loader, classifier, normalize=(bundle.mean, bundle.std), target_index=target,
+                            trigger=trigger, seed=a.seed, device=device)
+        finally:
+            model.train(was_training)
+
+    return evaluate_fn
+
+
+def _rank0_broadcast(fn: Callable[[], dict[str, Any]], rank: int, world: int) -> Callable[[], dict[str, Any]]:
+    if world == 1:
+        return fn
+
+    def shared() -> dict[str, Any]:
+        box = [fn() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return shared
+
+
+def _save_state_fn(task: Task, optimizer: torch.optim.Optimizer, spec: TrainSpec) -> Callable[[str], None]:
+    def save_state(directory: str) -> None:
+        path = Path(directory)
+        save_checkpoint(path / MODEL_FILE, task.model, {"model": spec.model.name, "seed": spec.seed,
+                                                        "method": spec.method.name})
+        extras = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
+        torch.save({"optimizer": optimizer.state_dict(), "task": extras, "rng": rng_state()}, path / STATE_FILE)
+
+    return save_state
+
+
+def _restore(directory: Path, task: Task) -> dict[str, Any]:
+    """Load model weights and task extras from a checkpoint dir; return the optimizer/RNG state and loop state."""
+    for name in (MODEL_FILE, STATE_FILE, loop.LOOP_STATE):
+        if not (directory / name).is_file():
+            raise UserError(f"{directory} is not a cleansweep checkpoint (no {name}); pass a directory a run wrote")
+    load_weights(task.model, load_state_dict_file(directory / MODEL_FILE))
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    result = task.load_state_dict(state["task"], strict=False)
+    if result.unexpected_keys:
+        raise UserError(f"{directory}: checkpoint holds state of another method ({result.unexpected_keys[0]}); "
+                        f"resume with the method '{task.spec.name}' was saved with")
+    state["loop"] = json.loads((directory / loop.LOOP_STATE).read_text())
+    return state
+
+
+def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | Path | None = None) -> dict[str, Any]:
+    """Train (pre-train or clean) one model as `spec` says, reporting every evaluation.
+
+    Args:
+        spec: The run's configuration (a dict is validated into a `TrainSpec`).
+        report: ``report(metrics, checkpoint_dir)``; the first call's metrics carry `params` (effective config).
+        resume_from: A checkpoint directory written by an earlier call's `report`; training continues from its step
+            (no `prepare`, no re-reported step).
+
+    Returns:
+        ``{"step", "steps_per_epoch", "last" (final metrics), "best_feasible_top1", "best_feasible_step",
+        "feasible", "params"}``.
+
+    Raises:
+        UserError: Bad paths, CSVs, eval folders, checkpoints, batch sizes (from the lower modules too).
+        loop.NonFiniteLoss: The loss diverged.
+    """
+    if isinstance(spec, dict):
+        spec = validate(TrainSpec, spec, "train spec")
+    rank, world = _world()
+    seed_everything(spec.seed)
+    device = resolve_device(spec.device)
+    bundle = create_model(spec.model.name, seed=spec.seed)
+    init_sha = None
+    if spec.model.init is not None:
+        load_weights(bundle.model, load_state_dict_file(spec.model.init))
+        init_sha = file_sha256(spec.model.init)
+
+    plain_ds, with_views = _datasets(spec, bundle)
+    method = spec.method
+    if method.name == "deep_cluster" and method.num_clusters > len(plain_ds):
+        warnings.warn(f"deep_cluster: num_clusters {method.num_clusters} > {len(plain_ds)} rows; "
+                      f"using k = {len(plain_ds)}", stacklevel=2)
+        method = method.model_copy(update={"num_clusters": len(plain_ds)})
+    task = create_task(method, bundle.model, distributed=world > 1)
+    train_ds = with_views() if task.needs_ssl_views else plain_ds
+    train_loader = _train_loader(spec, train_ds, rank, world, device.type == "cuda")
+    embed_loader = DataLoader(plain_ds, batch_size=spec.data.eval_batch_size, shuffle=False,
+                              collate_fn=collate_skip, num_workers=spec.data.workers)
+    task.to(device)
+
+    resumed: dict[str, Any] | None = None
+    if resume_from is not None:
+        resumed = _restore(Path(resume_from), task)
+    else:
+        task.prepare(torch.Generator().manual_seed(spec.seed))
+    trained: nn.Module = task
+    if world > 1:
+        trained = DistributedDataParallel(task, device_ids=[device] if device.type == "cuda" else None)
+
+    o = spec.optim
+    hyper = {"lr": o.lr, "weight_decay": o.weight_decay, "betas": (o.beta1, o.beta2), "eps": o.eps}
+    optimizer = create_optimizer(task, **hyper)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        # The saved state carries the old run's hyperparameters; the spec's are the effective ones.
+        apply_hyperparameters(optimizer, **hyper)
+    steps_per_epoch = len(train_loader)
+    total_steps = spec.epochs * steps_per_epoch
+
+    def lr_fn(step: int) -> float:
+        return lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule)
+
+    def on_epoch_start(epoch: int) -> None:
+        task.on_epoch_start(epoch, embed_loader, device)
+        for p in task.fresh_parameters():
+            optimizer.state.pop(p, None)  # a re-initialised head starts with fresh AdamW moments
+
+    decay = next((g for g in optimizer.param_groups if g.get("name") == "decay"), optimizer.param_groups[0])
+    params = {**flatten(spec.model_dump(mode="json")), "method.num_clusters": method.num_clusters,
+              "effective.weight_decay": decay["weight_decay"], "effective.betas": list(decay["betas"]),
+              "effective.eps": decay["eps"], "device": str(device), "world_size": world,
+              "num_params": sum(p.numel() for p in task.parameters()), "steps_per_epoch": steps_per_epoch,
+              "per_rank_batch_size": spec.data.batch_size // world, "train_rows": len(train_ds),
+              "init_sha256": init_sha, "resumed_from": str(resume_from) if resume_from else None}
+    first = [True]
+
+    def report_with_params(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if first[0]:
+            metrics = {**metrics, "params": params}
+            first[0] = False
+        report(metrics, checkpoint_dir)
+
+    evaluate_fn = _rank0_broadcast(_evaluator(spec, bundle, device), rank, world)
+    start_step = 0
+    tracker_state = None
+    if resumed is not None:
+        start_step = int(resumed["loop"]["step"])
+        tracker_state = resumed["loop"]["tracker"]
+        set_rng_state(resumed["rng"])
+    summary = loop.run(
+        trained, train_loader, optimizer, lr_fn, epochs=spec.epochs,
+        eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start,
+        evaluate_fn=evaluate_fn, report=report_with_params, start_step=start_step, device=device, amp=spec.amp,
+        grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
+        save_state=_save_state_fn(task, optimizer, spec) if rank == 0 else None, on_epoch_start=on_epoch_start,
+        asr_threshold=spec.asr_threshold, tracker_state=tracker_state,
+    )
+    return {**summary, "params": params}

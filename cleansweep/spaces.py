@@ -1,0 +1,250 @@
+"""Search-space YAML -> validated `SearchConfig`, method variants, grid points and per-trial `TrainSpec`s.
+
+Pure functions (L0): nothing here imports Ray or Optuna. `search.py` turns the `Domain`s into Tune domains or Optuna
+suggestions; this module owns everything that can be checked before a cluster starts:
+
+- every dotted key (`optim.lr`, `method.ssl_weight`, `epochs`) names a real `TrainSpec` field;
+- every candidate value (all grid/choice values, both ends of a range) makes a valid `TrainSpec` together with the
+  base values, so a bad value is a one-line error now, not a failed trial in an hour;
+- the algorithm fits the space (Optuna cannot take `grid`, reliability notes; `grid` needs every domain a grid).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from cleansweep.config import (
+    DataSpec,
+    Domain,
+    SearchConfig,
+    TrainSpec,
+    deep_update,
+    read_yaml,
+    validate,
+)
+from cleansweep.errors import UserError
+
+VARIANT_KEY = "variant"  # trial-config key naming the method variant (a label of `methods:`); not a TrainSpec field
+METHOD_KEY = "method.name"
+PLACEHOLDER_DATA = {"train_csv": "clean.csv", "eval_dir": "eval"}  # stands in for preset data during validation
+
+
+def load(path: Path, known_methods: Collection[str] | None = None) -> SearchConfig:
+    """Read and fully check a space YAML; any problem is a one-line `UserError` naming the key.
+
+    Args:
+        path: The YAML file.
+        known_methods: Registered method names (`cleansweep.methods.list_methods()`); None skips that check.
+    """
+    path = Path(path)
+    cfg = validate(SearchConfig, read_yaml(path), str(path))
+    check(cfg, str(path), known_methods)
+    return cfg
+
+
+def check(cfg: SearchConfig, source: str, known_methods: Collection[str] | None = None) -> None:
+    """Cross-field checks of a `SearchConfig` (keys exist, values valid, algorithm fits the space)."""
+    if known_methods is not None:
+        _check_methods(cfg, source, known_methods)
+    for label, params in variants(cfg).items():
+        where = f"methods.{label}" if cfg.methods else "space"
+        for key in params:
+            _check_key(key, f"{source}: {where}.{key}")
+        if cfg.search.algorithm == "grid":
+            bad = [k for k, d in params.items() if isinstance(d, Domain) and d.kind != "grid"]
+            if bad:
+                raise UserError(f"{source}: {where}.{bad[0]}: search.algorithm 'grid' needs grid domains; "
+                                "write {grid: [...]} or choose algorithm optuna/random")
+        else:
+            bad = [k for k, d in params.items() if isinstance(d, Domain) and d.kind == "grid"]
+            if bad:
+                raise UserError(f"{source}: {where}.{bad[0]}: grid is not supported by search.algorithm "
+                                f"'{cfg.search.algorithm}' (Tune's OptunaSearch); use choice, or algorithm grid")
+        _check_values(cfg, params, f"{source}: {where}")
+    if cfg.preselect is not None:
+        for key, dom in cfg.preselect.space.items():
+            _check_key(key, f"{source}: preselect.space.{key}")
+            if isinstance(dom, Domain) and dom.kind != "grid":
+                raise UserError(f"{source}: preselect.space.{key}: the preselection stage is a grid; "
+                                "write {grid: [...]}")
+        _check_values(cfg, dict(cfg.preselect.space), f"{source}: preselect.space")
+        methods = {_fixed(p.get(METHOD_KEY)) for p in variants(cfg).values()} | {_base_method(cfg)}
+        if methods - {None} != {"shrink_perturb"}:
+            raise UserError(f"{source}: preselect: the two-stage option is for method shrink_perturb; set "
+                            "base: {method.name: shrink_perturb}")
+
+
+def variants(cfg: SearchConfig) -> dict[str, dict[str, Any]]:
+    """Method label -> all its parameters (shared `space` plus its own), `method.name` set when known.
+
+    Without `methods:` there is one variant, labelled by the base method (`contrastive` by default).
+    """
+    if not cfg.methods:
+        return {_base_method(cfg) or "contrastive": dict(cfg.space)}
+    out = {}
+    for label, own in cfg.methods.items():
+        params = {**cfg.space, **own}
+        params.setdefault(METHOD_KEY, label)
+        out[label] = params
+    return out
+
+
+def expand_grid(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cartesian product of grid domains (in file order, duplicates kept, as the paper counts); fixed values copied.
+
+    Raises:
+        UserError: a non-grid domain is present (sampling belongs to Tune/Optuna).
+    """
+    axes = []
+    for key, dom in params.items():
+        if isinstance(dom, Domain):
+            if dom.kind != "grid":
+                raise UserError(f"{key}: only grid domains expand to points; got {dom.kind}")
+            axes.append([(key, v) for v in dom.grid])
+        else:
+            axes.append([(key, dom)])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def grid_points(cfg: SearchConfig) -> list[dict[str, Any]]:
+    """Every point of a grid sweep: the union over method variants, each tagged with its variant label."""
+    return [{VARIANT_KEY: label, **p} for label, params in variants(cfg).items() for p in expand_grid(params)]
+
+
+def preselect_points(cfg: SearchConfig) -> list[dict[str, Any]]:
+    """Points of the two-stage preselection (perturbed models, evaluated with epochs=0)."""
+    if cfg.preselect is None:
+        return []
+    return [{VARIANT_KEY: "preselect", METHOD_KEY: "shrink_perturb", "epochs": 0, **p}
+            for p in expand_grid(dict(cfg.preselect.space))]
+
+
+def base_train_dict(cfg: SearchConfig, *, data: DataSpec | None = None, init: Path | None = None,
+                    model_name: str | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The nested TrainSpec values every trial starts from (before its sampled parameters).
+
+    Args:
+        cfg: The sweep.
+        data: Resolved data (a preset's world); default `cfg.data`.
+        init: Resolved starting checkpoint; default `cfg.model.checkpoint`.
+        model_name: Resolved model config name; default `cfg.model.name`, else TrainSpec's default.
+        defaults: A preset's cleaning TrainSpec dict, layered under everything the file sets.
+    """
+    data = data or cfg.data
+    defaults = defaults or {}
+    out: dict[str, Any] = deep_update(defaults, cfg.base)
+    model = {"init": str(init or cfg.model.checkpoint)} if (init or cfg.model.checkpoint) else {}
+    if model_name or cfg.model.name:
+        model["name"] = model_name or cfg.model.name
+    out = deep_update(out, {"model": model})
+    attack = cfg.attack.model_dump(mode="json", exclude_unset=True)  # only what the file sets beats a preset
+    fixed = {
+        "data": data.model_dump(mode="json", exclude_unset=True) if data is not None else dict(PLACEHOLDER_DATA),
+        "attack": attack,
+        "epochs": cfg.epochs,
+        "eval_every": cfg.eval_every,
+        "asr_threshold": cfg.objective.threshold,
+        "seed": cfg.seed,
+    }
+    return deep_update(out, fixed)
+
+
+def trial_spec(base: dict[str, Any], params: dict[str, Any], source: str = "trial") -> TrainSpec:
+    """Base values + one trial's sampled parameters (dotted keys) -> a validated `TrainSpec`."""
+    values = {k: v for k, v in params.items() if k != VARIANT_KEY}
+    return validate(TrainSpec, deep_update(base, values), source)
+
+
+def count_trials(cfg: SearchConfig) -> dict[str, int]:
+    """Number of configurations per stage (grid: points; otherwise num_samples)."""
+    n = cfg.search.num_samples
+    if cfg.search.algorithm == "grid":
+        main = len(grid_points(cfg)) * (n or 1)
+    else:
+        main = n or 8
+    return {"preselect": len(preselect_points(cfg)), "main": main}
+
+
+def space_summary(cfg: SearchConfig) -> dict[str, str]:
+    """Flat, human-readable description of the spaces for MLflow params (`space.optim.lr` -> 'loguniform[...]')."""
+    out = {}
+    for label, params in variants(cfg).items():
+        prefix = f"space.{label}." if cfg.methods else "space."
+        for key, dom in params.items():
+            out[prefix + key] = _describe(dom)
+    if cfg.preselect is not None:
+        for key, dom in cfg.preselect.space.items():
+            out[f"preselect.{key}"] = _describe(dom)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _describe(dom: Any) -> str:
+    if not isinstance(dom, Domain):
+        return str(dom)
+    values = getattr(dom, dom.kind)
+    return f"{dom.kind}{list(values)}"
+
+
+def _base_method(cfg: SearchConfig) -> str | None:
+    base = deep_update({}, cfg.base)
+    return base.get("method", {}).get("name")
+
+
+def _fixed(value: Any) -> Any:
+    return None if isinstance(value, Domain) else value
+
+
+def _check_methods(cfg: SearchConfig, source: str, known: Collection[str]) -> None:
+    named = [("base.method.name", _base_method(cfg))]
+    for label, params in variants(cfg).items():
+        where = f"methods.{label}" if cfg.methods else "space"
+        named += [(f"{where}.{METHOD_KEY}", v) for v in _candidates(params.get(METHOD_KEY))]
+    for where, name in named:
+        if name is not None and name not in known:
+            raise UserError(f"{source}: {where}: unknown method {name!r}; choose from: {', '.join(known)} (or set "
+                            f"method.name inside methods.<label>)")
+
+
+def _check_key(key: str, where: str) -> None:
+    """`key` must be a dotted path to a leaf field of TrainSpec (data/attack/seed/threshold come from the top level)."""
+    model: type[BaseModel] = TrainSpec
+    parts = key.split(".")
+    if parts[0] in ("data", "attack", "asr_threshold", "seed") or key == "model.init":
+        raise UserError(f"{where}: cannot be searched; it is set once for the sweep (top-level {parts[0]})")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            choices = ", ".join(sorted(".".join(parts[:i] + [f]) for f in fields))
+            raise UserError(f"{where}: not a TrainSpec field; choose from: {choices}")
+        annotation = fields[part].annotation
+        nested = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if i < len(parts) - 1 and not nested:
+            raise UserError(f"{where}: {'.'.join(parts[:i + 1])} has no sub-fields")
+        if i == len(parts) - 1 and nested:
+            raise UserError(f"{where}: {key} is a section; name one of its fields ({key}.<field>)")
+        if nested:
+            model = annotation
+
+
+def _candidates(dom: Any) -> list[Any]:
+    if not isinstance(dom, Domain):
+        return [dom]
+    if dom.kind in ("uniform", "loguniform"):
+        return list(getattr(dom, dom.kind))
+    return list(dict.fromkeys(getattr(dom, dom.kind)))
+
+
+def _check_values(cfg: SearchConfig, params: dict[str, Any], where: str) -> None:
+    """Every candidate value of every parameter makes a valid TrainSpec with the base values (one at a time)."""
+    base = base_train_dict(cfg)
+    first = {k: _candidates(d)[0] for k, d in params.items()}
+    trial_spec(base, first, where)
+    for key, dom in params.items():
+        for value in _candidates(dom)[1:]:
+            trial_spec(base, {**first, key: value}, f"{where}.{key}={value!r}")

@@ -1,0 +1,343 @@
+"""The paper's experiment as one command: data -> poison -> pre-train x2 -> clean (sweep) x2 -> side-by-side report.
+
+Pre-train one CLIP model with MMCL and one with MMCL+SSL on the same poisoned data (Ray Train), run the CleanCLIP
+cleaning sweep on each (Ray Tune + Optuna, every evaluation in MLflow), and report them side by side: a Table 2
+analogue (one row per pre-training objective: starting accuracy and ASR, best accuracy with ASR <= 5%, relative
+change, how many trials end feasible) and a Figure 2 analogue (two Pareto panels).
+
+As in the paper, the MMCL model is the most accurate evaluation of its run and the MMCL+SSL model is the evaluation
+whose accuracy is closest to it (`selection: closest_top1`), so both start from similar accuracies.
+
+Every stage is skipped when its result exists (a pre-trained model's `selected/model.json` card, a FINISHED sweep
+in MLflow) and resumed when it was interrupted, so re-running after Ctrl-C continues where it stopped. Output:
+`<workdir>/study/<PRESET>/` with `table2.csv/.md`, `figure2.png`, one report folder per objective and `study.json`
+(stage timings; `complete` is true only once everything is written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cleansweep import report
+from cleansweep.config import (
+    MlflowSpec,
+    PretrainConfig,
+    RaySpec,
+    SearchConfig,
+    TrainSpec,
+    deep_update,
+    read_yaml,
+    validate,
+)
+from cleansweep.errors import UserError
+
+OBJECTIVES = {"mmcl": "MMCL", "mmcl+ssl": "MMCL+SSL"}  # presets.OBJECTIVES key -> label in tables and figures
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+PATH_HELP = {
+    "train_csv": "the poisoned pre-training image-caption CSV (e.g. from `cleansweep poison --num-poison 1500`)",
+    "clean_csv": "the clean cleaning set (100K image-caption pairs)",
+    "eval_dir": "the ImageNet validation folder (one subfolder per class)",
+}
+
+# The demo world's cleaning space: the learning rates where CleanCLIP starts to remove the toy backdoor (science
+# notes: 1e-5..1e-3 left ASR at 0.95..0.13 after 8 epochs) and the SSL weights the paper sweeps.
+_TOY_CLEAN: dict[str, Any] = {
+    "epochs": 8, "eval_every": 1,
+    "base": {"method.name": "contrastive", "method.mmcl_weight": 1, "optim.warmup_steps": 20},
+    "space": {"optim.lr": {"loguniform": [5.0e-4, 5.0e-3]}, "method.ssl_weight": {"choice": [0.5, 1, 2]}},
+    "search": {"algorithm": "optuna", "num_samples": 8, "max_concurrent": 2, "n_startup_trials": 4},
+    "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2},
+    "resources": {"cpu": 1},
+}
+
+STUDIES: dict[str, dict[str, Any]] = {
+    "toy": {"preset": "demo", "description": "the built-in synthetic world; about 20-30 minutes on 2 CPU cores",
+            "clean": {"mmcl": _TOY_CLEAN, "mmcl+ssl": _TOY_CLEAN}, "ray": {"num_workers": 1, "cpus_per_worker": 1}},
+    "cc3m": {"preset": "cc3m", "description": "the paper's CC3M setting (RN50, Appendix D.1/D.2 grids) on your data",
+             "clean": {"mmcl": "paper_D01.yaml", "mmcl+ssl": "paper_D02.yaml"},
+             "ray": {"num_workers": 1, "cpus_per_worker": 8, "use_gpu": True}},
+    "cc6m": {"preset": "cc6m", "description": "the paper's CC6M setting (RN50, Appendix D.3/D.4 grids) on your data",
+             "clean": {"mmcl": "paper_D03.yaml", "mmcl+ssl": "paper_D04.yaml"},
+             "ray": {"num_workers": 1, "cpus_per_worker": 8, "use_gpu": True}},
+}
+
+
+def list_studies() -> list[str]:
+    """Names of the study presets."""
+    return list(STUDIES)
+
+
+def slug(objective: str) -> str:
+    """`mmcl+ssl` -> `mmcl-ssl` (run names and folders allow letters, digits, '_', '.', '-')."""
+    return objective.replace("+", "-")
+
+
+def run_names(preset: str) -> dict[str, dict[str, str]]:
+    """objective -> {"pretrain": run name, "sweep": sweep name} of a study preset."""
+    return {o: {"pretrain": f"study-{preset}-{slug(o)}", "sweep": f"study-{preset}-{slug(o)}-clean"}
+            for o in OBJECTIVES}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def resolve_data(preset: str, workdir: Path, paths: Mapping[str, Any] | None, seed: int = 0) -> dict[str, str]:
+    """The study's data: the demo world (built and poisoned when `paths` is empty) or the user's paths.
+
+    Raises:
+        UserError: a paper preset without all of train_csv, clean_csv, eval_dir (the message names every missing
+            one and what it should hold), or a path that does not exist.
+    """
+    given = {k: str(v) for k, v in (paths or {}).items() if v}
+    if not given and STUDIES[preset]["preset"] == "demo":
+        from cleansweep import presets
+
+        return presets.prepare_demo_data(workdir, seed=seed)
+    missing = [k for k in PATH_HELP if k not in given]
+    if missing:
+        need = "; ".join(f"--{k.replace('_', '-')}: {PATH_HELP[k]}" for k in missing)
+        raise UserError(f"study {preset!r} needs your data paths, missing {', '.join(missing)}: {need}")
+    for key in PATH_HELP:
+        if not Path(given[key]).exists():
+            raise UserError(f"study {preset!r}: {key} {given[key]} does not exist; pass an existing path")
+    return {k: str(Path(v).resolve()) for k, v in given.items()}
+
+
+def selected_card(workdir: Path, run_name: str) -> dict[str, Any] | None:
+    """The card (`selected/model.json`) of a finished pre-training run, with its `checkpoint` path, or None."""
+    card = Path(workdir) / "pretrain" / run_name / "selected" / "model.json"
+    if not card.is_file():
+        return None
+    data = json.loads(card.read_text())
+    return {**data, "checkpoint": str(card.with_name("model.safetensors"))}
+
+
+def pretrain_config(preset: str, objective: str, data: Mapping[str, str], *, name: str, tracking_uri: str | None,
+                    reference_top1: float | None, overrides: Mapping[str, Any] | None = None) -> PretrainConfig:
+    """The pre-training run of one objective; MMCL+SSL selects the evaluation closest to `reference_top1`."""
+    from cleansweep import presets
+
+    spec = presets.pretrain_spec(STUDIES[preset]["preset"], objective, dict(data), **dict(overrides or {}))
+    closest = objective != "mmcl" and reference_top1 is not None
+    return PretrainConfig(
+        name=name, train=validate(TrainSpec, spec, f"study {preset} pre-training {objective}"),
+        ray=RaySpec(**STUDIES[preset]["ray"]), mlflow=MlflowSpec(tracking_uri=tracking_uri,
+                                                                 experiment="cleansweep-pretrain"),
+        selection="closest_top1" if closest else "best_top1", reference_top1=reference_top1 if closest else None)
+
+
+def sweep_config(preset: str, objective: str, data: Mapping[str, str], checkpoint: str, *, tracking_uri: str | None,
+                 overrides: Mapping[str, Any] | None = None) -> SearchConfig:
+    """The CleanCLIP sweep of one pre-trained model: the preset's space on its clean set and evaluation folder.
+
+    Args:
+        overrides: Top-level SearchConfig keys, dotted (`epochs`, `search.num_samples`, `scheduler.grace_period`).
+    """
+    from cleansweep import presets, spaces
+    from cleansweep.methods import list_methods
+
+    clean = STUDIES[preset]["clean"][objective]
+    source = f"study {preset} cleaning {objective}"
+    if isinstance(clean, str):
+        source = str(SPACES_DIR / clean)
+        if not Path(source).is_file():
+            raise UserError(f"{source} not found; run the study from a cleansweep source checkout (search_spaces/)")
+        clean = read_yaml(Path(source))
+    trial = presets.clean_spec(STUDIES[preset]["preset"], dict(data), checkpoint)
+    # The preset's cleaning recipe (optimizer, loss weights) under the space's own base values.
+    base = deep_update({"method": trial["method"], "optim": trial["optim"]}, clean.get("base") or {})
+    values = deep_update(dict(clean), {
+        "base": base,
+        "description": f"{source}: CleanCLIP cleaning of the {OBJECTIVES[objective]}-pretrained model",
+        "model": {"checkpoint": checkpoint},
+        "data": {**trial["data"], **{k: v for k, v in (clean.get("data") or {}).items()
+                                     if k not in ("train_csv", "eval_dir")}},
+        "attack": trial["attack"], "mlflow": {"tracking_uri": tracking_uri, "experiment": "cleansweep"}})
+    values["model"].pop("name", None)  # from the checkpoint's card
+    values = deep_update(values, dict(overrides or {}))
+    cfg = validate(SearchConfig, values, source)
+    spaces.check(cfg, source, list_methods())
+    return cfg
+
+
+def sweep_state(tracking_uri: str, workdir: Path, name: str) -> str:
+    """`finished` (FINISHED parent run in MLflow), `started` (its Tune folder exists: resume it) or `new`."""
+    from cleansweep import tracking
+
+    runs = tracking.list_sweeps(tracking_uri) if _db_exists(tracking_uri) else pd.DataFrame(columns=["name"])
+    mine = runs[runs["name"] == name]
+    if len(mine) and mine.iloc[0]["status"] == "FINISHED":
+        return "finished"
+    return "started" if (Path(workdir) / "sweeps" / name / "sweep.json").is_file() else "new"
+
+
+def _db_exists(uri: str) -> bool:
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def table2(analyses: Mapping[str, Mapping[str, Any]], pretrained: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Table 2 of the paper, one row per pre-training objective, plus the stopping-criterion counts.
+
+    Args:
+        analyses: objective label -> `report.analyse(...)` of its sweep.
+        pretrained: objective label -> the selected pre-trained model's card (`zeroshot_top1`, `asr_top1`, `epoch`).
+    """
+    rows = []
+    for label, a in analyses.items():
+        s, ss = a["summary"].iloc[0], a["stopping_summary"].iloc[0]
+        card = pretrained.get(label, {})
+        rows.append({"objective": label, "pretrain_epoch": card.get("epoch"),
+                     "start_top1": s["start_top1"], "start_asr": s["start_asr"], "best_top1": s["best_top1"],
+                     "best_asr": s["best_asr"], "relative_change": s["relative_change"], "trials": s["trials"],
+                     "trials_feasible_anywhere": ss["trials_feasible_anywhere"],
+                     "trials_feasible_at_end": ss["trials_feasible_at_end"],
+                     "trials_best_mid_trajectory": ss["trials_best_mid_trajectory"], "sweep": s["sweep"]})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+class _Log:
+    """study.json: written after every stage (atomically), `complete` only at the end."""
+
+    def __init__(self, path: Path, preset: str, workdir: Path):
+        self.path = path
+        self.data: dict[str, Any] = {"preset": preset, "workdir": str(workdir), "complete": False, "stages": {}}
+
+    def stage(self, name: str, seconds: float, skipped: bool, **info: Any) -> None:
+        self.data["stages"][name] = {"seconds": round(seconds, 2), "skipped": skipped, **info}
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".study.", suffix=".json", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f, indent=2, default=str)
+        os.replace(tmp, self.path)
+
+
+def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = None, tracking_uri: str | None = None,
+              pretrain_overrides: Mapping[str, Any] | None = None, sweep_overrides: Mapping[str, Any] | None = None,
+              seed: int = 0, address: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or finish) study `preset` and write `<workdir>/study/<preset>/`.
+
+    Args:
+        preset: A name from `list_studies()`.
+        workdir: Holds data, pre-trained models, sweeps, the default MLflow database and the study folder.
+        paths: `train_csv` (poisoned), `clean_csv`, `eval_dir`; required for the paper presets, optional for `toy`
+            (default: the built-in world, built and poisoned here).
+        tracking_uri: MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite in the workdir).
+        pretrain_overrides: Dotted TrainSpec keys for both pre-training runs (e.g. `{"epochs": 2}`).
+        sweep_overrides: Dotted SearchConfig keys for both sweeps (e.g. `{"search.num_samples": 2}`).
+        seed: Seed of the demo world and its poisoning.
+        address: Ray cluster to run on (default: a local Ray, started once for all stages).
+        echo: Where progress lines go.
+
+    Returns:
+        `{"out_dir", "table2" (DataFrame), "figure_points" (label -> count), "files", "study"}` (study.json content).
+    """
+    from cleansweep import tracking
+
+    if preset not in STUDIES:
+        raise UserError(f"unknown study {preset!r}; choose from: {', '.join(STUDIES)}")
+    workdir = Path(workdir).resolve()
+    uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
+    out = workdir / "study" / preset
+    log = _Log(out / "study.json", preset, workdir)
+
+    t = time.monotonic()
+    data = resolve_data(preset, workdir, paths, seed)
+    log.stage("data", time.monotonic() - t, skipped=False, paths=data)
+    names = run_names(preset)
+    pending = [o for o in OBJECTIVES if selected_card(workdir, names[o]["pretrain"]) is None
+               or sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
+    owns_ray = _init_ray(address, echo) if pending else False
+    try:
+        return _train_clean_report(preset, workdir, uri, data, log, pretrain_overrides, sweep_overrides, echo)
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _init_ray(address: str | None, echo: Callable[[str], None]) -> bool:
+    # One Ray for all four stages (pre-training and sweeps reuse an initialised Ray): startup costs seconds each.
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ctx = ray.init(address=address)
+    if getattr(ctx, "dashboard_url", None):
+        echo(f"[study] Ray dashboard: http://{ctx.dashboard_url} (token: `ray get-auth-token`)")
+    return True
+
+
+def _train_clean_report(preset: str, workdir: Path, uri: str, data: dict[str, str], log: _Log,
+                        pretrain_overrides: Mapping[str, Any] | None, sweep_overrides: Mapping[str, Any] | None,
+                        echo: Callable[[str], None]) -> dict[str, Any]:
+    from cleansweep import tracking
+
+    names, out = run_names(preset), log.path.parent
+
+    cards: dict[str, dict[str, Any]] = {}
+    for objective in OBJECTIVES:
+        t, name = time.monotonic(), names[objective]["pretrain"]
+        card = selected_card(workdir, name)
+        skipped = card is not None
+        if card is None:
+            reference = cards["mmcl"]["zeroshot_top1"] if objective != "mmcl" else None
+            cfg = pretrain_config(preset, objective, data, name=name, tracking_uri=uri, reference_top1=reference,
+                                  overrides=pretrain_overrides)
+            echo(f"[study] pre-training {OBJECTIVES[objective]} ({name})")
+            from cleansweep.pretrain import pretrain, run_dir_of
+
+            pretrain(cfg, workdir=workdir, resume=run_dir_of(workdir, name).exists())
+            card = selected_card(workdir, name)
+        else:
+            echo(f"[study] pre-trained {OBJECTIVES[objective]} model found: {card['checkpoint']}")
+        cards[objective] = card
+        log.stage(f"pretrain {objective}", time.monotonic() - t, skipped=skipped,
+                  run=name, checkpoint=card["checkpoint"], zeroshot_top1=card.get("zeroshot_top1"),
+                  asr_top1=card.get("asr_top1"), epoch=card.get("epoch"))
+
+    for objective in OBJECTIVES:
+        t, name = time.monotonic(), names[objective]["sweep"]
+        state = sweep_state(uri, workdir, name)
+        if state != "finished":
+            from cleansweep.search import search
+
+            cfg = sweep_config(preset, objective, data, cards[objective]["checkpoint"], tracking_uri=uri,
+                               overrides=sweep_overrides)
+            echo(f"[study] cleaning sweep of the {OBJECTIVES[objective]} model ({name}, {state})")
+            search(cfg, name=name, workdir=workdir, resume=state == "started", echo=echo)
+        else:
+            echo(f"[study] sweep {name} already finished")
+        log.stage(f"sweep {objective}", time.monotonic() - t, skipped=state == "finished", sweep=name)
+
+    t = time.monotonic()
+    analyses, panels, files = {}, {}, []
+    for objective, label in OBJECTIVES.items():
+        sweep = tracking.load_sweep(names[objective]["sweep"], uri)
+        rep = report.build_report(sweep, out / slug(objective))
+        tracking.log_report_artifacts(sweep.parent_run_id, rep.out_dir, uri)
+        analyses[label] = report.analyse(sweep)
+        panels[label] = (rep.evaluations, rep.start)
+        files += rep.files
+    threshold = next(iter(analyses.values()))["threshold"]
+    table = table2(analyses, {OBJECTIVES[o]: c for o, c in cards.items()})
+    files += report.write_table(table, out, "table2")
+    fig, counts = report.plot_study_pareto(panels, threshold, title=f"study {preset}: CleanCLIP cleaning of models "
+                                           "pre-trained with MMCL vs MMCL+SSL (every evaluation)")
+    files.append(report.write_figure(fig, out / "figure2.png"))
+    log.stage("report", time.monotonic() - t, skipped=False, figure_points=counts)
+    log.data.update(complete=True, table2=json.loads(table.to_json(orient="records")),
+                    files=[str(f) for f in files])
+    log.write()
+    return {"out_dir": out, "table2": table, "figure_points": counts, "files": files, "study": log.data}

@@ -1,0 +1,217 @@
+"""Methods: one contract test over the registry, then each method's math against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from cleansweep.config import MethodSpec
+from cleansweep.errors import UserError
+from cleansweep.methods import METHODS, create_task, list_methods
+from cleansweep.methods.deep_cluster import DeepCluster
+from cleansweep.models import create_model
+
+SPECS = {
+    "contrastive": {"ssl_weight": 1.0},
+    "deep_cluster": {"cluster_weight": 2.0, "num_clusters": 3, "cluster_iters": 5},
+    "l2_init": {"l2_init_weight": 0.5},
+    "shrink_perturb": {"shrink": 0.8, "perturb": 0.1},
+}
+
+
+class RowsDataset(Dataset):
+    """Training dicts of random images and captions, one per row (what ImageCaptionDataset yields)."""
+
+    def __init__(self, n: int, tokenizer, seed: int = 0, ssl: bool = False) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 32, 32, generator=g)
+        self.aug = torch.randn(n, 3, 32, 32, generator=g)
+        words = ["red", "blue", "green", "circle", "square", "star"]
+        self.text = tokenizer([f"a {words[i % 3]} {words[3 + i % 3]}" for i in range(n)])
+        self.text_aug = tokenizer([f"{words[3 + i % 3]} {words[i % 3]}" for i in range(n)])
+        self.ssl = ssl
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"image": self.images[i], "text": self.text[i], "index": torch.tensor(i)}
+        if self.ssl:
+            item |= {"image_aug": self.aug[i], "text_aug": self.text_aug[i]}
+        return item
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return create_model("tiny-rn", seed=0)
+
+
+def _model():
+    return create_model("tiny-rn", seed=0).model
+
+
+def _batch(tokenizer, n: int = 6, ssl: bool = True) -> dict[str, torch.Tensor]:
+    return next(iter(DataLoader(RowsDataset(n, tokenizer, ssl=ssl), batch_size=n)))
+
+
+def _task(name: str, **overrides):
+    spec = MethodSpec(name=name, **{**SPECS[name], **overrides})
+    return create_task(spec, _model())
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_contract(name: str, bundle) -> None:
+    task = _task(name)
+    ds = RowsDataset(8, bundle.tokenizer, ssl=task.needs_ssl_views)
+    task.prepare(torch.Generator().manual_seed(0))
+    task.on_epoch_start(0, DataLoader(ds, batch_size=4), torch.device("cpu"))
+    out = task(next(iter(DataLoader(ds, batch_size=8))))
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    parts = {k for k in out if k != "loss"}
+    assert parts and parts <= {"mmcl_loss", "ssl_loss", "cluster_loss", "l2_init_loss"}
+    assert all(not out[k].requires_grad for k in parts)
+    out["loss"].backward()
+    grads = [p.grad for p in task.parameters() if p.requires_grad]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(grads) // 2
+    assert isinstance(task.fresh_parameters(), list)
+    assert METHODS[name][1]  # every entry has a description
+
+
+def test_unknown_method_lists_choices() -> None:
+    spec = MethodSpec.model_construct(name="cleanclipp")
+    with pytest.raises(UserError, match=r"unknown method 'cleanclipp'; choose from: contrastive, deep_cluster"):
+        create_task(spec, _model())
+
+
+def _hand_contrastive(model, batch, w_mmcl: float, w_ssl: float) -> tuple[float, float, float]:
+    """Independent formulas: CLIP's symmetric InfoNCE and CleanCLIP's mean of image/text in-modal InfoNCE."""
+    with torch.no_grad():
+        feats = F.normalize(model.encode_image(torch.cat([batch["image"], batch["image_aug"]])), dim=-1)
+        tfeats = F.normalize(model.encode_text(torch.cat([batch["text"], batch["text_aug"]])), dim=-1)
+    n = batch["image"].shape[0]
+    scale = math.exp(model.logit_scale.item())
+    labels = torch.arange(n)
+
+    def ce(a, b):
+        return F.cross_entropy(scale * a @ b.T, labels).item()
+
+    mmcl = (ce(feats[:n], tfeats[:n]) + ce(tfeats[:n], feats[:n])) / 2
+    ssl = (ce(feats[:n], feats[n:]) + ce(tfeats[:n], tfeats[n:])) / 2
+    return mmcl, ssl, w_mmcl * mmcl + w_ssl * ssl
+
+
+def test_contrastive_matches_hand_formula(bundle) -> None:
+    task = create_task(MethodSpec(mmcl_weight=0.7, ssl_weight=2.0), _model())
+    batch = _batch(bundle.tokenizer)
+    out = task(batch)
+    # One forward over cat([orig, aug]) in train mode (BN batch statistics of both views); compare the same.
+    task.model.train()
+    mmcl, ssl, total = _hand_contrastive(task.model, batch, 0.7, 2.0)
+    assert out["mmcl_loss"].item() == pytest.approx(mmcl, rel=1e-4)
+    assert out["ssl_loss"].item() == pytest.approx(ssl, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(total, rel=1e-4)
+
+
+def test_contrastive_views_only_when_ssl_weighted(bundle) -> None:
+    mmcl_only = create_task(MethodSpec(mmcl_weight=1, ssl_weight=0), _model())
+    ssl_only = create_task(MethodSpec(mmcl_weight=0, ssl_weight=1), _model())
+    assert not mmcl_only.needs_ssl_views and ssl_only.needs_ssl_views
+    assert set(mmcl_only(_batch(bundle.tokenizer, ssl=False))) == {"loss", "mmcl_loss"}
+    out = ssl_only(_batch(bundle.tokenizer))
+    assert set(out) == {"loss", "ssl_loss"} and out["loss"].item() == pytest.approx(out["ssl_loss"].item())
+
+
+def test_shrink_only_halves_every_parameter() -> None:
+    task = _task("shrink_perturb", shrink=0.5, perturb=0.0)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    task.prepare(torch.Generator().manual_seed(0))
+    params = dict(task.model.named_parameters())
+    for key, value in task.model.state_dict().items():
+        expected = before[key] * 0.5 if key in params else before[key]  # BN running stats are not weights
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+def test_perturb_gaussian_is_shrink_plus_sigma_noise() -> None:
+    task = _task("shrink_perturb", shrink=0.9, perturb=0.01, perturb_kind="gaussian")
+    before = [p.detach().clone() for p in task.model.parameters()]
+    task.prepare(torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    noise = [torch.randn(p.shape, generator=g) for p in before]
+    for p, p0, z in zip(task.model.parameters(), before, noise, strict=True):
+        torch.testing.assert_close(p.detach(), 0.9 * p0 + 0.01 * z)
+
+
+def test_perturb_init_uses_a_fresh_initialisation() -> None:
+    task = _task("shrink_perturb", shrink=0.5, perturb=0.2)
+    before = [p.detach().clone() for p in task.model.parameters()]
+    task.prepare(torch.Generator().manual_seed(1))
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(1)))
+    fresh = create_model("tiny-rn", seed=seed).model
+    for p, p0, q in zip(task.model.parameters(), before, fresh.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), 0.5 * p0 + 0.2 * q.detach())
+    assert fresh.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert not torch.equal(fresh.token_embedding.weight, _model().token_embedding.weight)
+
+
+def test_l2_init_zero_at_start_positive_after_a_step(bundle) -> None:
+    task = _task("l2_init", l2_init_weight=1.0)
+    task.prepare(torch.Generator().manual_seed(0))
+    batch = _batch(bundle.tokenizer, ssl=False)
+    out = task(batch)
+    assert out["l2_init_loss"].item() == 0.0
+    opt = torch.optim.SGD(task.parameters(), lr=0.1)
+    out["loss"].backward()
+    opt.step()
+    anchors = [a.clone() for a in task._anchors]
+    hand = sum(((p.detach() - a) ** 2).sum().item() for p, a in zip(task.model.parameters(), anchors, strict=True))
+    after = task(batch)
+    assert hand > 0
+    assert after["l2_init_loss"].item() == pytest.approx(hand, rel=1e-5)
+    assert after["loss"].item() == pytest.approx(after["mmcl_loss"].item() + hand, rel=1e-5)
+    # The anchors travel with the task's state (resume without prepare).
+    restored = _task("l2_init", l2_init_weight=1.0)
+    restored.load_state_dict(task.state_dict())
+    assert restored(batch)["l2_init_loss"].item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_l2_init_without_prepare_is_an_error(bundle) -> None:
+    with pytest.raises(RuntimeError, match="prepare"):
+        _task("l2_init")(_batch(bundle.tokenizer, ssl=False))
+
+
+def test_deep_cluster_pseudo_labels_and_loss(bundle) -> None:
+    task = _task("deep_cluster", num_clusters=4)
+    assert isinstance(task, DeepCluster)
+    ds = RowsDataset(12, bundle.tokenizer)
+    task.on_epoch_start(0, DataLoader(ds, batch_size=5), torch.device("cpu"))
+    labels = task.pseudo_labels
+    assert labels.shape == (12,) and labels.min() >= 0 and labels.max() < 4
+    assert len(labels.unique()) > 1
+    assert task.head.weight.std().item() == pytest.approx(0.01, rel=0.3)
+    assert torch.count_nonzero(task.head.bias) == 0
+    batch = next(iter(DataLoader(ds, batch_size=6)))
+    out = task(batch)
+    with torch.no_grad():
+        task.model.train()
+        feats = F.normalize(task.model.encode_image(batch["image"]), dim=-1)
+        hand = F.cross_entropy(task.head(feats), labels[batch["index"]]).item()
+    assert out["cluster_loss"].item() == pytest.approx(hand, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(out["mmcl_loss"].item() + 2.0 * hand, rel=1e-4)
+    # Same embeddings and seed -> same clusters; the pseudo-labels travel with the task's state.
+    restored = _task("deep_cluster", num_clusters=4)
+    restored.load_state_dict(task.state_dict())
+    torch.testing.assert_close(restored.pseudo_labels, labels)
+
+
+def test_deep_cluster_head_is_fresh_each_epoch(bundle) -> None:
+    task = _task("deep_cluster", num_clusters=3)
+    loader = DataLoader(RowsDataset(9, bundle.tokenizer), batch_size=9)
+    task.on_epoch_start(0, loader, torch.device("cpu"))
+    first = task.head.weight.detach().clone()
+    task.on_epoch_start(1, loader, torch.device("cpu"))
+    assert not torch.equal(first, task.head.weight)
+    assert task.fresh_parameters() == list(task.head.parameters())

@@ -1,0 +1,439 @@
+"""Cleaning sweeps: the constrained Optuna searcher with real Optuna, the leaderboard over all evaluations, driver
+guards (fast); a demo sweep end to end, resume after kill -9, failing trials (integration: real Ray, Optuna, MLflow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from cleansweep import cli, search, spaces, tracking
+from cleansweep.config import Domain
+from cleansweep.errors import UserError
+
+TOP1, ASR = "zeroshot_top1", "asr_top1"
+
+
+# ------------------------------------------------------------------------------------------------ searcher
+def _searcher(seed: int = 0) -> search.ConstrainedOptunaSearch:
+    variants = {"cleanclip": {"optim.lr": Domain(loguniform=(1e-4, 1e-2)), "method.name": "contrastive"},
+                "sp": {"method.shrink": Domain(uniform=(0.1, 1.0)), "method.name": "shrink_perturb"}}
+    return search.ConstrainedOptunaSearch(space=search.DefineByRun(variants), metric=search.BEST, mode="max",
+                                          sampler=optuna.samplers.TPESampler(seed=seed), study_name="t",
+                                          threshold=0.05)
+
+
+def test_constrained_searcher_tells_optuna_the_constraint_and_failures():
+    s = _searcher()
+    configs = {f"t{i}": s.suggest(f"t{i}") for i in range(5)}
+    for cfg in configs.values():
+        label = cfg["variant"]
+        assert cfg["method.name"] == ("contrastive" if label == "cleanclip" else "shrink_perturb")
+        assert ("optim.lr" in cfg) == (label == "cleanclip") and ("method.shrink" in cfg) == (label == "sp")
+    s.on_trial_complete("t0", {search.BEST: 0.80, search.MIN_ASR: 0.01})  # feasible somewhere
+    s.on_trial_complete("t1", {search.BEST: 0.0, search.MIN_ASR: 0.50})  # never feasible
+    s.on_trial_complete("t2", None, error=True)  # raised
+    s.on_trial_complete("t3", {search.BEST: float("nan"), search.MIN_ASR: 0.5})  # NaN: FAIL, not RUNNING forever
+    trials = {t.number: t for t in s._ot_study.get_trials()}
+    st = optuna.trial.TrialState
+    assert [trials[i].state for i in range(4)] == [st.COMPLETE, st.COMPLETE, st.FAIL, st.FAIL]
+    assert trials[0].constraints == {search.MIN_ASR: pytest.approx(0.01 - 0.05)} and trials[0].values == [0.80]
+    assert trials[1].constraints == {search.MIN_ASR: pytest.approx(0.50 - 0.05)}
+    assert trials[4].state == st.RUNNING  # t4 still running
+    # Optuna's own feasibility view agrees: only t0 is feasible, so it is the best trial.
+    assert s._ot_study.best_trial.number == 0
+
+
+def test_constrained_searcher_survives_save_and_restore(tmp_path):
+    s = _searcher()
+    for i in range(3):
+        s.suggest(f"t{i}")
+    s.on_trial_complete("t0", {search.BEST: 0.5, search.MIN_ASR: 0.02})
+    s.save(str(tmp_path / "searcher.pkl"))
+    restored = search.ConstrainedOptunaSearch(constraint_metric=search.MIN_ASR, threshold=0.05)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("t1", {search.BEST: 0.0, search.MIN_ASR: 0.3})
+    restored.on_trial_complete("t0", {search.BEST: 0.5, search.MIN_ASR: 0.02})  # repeated: ignored
+    trials = restored._ot_study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "RUNNING"]
+    assert trials[1].constraints == {search.MIN_ASR: pytest.approx(0.25)}
+
+
+def _late_feasible_picks(threshold: float) -> int:
+    # 1-D problem: accuracy rises with x everywhere, but only x < 0.3 has ASR below 5%.
+    s = search.ConstrainedOptunaSearch(
+        space=search.DefineByRun({"a": {"x": Domain(uniform=(0.0, 1.0))}}), metric=search.BEST, mode="max",
+        sampler=optuna.samplers.TPESampler(seed=1, n_startup_trials=8), study_name="tpe", threshold=threshold)
+    picks = 0
+    for i in range(40):
+        x = s.suggest(f"t{i}")["x"]
+        s.on_trial_complete(f"t{i}", {search.BEST: x, search.MIN_ASR: 0.01 if x < 0.3 else 0.5})
+        picks += i >= 20 and x < 0.3
+    return picks
+
+
+def test_tpe_uses_the_constraint():
+    # With the constraint TPE keeps sampling the feasible region; told nothing (threshold 10) it chases x -> 1.
+    assert _late_feasible_picks(threshold=0.05) >= 7
+    assert _late_feasible_picks(threshold=10.0) <= 3
+
+
+@pytest.mark.parametrize(("entry", "stage", "count"), [(6, "main", 85), (11, "main", 72), (13, "preselect", 255),
+                                                     (13, "main", 9)])
+def test_tune_generates_the_paper_grids(entry, stage, count):
+    # Tune's own variant generator expands the param_space we hand it to exactly the paper's configurations.
+    from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    cfg = spaces.load(Path(spaces.__file__).resolve().parents[1] / "search_spaces" / f"paper_D{entry:02d}.yaml")
+    ctx = search.TrialContext(sweep="x", stage=stage, base={}, tracking_uri="sqlite:////x.db", experiment_id="0",
+                              parent_run_id="p", threshold=0.05)
+    points = spaces.preselect_points(cfg) if stage == "preselect" else None
+    param_space, tune_config, expected = search._tune_setup(cfg, ctx, points)
+    gen = BasicVariantGenerator()
+    gen.add_configurations([Experiment("x", lambda config: None, config=param_space,
+                                       num_samples=tune_config.num_samples)])
+    configs = []
+    while (trial := gen.next_trial()) is not None:
+        configs.append(search.trial_params(trial.config))
+    assert len(configs) == expected == count
+    assert configs == (points or spaces.grid_points(cfg))  # same points, same order, duplicates kept
+
+
+# ------------------------------------------------------------------------------------------------ leaderboard
+def _evals(rows):
+    return pd.DataFrame(rows, columns=["step", "epoch", TOP1, ASR])
+
+
+def test_leaderboard_uses_every_evaluation_not_the_last():
+    trials = [
+        {"trial_id": "mid", "params": {"optim.lr": 1e-3}, "status": "FINISHED", "checkpoints": {20: "/c/mid20"},
+         "evaluations": _evals([(0, 0, 0.8, 0.9), (10, 1, 0.7, 0.10), (20, 2, 0.75, 0.04), (30, 3, 0.79, 0.20)])},
+        {"trial_id": "end", "params": {"optim.lr": 3e-3}, "status": "FINISHED",
+         "evaluations": _evals([(0, 0, 0.8, 0.9), (10, 1, 0.6, 0.05), (20, 2, 0.72, 0.03)])},
+        {"trial_id": "tie", "params": {}, "status": "KILLED",
+         "evaluations": _evals([(0, 0, 0.8, 0.9), (10, 1, 0.72, 0.01), (20, 2, 0.72, 0.02)])},
+        {"trial_id": "never", "params": {}, "status": "FINISHED",
+         "evaluations": _evals([(0, 0, 0.8, 0.9), (10, 1, 0.8, 0.30)])},
+        {"trial_id": "worse", "params": {}, "status": "FAILED", "evaluations": _evals([(0, 0, 0.8, 0.9)])},
+        {"trial_id": "empty", "params": {}, "status": "FAILED", "evaluations": _evals([])},
+    ]
+    board = search.leaderboard(trials, threshold=0.05)
+    assert list(board["trial_id"]) == ["mid", "end", "tie", "never", "worse", "empty"]
+    best = board.iloc[0]
+    assert (best[TOP1], best[ASR], best["step"], best["epoch"], best["checkpoint"]) == (0.75, 0.04, 20, 2.0,
+                                                                                       "/c/mid20")
+    assert best["last_zeroshot_top1"] == 0.79 and best["last_asr_top1"] == 0.20  # the last one is infeasible
+    tie = board.set_index("trial_id").loc["tie"]
+    assert tie["step"] == 10  # equal accuracy: the earlier evaluation
+    assert not board.set_index("trial_id").loc["never", "feasible"]
+    assert math.isnan(board.set_index("trial_id").loc["empty", TOP1])
+    out = json.loads(search.format_leaderboard(board, "json", top_k=3))
+    assert out["best"]["trial_id"] == "mid" and out["best"]["config"] == {"optim.lr": 1e-3} and len(out["top"]) == 3
+    assert search.format_leaderboard(board, "csv", top_k=2).count("\n") == 3
+    table = search.format_leaderboard(board, "table")
+    assert table.splitlines()[0].startswith("best feasible: trial mid") and "/c/mid20" in table
+
+
+def test_trial_params_and_resource_preflight():
+    assert search.trial_params({"point": {"optim.lr": 1e-3, "variant": "a"}}) == {"optim.lr": 1e-3, "variant": "a"}
+    assert search.trial_params({"optim.lr": 2e-3}) == {"optim.lr": 2e-3}
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    search.check_trial_resources(1, 0, nodes)
+    search.check_trial_resources(2, 0, nodes)
+    with pytest.raises(UserError, match="resources.gpu"):
+        search.check_trial_resources(1, 0.5, nodes)
+    with pytest.raises(UserError, match="2 CPU/0 GPU"):
+        search.check_trial_resources(3, 0, nodes)
+
+
+def _space_file(tmp_path: Path, checkpoint: Path, world: dict, extra: str = "") -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(textwrap.dedent(f"""
+        model: {{checkpoint: {checkpoint}, name: tiny-rn}}
+        data: {{train_csv: {world['clean_csv']}, eval_dir: {world['eval_dir']}, batch_size: 16,
+                eval_batch_size: 64}}
+        attack: {{patch_size: 4}}
+        """) + textwrap.dedent(extra))
+    return path
+
+
+def test_reusing_a_name_needs_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "clean.csv").write_text("image,caption\n")
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    space = _space_file(tmp_path, tmp_path / "m.safetensors",
+                        {"clean_csv": tmp_path / "clean.csv", "eval_dir": tmp_path / "eval"})
+    store = tmp_path / "store"
+    (store / "taken").mkdir(parents=True)
+    (store / "taken" / "sweep.json").write_text("{}")
+    base = ["search", str(space), "--storage-path", str(store), "--workdir", str(tmp_path / "w")]
+    assert cli.main([*base, "--name", "taken"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: sweep 'taken' already exists") and "--resume" in err and "\n" not in err
+    assert not (tmp_path / "w" / "mlflow.db").exists()  # refused before anything was created
+    assert cli.main([*base, "--name", "fresh", "--resume"]) == 2
+    assert "no sweep named 'fresh'" in capsys.readouterr().err
+    assert cli.main([*base, "--name", "bad/name"]) == 2
+    assert "--name" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ integration
+@pytest.fixture
+def sweep_env(tmp_path, monkeypatch):
+    """Token-auth Ray with its token in a temp HOME, sqlite MLflow in the workdir, a 1 s experiment snapshot.
+
+    RAY_AUTH_MODE stays unset: a local ray.init then turns token auth on and writes the token to ~/.ray (the temp
+    HOME). Setting it after `import ray` (pytest imports this module first) leaves Ray's cached config disabled
+    and the GCS dies without a token.
+    """
+    from ray._raylet import AuthenticationTokenLoader
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Ray caches the token of the first cluster this process saw; a later test's cluster has a new HOME and token.
+    AuthenticationTokenLoader.instance().reset_cache()
+    yield tmp_path
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_world):
+    """A tiny poisoned pre-trained model: session.fit on the tiny world's train.csv with 30% BadNet poisons."""
+    import shutil
+
+    from cleansweep import session
+    from cleansweep.poison import poison_csv
+
+    out = tmp_path_factory.mktemp("pretrained")
+    manifest = poison_csv(tiny_world["train_csv"], out / "poisoned", attack="badnet", target="banana", fraction=0.3,
+                          seed=0, image_size=32, patch_size=4)
+    spec = {"model": {"name": "tiny-rn"}, "attack": {"patch_size": 4}, "epochs": 4, "device": "cpu", "seed": 0,
+            "data": {"train_csv": str(out / "poisoned" / manifest["output_csv"]), "eval_dir": tiny_world["eval_dir"],
+                     "batch_size": 16, "eval_batch_size": 64},
+            "optim": {"lr": 3e-3, "warmup_steps": 2}}
+    kept = {}
+
+    def report(metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, out / "last", dirs_exist_ok=True)
+            kept.update(metrics)
+
+    session.fit(spec, report)
+    world = {**tiny_world, "clean_csv": tiny_world["clean_csv"]}
+    return {"world": world, "checkpoint": out / "last" / "model.safetensors", "metrics": kept}
+
+
+def _mlflow_trials(workdir: Path, name: str, experiment: str = "cleansweep"):
+    client = tracking.open_client(tracking.resolve_tracking_uri(None, workdir, env={}))
+    exp = client.get_experiment_by_name(experiment)
+    parent = client.search_runs([exp.experiment_id], filter_string=f"tags.`cleansweep.key` = 'sweep/{name}'")
+    assert len(parent) == 1
+    children = client.search_runs([exp.experiment_id], max_results=10_000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    out = []
+    for run in children:
+        hist = {k: {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, k)} for k in (TOP1, ASR)}
+        steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, TOP1)]
+        out.append({"run": run, "steps": steps, "hist": hist})
+    return parent[0], out
+
+
+def _best_from_mlflow(children, threshold):
+    """Best feasible accuracy over every evaluation of every child run, and every (trial, step, asr) reaching it."""
+    points = [(c["hist"][TOP1][step], c["hist"][ASR][step], step, c["run"].data.tags["cleansweep.trial_id"])
+              for c in children for step in c["steps"] if c["hist"][ASR][step] <= threshold]
+    if not points:
+        return None, set()
+    best = max(p[0] for p in points)
+    return best, {(trial, step, asr) for top1, asr, step, trial in points if top1 == best}
+
+
+DEMO_EXTRA = """
+epochs: 3
+eval_every: 1
+objective: {threshold: THRESH}
+base: {optim.warmup_steps: 2, method.ssl_weight: 0.0}
+space:
+  optim.lr: {loguniform: [1.0e-4, 3.0e-2]}
+  optim.weight_decay: {choice: [0.0, 0.1, 1.0]}
+search: {algorithm: optuna, num_samples: 8, max_concurrent: 2, n_startup_trials: 4}
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+resources: {cpu: 1}
+"""
+
+
+@pytest.mark.integration
+def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys):
+    threshold = _threshold_for(tiny_checkpoint)
+    space = _space_file(sweep_env, tiny_checkpoint["checkpoint"], tiny_checkpoint["world"],
+                        DEMO_EXTRA.replace("THRESH", str(threshold)))
+    workdir = sweep_env / "work"
+    assert cli.main(["search", str(space), "--name", "e2e", "--workdir", str(workdir)]) == 0
+    printed = capsys.readouterr().out
+    parent, children = _mlflow_trials(workdir, "e2e")
+    assert len(children) == 8 and parent.info.status == "FINISHED"
+    assert {c["run"].info.status for c in children} <= {"FINISHED", "KILLED"}  # ASHA stops are KILLED
+    for c in children:
+        assert len(c["steps"]) == len(set(c["steps"])) >= 1
+        assert "optim.lr" in c["run"].data.params and "effective.weight_decay" in c["run"].data.params
+    assert {"start_zeroshot_top1", "start_asr_top1"} <= set(parent.data.metrics)
+    best_top1, reaching = _best_from_mlflow(children, threshold)
+    assert reaching, "no feasible evaluation: recalibrate the threshold"
+    board = search.results("e2e", workdir=workdir)  # from MLflow
+    best = board.iloc[0]
+    assert best["feasible"] and best[ASR] <= threshold and best[TOP1] == best_top1
+    assert (best["trial_id"], int(best["step"]), best[ASR]) in reaching
+    assert f"best feasible: trial {best['trial_id']}" in printed
+    sweep_dir = workdir / "sweeps" / "e2e"
+    end_board = pd.read_csv(sweep_dir / "leaderboard.csv")  # written at the end from Tune's records
+    end = end_board.iloc[0]
+    assert end[TOP1] == best_top1 and (end["trial_id"], int(end["step"]), end[ASR]) in reaching
+    assert Path(best["checkpoint"], "model.safetensors").is_file()
+    assert Path(end["checkpoint"], "model.safetensors").is_file()
+    assert (sweep_dir / "pareto.png").stat().st_size > 0
+    arts = {a.path for a in tracking.open_client(tracking.resolve_tracking_uri(None, workdir, env={}))
+            .list_artifacts(parent.info.run_id)}
+    assert {"space.yaml", "leaderboard.csv", "pareto.png"} <= arts
+    assert cli.main(["results", "e2e", "--workdir", str(workdir), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["best"]["trial_id"] == best["trial_id"]
+
+
+def _threshold_for(tiny: dict) -> float:
+    # The tiny model's own ASR sets a threshold that cleaning must work for (at least one step below the start).
+    start = float(tiny["metrics"].get(ASR, 0.5))
+    return round(max(0.05, min(0.5, start * 0.6)), 3)
+
+
+@pytest.mark.integration
+def test_failing_trials_are_failed_and_the_sweep_goes_on(sweep_env, tiny_checkpoint):
+    extra = """
+    epochs: 1
+    base: {optim.warmup_steps: 2, method.name: shrink_perturb}
+    space:
+      method.perturb: {choice: [0.0, 1.0e+30]}
+    search: {algorithm: optuna, num_samples: 4, max_concurrent: 2, n_startup_trials: 4}
+    scheduler: {name: none}
+    """
+    space = _space_file(sweep_env, tiny_checkpoint["checkpoint"], tiny_checkpoint["world"], extra)
+    workdir = sweep_env / "work"
+    out_code = cli.main(["search", str(space), "--name", "nan", "--workdir", str(workdir)])
+    assert out_code == 0
+    _, children = _mlflow_trials(workdir, "nan")
+    by_perturb = {}
+    for c in children:
+        by_perturb.setdefault(float(c["run"].data.params["method.perturb"]), set()).add(c["run"].info.status)
+    assert by_perturb.get(1e30) == {"FAILED"}, by_perturb
+    assert by_perturb.get(0.0, {"FINISHED"}) == {"FINISHED"}
+    state = sorted((workdir / "sweeps" / "nan" / "main").glob("searcher-state-*.pkl"))[-1]
+    with open(state, "rb") as f:  # our own file, written by this test's sweep
+        searcher = pickle.load(f)
+    study = _find_study(searcher)
+    for t in study.get_trials():
+        expected = "FAIL" if t.params.get("method.perturb") == 1e30 else "COMPLETE"
+        assert t.state.name == expected, (t.params, t.state)
+
+
+def _find_study(obj):
+    seen = [obj]
+    while seen:
+        o = seen.pop()
+        if isinstance(o, optuna.Study):
+            return o
+        if isinstance(o, search.ConstrainedOptunaSearch):
+            return o._ot_study
+        seen.extend(v for v in getattr(o, "__dict__", {}).values() if hasattr(v, "__dict__"))
+    raise AssertionError("no Optuna study in the searcher state")
+
+
+@pytest.mark.integration
+def test_resume_after_kill_9(sweep_env, tiny_checkpoint):
+    extra = """
+    epochs: 4
+    eval_every: 1
+    base: {optim.warmup_steps: 2}
+    space:
+      optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
+    search: {algorithm: optuna, num_samples: 6, max_concurrent: 2}
+    scheduler: {name: none}
+    """
+    space = _space_file(sweep_env, tiny_checkpoint["checkpoint"], tiny_checkpoint["world"], extra)
+    workdir = sweep_env / "work"
+    argv = [sys.executable, "-m", "cleansweep", "search", str(space), "--name", "rk", "--workdir", str(workdir)]
+    env = {**os.environ, "RAY_DISABLE_IMPORT_WARNING": "1"}
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=open(sweep_env / "first.log", "w"))
+    finished_before: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            done = _finished_trials(workdir, "rk")
+            if len(done) >= 2:
+                finished_before = done
+                break
+        assert finished_before, "no trial finished before the kill"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc.pid)
+    second = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    parent, children = _mlflow_trials(workdir, "rk")
+    ids = [c["run"].data.tags["cleansweep.trial_id"] for c in children]
+    assert len(ids) == len(set(ids)) == 6  # one run per trial, none repeated, none lost
+    assert all(c["run"].info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+    for c in children:
+        assert len(c["steps"]) == len(set(c["steps"])) == 5  # evaluations 0..4 epochs, none logged twice
+    for trial_id, n in finished_before.items():
+        run = next(c for c in children if c["run"].data.tags["cleansweep.trial_id"] == trial_id)
+        assert len(run["steps"]) == n  # a completed trial was not run again
+
+
+def _finished_trials(workdir: Path, name: str) -> dict[str, int]:
+    uri = tracking.resolve_tracking_uri(None, workdir, env={})
+    if not (workdir / "mlflow.db").exists():
+        return {}
+    try:
+        client = tracking.open_client(uri)
+        exp = client.get_experiment_by_name("cleansweep")
+        if exp is None:
+            return {}
+        runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED' and "
+                                  f"tags.`cleansweep.sweep` = '{name}' and tags.`cleansweep.kind` = 'trial'")
+        return {r.data.tags["cleansweep.trial_id"]: len(client.get_metric_history(r.info.run_id, TOP1))
+                for r in runs}
+    except Exception:  # the database is being written by the sweep; try again
+        return {}
+
+
+def _kill_group(pid: int) -> None:
+    # The killed driver's Ray processes were started in its session (start_new_session): end them by that group id.
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_space_files_reference_real_trial_fields():
+    # demo.yaml and the method spaces validate against TrainSpec at every candidate value (spaces.check).
+    for path in sorted(Path(spaces.__file__).resolve().parents[1].joinpath("search_spaces").glob("*.yaml")):
+        spaces.load(path)
