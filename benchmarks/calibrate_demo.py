@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch-size", type=int, default=demo["poison"]["patch_size"])
     p.add_argument("--patch", default=demo["poison"]["patch"], choices=["fresh", "fixed"],
                    help="BadNet patch values: fresh per image or one per run")
+    p.add_argument("--location", default=demo["poison"]["location"], choices=["random", "fixed"],
+                   help="BadNet patch position: random or bottom-right")
     p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the preset's)")
     p.add_argument("--n-train", type=int, default=demo["world"]["n_train"])
     p.add_argument("--knob", action="append", default=[], help="world knob NAME=VALUE (JSON value); repeatable")
@@ -61,10 +63,10 @@ def build_data(args: argparse.Namespace) -> dict[str, str]:
     world = make_demo_world(args.workdir / f"world-{tag}", seed=args.seed, n_train=args.n_train,
                             n_clean=w["n_clean"], n_eval=w["n_eval"], image_size=w["image_size"], **knobs)
     p = demo["poison"]
-    out = args.workdir / f"poison-{tag}-f{args.fraction}-p{args.patch_size}-{args.patch}"
+    out = args.workdir / f"poison-{tag}-f{args.fraction}-p{args.patch_size}-{args.patch}-{args.location}"
     manifest = poison_csv(world["train_csv"], out, attack=p["attack"], target=p["target"], fraction=args.fraction,
                           seed=args.seed, image_size=w["image_size"], patch_size=args.patch_size,
-                          location=p["location"], patch=args.patch)
+                          location=args.location, patch=args.patch)
     return {"train_csv": str(out / manifest["output_csv"]), "clean_csv": world["clean_csv"],
             "eval_dir": world["eval_dir"], "num_poison": str(len(manifest.get("poisoned_rows", [])))}
 
@@ -90,11 +92,11 @@ class Printer:
 
 def pretrain(args: argparse.Namespace, paths: dict[str, str], objective: str) -> dict[str, Any]:
     overrides = {"model.name": args.model, "device": args.device, "seed": args.seed,
-                 "attack.patch_size": args.patch_size, "attack.patch": args.patch}
+                 "attack.patch_size": args.patch_size, "attack.patch": args.patch, "attack.location": args.location}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     spec = presets.pretrain_spec("demo", objective, paths, **overrides)
-    ckpt = args.workdir / f"pretrained-{objective}.safetensors"
+    ckpt = args.workdir / f"pretrained-{objective}.safetensors"  # one configuration per workdir
     printer = Printer(objective, keep=ckpt)
     session.fit(spec, printer)
     last = printer.history[-1]
@@ -109,7 +111,8 @@ def clean(args: argparse.Namespace, paths: dict[str, str], lr: float) -> dict[st
     spec = presets.clean_spec("demo", paths, init, **{"model.name": args.model, "device": args.device,
                                                       "optim.lr": lr, "epochs": args.clean_epochs,
                                                       "seed": args.seed, "attack.patch_size": args.patch_size,
-                                                      "attack.patch": args.patch})
+                                                      "attack.patch": args.patch,
+                                                      "attack.location": args.location})
     printer = Printer(f"clean lr={lr:g}")
     session.fit(spec, printer)
     h = printer.history

@@ -44,7 +44,8 @@ class AttackSpec(Strict):
     target: str = Field("banana", description="Target class name of the backdoor.")
     patch_size: int | None = Field(None, ge=1, description="BadNet patch side in pixels; None = 16 at 224 px, scaled.")
     location: Literal["random", "fixed"] = Field("random", description="BadNet patch position: random or bottom-right.")
-    patch: Literal["fresh", "fixed"] = Field("fresh", description="BadNet patch values: fresh per image or one per run.")
+    patch: Literal["fresh", "fixed"] = Field("fresh",
+                                             description="BadNet patch values: fresh per image or one per run.")
     seed: int = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
 
 

@@ -153,7 +153,10 @@ class TrialReporter:
         self.min_asr = min(self.min_asr, scalars[ASR])
         feasible = scalars[ASR] <= self.threshold
         step = int(scalars["step"])
-        scalars.update({MIN_ASR: self.min_asr, SCORE: scalars[TOP1] if feasible else -scalars[ASR],
+        # Feasible evaluations outrank infeasible ones; on equal accuracy the earlier step wins (as in the
+        # leaderboard and the loop's tracker), so the kept checkpoint is the one the leaderboard names.
+        score = (scalars[TOP1] if feasible else -scalars[ASR]) - 1e-9 * step
+        scalars.update({MIN_ASR: self.min_asr, SCORE: score,
                         EVALUATION: float(round(scalars.get("epoch", 0.0) / self.eval_every))})
         self.run.log_metrics(scalars, step=step)  # one batch per evaluation; a re-reported step is skipped
         result = {**scalars, "mlflow_run_id": self.run.run_id}  # lets the driver's TrialEndCallback end the run
@@ -431,6 +434,10 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     budget_start = time.monotonic()
     with _sigterm_as_sigint():
         grid = tuner.fit()
+    if resume:
+        client = tracking.open_client(ctx.tracking_uri)
+        tracking.tag_lost_trials(client, ctx.experiment_id, ctx.sweep, [r.metrics.get("trial_id") or
+                                 Path(r.path).name for r in grid], tags={STAGE_TAG: ctx.stage})
     done = grid.num_terminated + grid.num_errors == len(grid)
     budget_hit = cfg.search.time_budget_s is not None and time.monotonic() - budget_start >= cfg.search.time_budget_s
     if not done or (len(grid) < expected and not budget_hit):

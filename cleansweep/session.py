@@ -138,8 +138,9 @@ def _train_loader(spec: TrainSpec, dataset: ImageCaptionDataset, rank: int, worl
     sampler = loop.ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed,
                                     drop_last=True)
     # Its own generator: an iterator created mid-epoch on resume must not draw from the global RNG.
+    generator = torch.Generator().manual_seed(spec.seed)
     return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate_skip,
-                      num_workers=spec.data.workers, pin_memory=cuda, generator=torch.Generator().manual_seed(spec.seed))
+                      num_workers=spec.data.workers, pin_memory=cuda, generator=generator)
 
 
 def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Callable[[], dict[str, Any]]:
@@ -294,7 +295,7 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
         set_rng_state(resumed["rng"])
     summary = loop.run(
         trained, train_loader, optimizer, lr_fn, epochs=spec.epochs,
-        eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start,
+        eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start and resumed is None,
         evaluate_fn=evaluate_fn, report=report_with_params, start_step=start_step, device=device, amp=spec.amp,
         grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
         save_state=_save_state_fn(task, optimizer, spec) if rank == 0 else None, on_epoch_start=on_epoch_start,

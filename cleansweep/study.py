@@ -273,7 +273,9 @@ def _init_ray(address: str | None, echo: Callable[[str], None]) -> bool:
 
     if ray.is_initialized():
         return False
-    ctx = ray.init(address=address)
+    # "local" starts a fresh Ray even when another cluster's address is recorded on this machine (plain ray.init()
+    # would join it, with its token).
+    ctx = ray.init(address=address or "local")
     if getattr(ctx, "dashboard_url", None):
         echo(f"[study] Ray dashboard: http://{ctx.dashboard_url} (token: `ray get-auth-token`)")
     return True

@@ -18,6 +18,7 @@ Sweeps build on these: a parent run is `start_run(..., key=sweep key)`, a trial 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -68,10 +69,18 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, 
 
 
 def open_client(uri: str) -> MlflowClient:
-    """A client bound to `uri` (creating the sqlite folder when needed)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    """A client bound to `uri` (for sqlite: the folder created and the database schema ready)."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates and migrates a sqlite schema on first use; two processes doing it at once (a sweep and a
+    # reader, or `cleansweep ui`) corrupt the alembic version row and crash one of them. Serialise that step.
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # builds the store: schema creation/migration under the lock
+    return client
 
 
 def _default_artifact_location(uri: str, experiment: str) -> str | None:
@@ -295,6 +304,7 @@ def _quote(value: str) -> str:
 # ------------------------------------------------------------------------------------------ reading sweeps back
 # Used by report/study/notebook: MLflow in, plain pandas out, so nothing downstream imports mlflow.
 _SWEEP_TAG, _TRIAL_ID_TAG = "cleansweep.sweep", "cleansweep.trial_id"
+LOST_TAG = "cleansweep.lost"  # a trial run Tune lost in a driver kill (see `tag_lost_trials`)
 
 
 @dataclass(frozen=True)
@@ -402,6 +412,7 @@ def load_sweep(name: str, tracking_uri: str, *, experiment: str | None = None) -
                         "check the name, --experiment and --tracking-uri")
     parent = max(parents, key=lambda r: r.info.start_time)
     children = _search_all(client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    children = [r for r in children if LOST_TAG not in r.data.tags]  # replaced by re-suggested trials
     children.sort(key=lambda r: (r.info.start_time, r.info.run_name))
     trial_rows, history_rows = [], []
     for run in children:
@@ -481,6 +492,29 @@ def end_if_running(client: MlflowClient, run_id: str, status: Status) -> bool:
 def mark_stale_trials(client: MlflowClient, experiment_id: str, sweep: str) -> list[str]:
     """Mark the sweep's trial runs still RUNNING as KILLED (call when no trial of the sweep is alive)."""
     return mark_stale_runs(client, experiment_id, tags={KIND_TAG: "trial", _SWEEP_TAG: sweep})
+
+
+def tag_lost_trials(client: MlflowClient, experiment_id: str, sweep: str, known_trial_ids: Iterable[str],
+                    tags: Mapping[str, str] | None = None) -> list[str]:
+    """Tag the sweep's trial runs that Tune no longer knows (and end them KILLED if still RUNNING).
+
+    A driver killed with SIGKILL loses the trials created after Tune's last experiment snapshot (at most ~1 s of
+    them); `Tuner.restore` re-suggests replacements, so their MLflow runs would otherwise pass for sweep trials.
+
+    Returns:
+        The run ids tagged.
+    """
+    filters = [f"tags.`{KIND_TAG}` = 'trial'", f"tags.`{_SWEEP_TAG}` = '{_quote(sweep)}'"]
+    filters += [f"tags.`{k}` = '{_quote(v)}'" for k, v in (tags or {}).items()]
+    known, lost = set(known_trial_ids), []
+    for run in client.search_runs([experiment_id], filter_string=" and ".join(filters), max_results=10_000):
+        if run.data.tags.get(_TRIAL_ID_TAG) in known or LOST_TAG in run.data.tags:
+            continue
+        client.set_tag(run.info.run_id, LOST_TAG, "created after Tune's last snapshot before a kill; re-suggested")
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+        lost.append(run.info.run_id)
+    return lost
 
 
 def run_tags(tracking_uri: str, run_ids: list[str]) -> dict[str, dict[str, str]]:

@@ -305,7 +305,7 @@ def _kill_after_checkpoint(cmd: list[str], env: dict, run_dir: Path, min_step: i
             done = [int(p.name.rsplit("_", 1)[1]) for p in run_dir.glob(f"{pretrain.CHECKPOINT_PREFIX}*")
                     if p.is_dir() and not p.name.startswith(".")]
             if max(done, default=-1) >= min_step:
-                time.sleep(1.0)  # let Ray record the checkpoint it just wrote before the kill
+                time.sleep(2.0)  # let Ray record the checkpoint it just wrote before the kill
                 return max(done)
             if proc.poll() is not None:
                 pytest.fail(f"run ended before the kill: {proc.stderr.read().decode()[-3000:]}")
@@ -323,7 +323,9 @@ def _check_resumed(workdir: Path, name: str, killed_at: int, expected: list[int]
     assert run.info.status == "FINISHED"
     _check_one_value_per_evaluation(client, run, expected)
     resumed_from = run.data.params["resumed_from.v2"]  # the second process started from a checkpoint...
-    assert int(resumed_from.rstrip("/").rsplit("_", 1)[1]) >= killed_at > 0  # ...at or after the one we saw
+    # ...the newest one Ray had recorded: on a loaded machine its controller may not have recorded the one we saw on
+    # disk yet (reliability notes), so at most one evaluation interval is redone.
+    assert int(resumed_from.rstrip("/").rsplit("_", 1)[1]) >= killed_at - 1 >= 0
     _check_selected(workdir, name, client, run)
 
 

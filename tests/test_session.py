@@ -86,6 +86,16 @@ def test_resume_matches_an_uninterrupted_run(tiny_spec: dict, tmp_path: Path) ->
     assert summary["best_feasible_top1"] == full.metrics[-1]["best_feasible_top1"]
 
 
+def test_resume_from_the_starting_evaluation_never_re_reports_step_0(tiny_spec: dict, tmp_path: Path) -> None:
+    # A driver killed right after the step-0 checkpoint resumes from it: re-reporting step 0 would hand Ray Train a
+    # second checkpoint under the same directory name (pruning one deletes the other's files).
+    first = Recorder(tmp_path, keep_steps=(0,))
+    session.fit(deep_update(tiny_spec, {"eval_every": 0.5}), first)
+    rec = Recorder()
+    session.fit(deep_update(tiny_spec, {"eval_every": 0.5}), rec, resume_from=str(tmp_path / "step0"))
+    assert first.steps == [0, 2, 4] and rec.steps == [2, 4]
+
+
 def test_resume_applies_the_specs_weight_decay(tiny_spec: dict, tmp_path: Path) -> None:
     first = Recorder(tmp_path, keep_steps=(2,))
     session.fit(deep_update(tiny_spec, {"eval_every": 0.5, "optim.weight_decay": 0.1}), first)

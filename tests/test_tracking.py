@@ -88,6 +88,19 @@ def test_experiment_creation_race(store):
     assert len(ids) == 4 and len(set(ids)) == 1
 
 
+def test_processes_opening_a_fresh_sqlite_store_at_once(tmp_path):
+    # MLflow migrates a fresh sqlite schema on first use; unserialised, concurrent first opens (a sweep driver and a
+    # reader polling the same store) crashed one of them with an alembic "expected to match one row" error.
+    uri = tracking.resolve_tracking_uri(None, tmp_path, env={})
+    code = ("import sys; from cleansweep import tracking; c = tracking.open_client(sys.argv[1]); "
+            "print(tracking.get_or_create_experiment(c, 'race'))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, whoever created it
+
+
 def test_deleted_experiment_is_a_user_error(store):
     _, client = store
     name = f"gone-{uuid.uuid4().hex[:8]}"
