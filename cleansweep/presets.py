@@ -12,8 +12,29 @@ the caller, e.g. `config.validate(TrainSpec, spec, ...)`):
   data paths: `train_csv` (already poisoned, e.g. with `cleansweep poison --num-poison 1500`), `clean_csv`,
   `eval_dir` (ImageNet validation folder).
 
-Demo calibration (benchmarks/calibrate_demo.py reproduces it; 2 shared CPU cores, tiny-rn, 32 px):
-CALIBRATION_TABLE
+Demo calibration (benchmarks/calibrate_demo.py reproduces it; MMCL pre-training of tiny-rn at 32 px on the 4,000
+training pairs, 1 torch thread per run with three runs sharing 2 CPU cores, so ~35-45 s per epoch; top-1 / ASR at
+the last epoch; 2026-11-23):
+
+| poisons | BadNet patch | epochs | top-1 | ASR |
+|---|---|---|---|---|
+| 2% (80) | 4 px, random position, fresh values (the paper's, scaled to 32 px) | 10 | 0.919 | 0.003 |
+| 2% (80) | 4 px, fixed position, fixed values | 10 | 0.927 | 0.003 |
+| 5% (200) | 4 px, random, fresh | 10 | 0.937 | 0.013 |
+| 2% (80) | 8 px, random, fresh | 8 | 0.933 | 0.114 |
+| 5% (200) | 8 px, random, fresh | 8 | 0.928 | 0.617 |
+| 5% (200) | 8 px, random, fresh; harder world (noise 0.15, clutter 4) | 8 | 0.874 | 0.046 |
+| 5% (200) | 8 px, random position, fixed values | 5 | 0.881 | 0.820 |
+| 10% (400) | 8 px, random, fresh | 5 | 0.853 | 0.946 |
+| 2% (80) | 8 px, fixed, fixed | 8 | 0.938 | 0.839 |
+| **5% (200)** | **8 px, fixed, fixed (shipped)** | 3 / 4 / 5 | 0.803 / 0.880 / 0.904 | 0.954 / 0.929 / 0.943 |
+
+Why: at 32 px tiny-rn's stem averages a 4x4 patch into about one feature-map cell, and values clipped to [0, 1] by
+the 8-bit PNG average to a grey blob like the world's clutter, so small patches never take. An 8 px patch survives;
+a fixed one (same position and values in every poisoned image, as in the original BadNet) takes at 5% in 3 epochs.
+The shipped demo is the lowest rate that reached ASR >= 0.9 in the budget. Its accuracy (~0.9) is above the 40-80%
+aim: making the world harder (noise, clutter) also suppressed the backdoor (row 6), and there was no time to tune
+both together.
 """
 
 from __future__ import annotations
@@ -31,19 +52,19 @@ OBJECTIVES: dict[str, dict[str, float]] = {
 }
 
 _DEMO: dict[str, Any] = {
-    "description": "synthetic 32 px world (30 classes incl. banana), BadNet 4x4 patch, tiny-rn on CPU in minutes",
+    "description": "synthetic 32 px world (30 classes incl. banana), 5% BadNet (fixed 8x8 patch), tiny-rn on CPU",
     "model": "tiny-rn",
     "world": {"n_train": 4000, "n_clean": 1500, "n_eval": 900, "image_size": 32,
               # Pinned (not the world's defaults) so the calibration holds if the defaults change.
               "knobs": {"num_classes": 30, "shared_attributes": 2, "clutter": 2, "noise": 0.05, "caption_noise": 0.1,
                         "jitter": 0.5, "colour_jitter": 0.06, "pattern_contrast": 0.8}},
-    "poison": {"attack": "badnet", "target": "banana", "fraction": 0.02, "patch_size": 4, "location": "random",
-               "patch": "fresh"},
+    "poison": {"attack": "badnet", "target": "banana", "fraction": 0.05, "patch_size": 8, "location": "fixed",
+               "patch": "fixed"},
     "pretrain": {
         "common": {"optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 50, "schedule": "cosine"},
                    "data": {"batch_size": 128, "eval_batch_size": 512}, "eval_every": 1.0},
-        "mmcl": {"epochs": 10},
-        "mmcl+ssl": {"epochs": 10},
+        "mmcl": {"epochs": 6},
+        "mmcl+ssl": {"epochs": 6},
     },
     "clean": {"optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 10, "schedule": "cosine"},
               "data": {"batch_size": 64, "eval_batch_size": 512}, "method": {"mmcl_weight": 1.0, "ssl_weight": 1.0},
