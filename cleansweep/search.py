@@ -387,6 +387,8 @@ def search(cfg: SearchConfig, *, name: str, workdir: Path, space_file: Path | No
         parent.log_metrics({f"start_{k}": v for k, v in start["metrics"].items()}, step=0)
         # Snapshot the experiment every second: a resume redoes at most one evaluation per trial (reliability notes).
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        # ...which is deliberate, so Tune's "snapshotting may become a bottleneck" warning is noise here.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         ctx = TrialContext(sweep=name, stage="main", base=base, tracking_uri=uri, experiment_id=experiment_id,
                            parent_run_id=parent.run_id, threshold=cfg.objective.threshold, gpu=cfg.resources.gpu)
         if cfg.preselect is not None:
