@@ -68,9 +68,14 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, 
     return uri
 
 
+_SQLITE_READY: set[str] = set()
+
+
 def open_client(uri: str) -> MlflowClient:
     """A client bound to `uri` (for sqlite: the folder created and the database schema ready)."""
     if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    if uri in _SQLITE_READY:  # MLflow keeps one store per URI per process: the schema step is done
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +85,7 @@ def open_client(uri: str) -> MlflowClient:
         fcntl.flock(lock, fcntl.LOCK_EX)
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # builds the store: schema creation/migration under the lock
+    _SQLITE_READY.add(uri)
     return client
 
 
@@ -144,6 +150,12 @@ def start_run(client: MlflowClient, experiment_id: str, *, key: str, run_name: s
     return handle
 
 
+def _runs_tagged(client: MlflowClient, experiment_id: str, tags: Mapping[str, str] | None, *conditions: str) -> list:
+    """Runs of the experiment whose tags equal `tags` and that meet the extra filter `conditions`."""
+    filters = [*conditions] + [f"tags.`{k}` = '{_quote(v)}'" for k, v in (tags or {}).items()]
+    return client.search_runs([experiment_id], filter_string=" and ".join(filters), max_results=10_000)
+
+
 def mark_stale_runs(client: MlflowClient, experiment_id: str, *, tags: Mapping[str, str] | None = None,
                     exclude: Iterable[str] = ()) -> list[str]:
     """Mark RUNNING runs whose tags match `tags` as KILLED (left behind by a process killed with SIGKILL).
@@ -154,10 +166,9 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str, *, tags: Mapping[s
     Returns:
         The ids of the runs marked KILLED.
     """
-    filters = ["attributes.status = 'RUNNING'"] + [f"tags.`{k}` = '{_quote(v)}'" for k, v in (tags or {}).items()]
     skip = set(exclude)
     marked = []
-    for run in client.search_runs([experiment_id], filter_string=" and ".join(filters), max_results=10_000):
+    for run in _runs_tagged(client, experiment_id, tags, "attributes.status = 'RUNNING'"):
         if run.info.run_id in skip:
             continue
         client.set_tag(run.info.run_id, "cleansweep.stale", "killed process; marked by mark_stale_runs")
@@ -504,10 +515,8 @@ def tag_lost_trials(client: MlflowClient, experiment_id: str, sweep: str, known_
     Returns:
         The run ids tagged.
     """
-    filters = [f"tags.`{KIND_TAG}` = 'trial'", f"tags.`{_SWEEP_TAG}` = '{_quote(sweep)}'"]
-    filters += [f"tags.`{k}` = '{_quote(v)}'" for k, v in (tags or {}).items()]
     known, lost = set(known_trial_ids), []
-    for run in client.search_runs([experiment_id], filter_string=" and ".join(filters), max_results=10_000):
+    for run in _runs_tagged(client, experiment_id, {KIND_TAG: "trial", _SWEEP_TAG: sweep, **(tags or {})}):
         if run.data.tags.get(_TRIAL_ID_TAG) in known or LOST_TAG in run.data.tags:
             continue
         client.set_tag(run.info.run_id, LOST_TAG, "created after Tune's last snapshot before a kill; re-suggested")
