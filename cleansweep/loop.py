@@ -3,7 +3,8 @@
 It imports no driver: evaluation, reporting and checkpoint writing arrive as callables. At every evaluation it
 reports ``evaluate_fn()`` merged with the mean loss parts since the previous evaluation, ``lr``, ``epoch`` (float),
 ``step`` and the running best-feasible keys (`objective.BestFeasible`), together with a temporary checkpoint
-directory written by ``save_state`` (plus ``loop.json``: the step and the tracker state), valid during the call only.
+directory written by ``save_state`` (plus ``loop.json``: the step and the tracker state), valid during the call only,
+or ``None`` at evaluations the checkpoint policy skips (`needs_checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from cleansweep.objective import BestFeasible
 
 LOOP_STATE = "loop.json"
 Report = Callable[[dict[str, Any], str | None], None]
+CheckpointPolicy = Literal["every", "needed"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,6 +69,23 @@ def is_eval_step(step: int, every: float) -> bool:
     """
     eps = 1e-9  # absorbs float error such as 3 * (10/3) = 9.999999999999998
     return math.floor((step + eps) / every) > math.floor((step - 1 + eps) / every)
+
+
+def needs_checkpoint(policy: CheckpointPolicy, *, step: int, start_step: int, total_steps: int,
+                     metrics: dict[str, Any]) -> bool:
+    """Whether the evaluation at `step` writes a checkpoint.
+
+    "every": always (pre-training: each evaluation is a selectable model). "needed" (cleaning trials): only what
+    resume or the result can use: the new best feasible evaluation (the trial's answer), and the latest trained
+    state while training goes on. Skipped: the starting model when infeasible (a resume redoes that evaluation in
+    seconds) and the final evaluation unless it is the best (the run is over; a resume after a crash right there
+    redoes one interval from the previous checkpoint). On CPU trials of a few seconds the writes were a third of the
+    trial (benchmarks/sweep_overhead.py).
+    """
+    if policy == "every":
+        return True
+    best = bool(metrics.get("feasible")) and int(metrics.get("best_feasible_step", -1)) == step
+    return best or start_step < step < total_steps
 
 
 def _iterate_epoch(loader: Any, epoch: int, skip_batches: int) -> Iterator[dict[str, Tensor]]:
@@ -138,6 +157,7 @@ def run(
     asr_threshold: float = 0.05,
     tracker_state: dict[str, Any] | None = None,
     check_every: int = 50,
+    checkpoints: CheckpointPolicy = "every",
 ) -> dict[str, Any]:
     """Train `task` for `epochs` epochs, evaluating and reporting on a step schedule.
 
@@ -161,6 +181,7 @@ def run(
         asr_threshold: Feasibility threshold of the running best-feasible tracker.
         tracker_state: `BestFeasible.state_dict()` to restore on resume.
         check_every: Check for a non-finite loss every this many steps (and at every evaluation).
+        checkpoints: Which evaluations get a checkpoint when `save_state` is given (`needs_checkpoint`).
 
     Returns:
         Summary: final `step`, `steps_per_epoch`, the `last` reported metrics and the tracker's best feasible keys.
@@ -190,7 +211,8 @@ def run(
         metrics = {**evaluate_fn(), **losses, "lr": lr, "step": step,
                    "epoch": step / steps_per_epoch if steps_per_epoch else 0.0}
         metrics |= tracker.update(metrics)
-        if save_state is None:
+        if save_state is None or not needs_checkpoint(checkpoints, step=step, start_step=start_step,
+                                                      total_steps=total_steps, metrics=metrics):
             report(metrics, None)
         else:
             with tempfile.TemporaryDirectory(prefix="cleansweep-ckpt-") as tmp:

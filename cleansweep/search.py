@@ -5,11 +5,12 @@ Objective: maximise zero-shot top-1 subject to ASR <= threshold. Every trial rep
 rank on the monotone value because `OptunaSearch.on_trial_complete` only sees a trial's *last* result (stack notes),
 and Optuna sees the ASR constraint itself through `trial.set_constraint` (`ConstrainedOptunaSearch`).
 
-Reliability (reliability notes): trials checkpoint at every evaluation and the experiment state is snapshotted every
-second (`TUNE_GLOBAL_CHECKPOINT_S`), so `--resume` after Ctrl-C / SIGTERM / kill -9 redoes at most one evaluation
-interval per running trial; each trial finds its MLflow run again by tag and the step de-dup of
-`tracking.RunHandle` drops re-reported steps; a trial that raises or hits NaN is FAILED in MLflow and in Optuna and the
-sweep goes on (`max_failures=0`: deterministic failures are not retried).
+Reliability (reliability notes): trials checkpoint at every evaluation that a resume or the result needs
+(`loop.needs_checkpoint`) and the experiment state is snapshotted every second (`TUNE_GLOBAL_CHECKPOINT_S`), so
+`--resume` after Ctrl-C / SIGTERM / kill -9 redoes at most one evaluation interval per running trial; each trial
+finds its MLflow run again by tag and the step de-dup of `tracking.RunHandle` drops re-reported steps; a trial that
+raises or hits NaN is FAILED in MLflow and in Optuna and the sweep goes on (`max_failures=0`: deterministic failures
+are not retried). Trials do not re-evaluate the starting model the driver evaluated once (`changes_start_weights`).
 
 Layout of `<storage>/NAME/`: `sweep.json` (identity), `space.yaml`, `preselect/` + `preselect.json` (two-stage
 shrink-and-perturb), `main/` (Tune's experiment: trials, checkpoints), `leaderboard.csv`, `pareto.png`.
@@ -47,6 +48,7 @@ SCORE = "checkpoint_score"  # top-1 when feasible, else -ASR: CheckpointConfig k
 EVALUATION = "evaluation"  # explicit evaluation counter (a time_attr restored with the trial, unlike wall time)
 TRIAL_STATE = "cleansweep_trial.json"  # written into every trial checkpoint: MLflow run id, running min ASR
 STAGE_TAG, SAMPLED_TAG, BEST_CKPT_TAG = "cleansweep.stage", "cleansweep.sampled", "cleansweep.best_checkpoint"
+RESUME_STATE = "state.pt"  # session.STATE_FILE (optimizer moments, RNG): read by a resume only, 2/3 of a checkpoint
 POINT = "point"  # grid sweeps: Tune grid-searches over whole points (method-conditional grids, duplicates kept)
 DEFAULT_SAMPLES = 8
 
@@ -173,6 +175,11 @@ class TrialReporter:
                     self.run.set_tags({BEST_CKPT_TAG: persisted.path, "cleansweep.best_step": step})
 
 
+def changes_start_weights(spec: Any) -> bool:
+    """Whether a trial trains from other weights than the sweep's starting model (shrink-and-perturb does)."""
+    return spec.method.shrink != 1.0 or spec.method.perturb != 0.0
+
+
 def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """One cleaning trial: `session.fit` with this trial's parameters, logged to its own MLflow child run."""
     from cleansweep import session  # imported in the trial process only: the driver never loads torch models
@@ -180,7 +187,10 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     params = trial_params(config)
     spec = spaces.trial_spec(ctx.base, params, f"trial {trial_id}")
-    client = tracking.open_client(ctx.tracking_uri)
+    if spec.eval_at_start and not changes_start_weights(spec):
+        # The very model the sweep evaluated once (the parent run's start_* metrics): not again in every trial.
+        spec = spec.model_copy(update={"eval_at_start": False})
+    client = tracking.open_client(ctx.tracking_uri, schema_ready=True)  # the driver built it before any trial
     run = tracking.start_trial(client, ctx.experiment_id, sweep=ctx.sweep, trial_id=trial_id,
                                parent_run_id=ctx.parent_run_id, params=params,
                                tags={STAGE_TAG: ctx.stage, SAMPLED_TAG: json.dumps(params, default=str)})
@@ -193,11 +203,11 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     checkpoint = tune.get_checkpoint()
     try:
         if checkpoint is None:
-            session.fit(spec, reporter)
+            session.fit(spec, reporter, checkpoints="needed")
         else:
             with checkpoint.as_directory() as resume_dir:
                 reporter.load(Path(resume_dir))
-                session.fit(spec, reporter, resume_from=resume_dir)
+                session.fit(spec, reporter, resume_from=resume_dir, checkpoints="needed")
     except BaseException as e:
         # SystemExit = Tune stopped the trial at a report (ASHA, time budget): KILLED; an error: FAILED.
         if not isinstance(e, SystemExit | KeyboardInterrupt):
@@ -228,12 +238,31 @@ class TrialEndCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "KILLED")
+        # Not from the latest checkpoint yet: a driver killed before its next snapshot resumes the trial from it.
+        drop_resume_state(trial.path, keep_latest=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tracking_uri": self.tracking_uri, "_client": None}
+
+
+def drop_resume_state(trial_dir: str | None, *, keep_latest: bool) -> int:
+    """Delete the resume-only file of a finished trial's checkpoints (the kept weights stay); returns bytes freed.
+
+    Hundreds of trials would otherwise keep every best checkpoint at three times its weights' size.
+    """
+    if not trial_dir or not Path(trial_dir).is_dir():  # remote storage (s3://...): left to its lifecycle rules
+        return 0
+    dirs = sorted(Path(trial_dir).glob("checkpoint_*"))
+    freed = 0
+    for d in dirs[:-1] if keep_latest else dirs:
+        f = d / RESUME_STATE
+        with contextlib.suppress(FileNotFoundError):
+            freed += f.stat().st_size
+            f.unlink()
+    return freed
 
 
 # ------------------------------------------------------------------------------------------------ leaderboard
@@ -374,6 +403,8 @@ def search(cfg: SearchConfig, *, name: str, workdir: Path, space_file: Path | No
     base = spaces.base_train_dict(cfg, data=start["data"], init=start["init"], model_name=start["model_name"],
                                   defaults=start["defaults"])
     _check_inputs(base)
+    if start["metrics"] is not None and not card_measures_sweep(start["card"], base):
+        start["metrics"] = None  # measured on other evaluation data or another trigger: evaluate it here
     _open_sweep_dir(sweep_dir, cfg, name, space_file, resume)
 
     parent = tracking.start_sweep(client, experiment_id, name, params=_sweep_params(cfg, start))
@@ -441,6 +472,9 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
         tracking.tag_lost_trials(client, ctx.experiment_id, ctx.sweep, [r.metrics.get("trial_id") or
                                  Path(r.path).name for r in grid], tags={STAGE_TAG: ctx.stage})
     done = grid.num_terminated + grid.num_errors == len(grid)
+    if done:  # the experiment is over: no trial will resume from any checkpoint
+        for result in grid:
+            drop_resume_state(result.path, keep_latest=False)
     budget_hit = cfg.search.time_budget_s is not None and time.monotonic() - budget_start >= cfg.search.time_budget_s
     if not done or (len(grid) < expected and not budget_hit):
         raise KeyboardInterrupt
@@ -528,7 +562,8 @@ def resolve_start_model(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str
 
     Returns:
         `{"init": Path, "model_name": str | None, "data": DataSpec | None, "defaults": dict (a preset's cleaning
-        TrainSpec), "metrics": dict | None}`; metrics come from the card when it has `zeroshot_top1` and `asr_top1`.
+        TrainSpec), "metrics": dict | None, "card": dict}`; metrics come from the card when it has `zeroshot_top1`
+        and `asr_top1` (`search` keeps them only when `card_measures_sweep`).
     """
     data, defaults = cfg.data, {}
     if cfg.model.preset is not None:
@@ -548,7 +583,24 @@ def resolve_start_model(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str
     if _finite(card.get(TOP1)) and _finite(card.get(ASR)):
         metrics = {TOP1: float(card[TOP1]), ASR: float(card[ASR])}
     return {"init": init.resolve(), "model_name": cfg.model.name or card.get("model"), "data": _absolute(data),
-            "defaults": defaults, "metrics": metrics}
+            "defaults": defaults, "metrics": metrics, "card": card}
+
+
+def card_measures_sweep(card: Mapping[str, Any], base: dict[str, Any]) -> bool:
+    """Whether a pre-training card's numbers are this sweep's start: same evaluation folder, subset and trigger.
+
+    Trials do not re-evaluate the starting model (`changes_start_weights`), so the sweep's start must be measured
+    the way its trials are; a card from other data (or without its config) is not trusted.
+    """
+    train = (card.get("config") or {}).get("train") or {}
+    if not train:
+        return False
+    spec = spaces.trial_spec(base, {}, "sweep base")
+    data = train.get("data") or {}
+    same_folder = data.get("eval_dir") is not None and Path(data["eval_dir"]).resolve() == Path(
+        spec.data.eval_dir).resolve()
+    return (same_folder and data.get("eval_subset") == spec.data.eval_subset
+            and (train.get("attack") or {}) == spec.attack.model_dump(mode="json"))
 
 
 def build_preset_model(preset: str, objective: str, workdir: Path,
@@ -585,7 +637,7 @@ def evaluate_start(base: dict[str, Any]) -> dict[str, float]:
     spec = spaces.trial_spec(base, {"epochs": 0, "eval_at_start": True, "method.name": "contrastive",
                                     "method.shrink": 1.0, "method.perturb": 0.0})
     seen: list[dict[str, Any]] = []
-    session.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics))
+    session.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics), checkpoints="none")
     return {TOP1: float(seen[0][TOP1]), ASR: float(seen[0][ASR])}
 
 

@@ -22,7 +22,7 @@ import random
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -203,7 +203,8 @@ def _restore(directory: Path, task: Task) -> dict[str, Any]:
     return state
 
 
-def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | Path | None = None) -> dict[str, Any]:
+def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | Path | None = None,
+        checkpoints: loop.CheckpointPolicy | Literal["none"] = "every") -> dict[str, Any]:
     """Train (pre-train or clean) one model as `spec` says, reporting every evaluation.
 
     Args:
@@ -211,6 +212,8 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
         report: ``report(metrics, checkpoint_dir)``; the first call's metrics carry `params` (effective config).
         resume_from: A checkpoint directory written by an earlier call's `report`; training continues from its step
             (no `prepare`, no re-reported step).
+        checkpoints: Which evaluations come with a checkpoint directory: "every", "needed" (`loop.needs_checkpoint`:
+            what resume and the best feasible result use) or "none" (`report` always gets None).
 
     Returns:
         ``{"step", "steps_per_epoch", "last" (final metrics), "best_feasible_top1", "best_feasible_step",
@@ -298,7 +301,8 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
         eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start and resumed is None,
         evaluate_fn=evaluate_fn, report=report_with_params, start_step=start_step, device=device, amp=spec.amp,
         grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
-        save_state=_save_state_fn(task, optimizer, spec) if rank == 0 else None, on_epoch_start=on_epoch_start,
-        asr_threshold=spec.asr_threshold, tracker_state=tracker_state,
+        save_state=_save_state_fn(task, optimizer, spec) if rank == 0 and checkpoints != "none" else None,
+        on_epoch_start=on_epoch_start, asr_threshold=spec.asr_threshold, tracker_state=tracker_state,
+        checkpoints="every" if checkpoints == "none" else checkpoints,
     )
     return {**summary, "params": params}

@@ -71,11 +71,15 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, 
 _SQLITE_READY: set[str] = set()
 
 
-def open_client(uri: str) -> MlflowClient:
-    """A client bound to `uri` (for sqlite: the folder created and the database schema ready)."""
+def open_client(uri: str, *, schema_ready: bool = False) -> MlflowClient:
+    """A client bound to `uri` (for sqlite: the folder created and the database schema ready).
+
+    `schema_ready=True` (sweep trials: their driver opened the database before starting any) skips the lock, so
+    trials starting together do not queue behind each other's store set-up.
+    """
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
-    if uri in _SQLITE_READY:  # MLflow keeps one store per URI per process: the schema step is done
+    if uri in _SQLITE_READY or schema_ready:  # MLflow keeps one store per URI per process: the schema step is done
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +188,8 @@ class RunHandle:
         self.client = client
         self.run_id = run_id
         self.last_step = self._read_last_step() if last_step is None else last_step
+        # The run's params as this handle knows them: {} for a run it just created, None = read them first.
+        self._params: dict[str, str] | None = {} if last_step == -1 else None
 
     @classmethod
     def reopen(cls, tracking_uri: str, run_id: str) -> RunHandle:
@@ -228,7 +234,9 @@ class RunHandle:
         Returns:
             The params actually written (key -> stored string).
         """
-        existing = self.client.get_run(self.run_id).data.params
+        if self._params is None:
+            self._params = dict(self.client.get_run(self.run_id).data.params)
+        existing = self._params
         new: dict[str, str] = {}
         for key, value in flatten(params).items():
             text = _param_text(value)
@@ -246,6 +254,7 @@ class RunHandle:
         items = [Param(k, v) for k, v in new.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+            existing.update((p.key, p.value) for p in items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
         return new
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:

@@ -74,7 +74,7 @@ def _metrics_from_step():
 
 
 def _run(task, *, epochs=2, every=6.0, at_start=True, start_step=0, reports=None, save=None, tracker_state=None,
-         evaluate_fn=None, base_lr=0.05, loader=None):
+         evaluate_fn=None, base_lr=0.05, loader=None, checkpoints="every"):
     loader = loader or _loader()
     total = epochs * len(loader)
     opt = create_optimizer(task, lr=base_lr, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
@@ -91,8 +91,10 @@ def _run(task, *, epochs=2, every=6.0, at_start=True, start_step=0, reports=None
     reports = reports if reports is not None else []
     summary = loop.run(task, loader, opt, lr_fn, epochs=epochs, eval_every_steps=every, eval_at_start=at_start,
                        evaluate_fn=evaluate_fn or _metrics_from_step(),
-                       report=lambda m, d: reports.append((m, d, sorted(p.name for p in Path(d).iterdir()))),
-                       start_step=start_step, save_state=save_state, tracker_state=tracker_state)
+                       report=lambda m, d: reports.append((m, d, sorted(p.name for p in Path(d).iterdir())
+                                                           if d else [])),
+                       start_step=start_step, save_state=save_state, tracker_state=tracker_state,
+                       checkpoints=checkpoints)
     return summary, reports, lr_fn
 
 
@@ -104,6 +106,27 @@ def test_reports_at_every_eval_step_and_at_start() -> None:
     assert all(files == ["loop.json", "toy.pt"] for _, _, files in reports)
     assert "mmcl_loss" not in reports[0][0]  # nothing trained before step 0
     assert {"loss", "mmcl_loss", "l2_init_loss", "lr", "feasible", "best_feasible_top1"} <= set(reports[1][0])
+
+
+def test_needed_checkpoints_are_the_best_feasible_and_the_latest_trained_state() -> None:
+    # Evaluations at steps 0, 3, ..., 12; ASR feasible from the 3rd (step 6) on, accuracy rising, so each feasible
+    # evaluation is the new best; then an evaluation that is neither best nor followed by more training.
+    _, reports, _ = _run(Toy(), epochs=2, every=3.0, checkpoints="needed")
+    saved = {m["step"] for m, d, _ in reports if d is not None}
+    assert [m["step"] for m, _, _ in reports] == [0, 3, 6, 9, 12]
+    assert saved == {3, 6, 9, 12}  # no step 0 (infeasible start); 12 is final but the best feasible
+    assert all(files == ["loop.json", "toy.pt"] for _, d, files in reports if d is not None)
+
+    def falling():  # feasible from the start, accuracy falls: only step 0 is ever the best
+        n = iter(range(100))
+        return lambda: {"zeroshot_top1": 0.9 - 0.1 * next(n), "asr_top1": 0.0}
+
+    _, reports, _ = _run(Toy(), epochs=2, every=3.0, checkpoints="needed", evaluate_fn=falling())
+    assert {m["step"] for m, d, _ in reports if d is not None} == {0, 3, 6, 9}  # final 12: not best, run over
+    # A resumed run (start_step 6) does not re-save the state it resumed from; every=3 from there: 9 then 12.
+    assert not loop.needs_checkpoint("needed", step=6, start_step=6, total_steps=12, metrics={"feasible": 0.0})
+    assert loop.needs_checkpoint("needed", step=9, start_step=6, total_steps=12, metrics={"feasible": 0.0})
+    assert loop.needs_checkpoint("every", step=12, start_step=0, total_steps=12, metrics={"feasible": 0.0})
 
 
 def test_fractional_eval_every_and_final_evaluation() -> None:

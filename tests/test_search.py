@@ -147,6 +147,49 @@ def test_leaderboard_uses_every_evaluation_not_the_last():
     assert table.splitlines()[0].startswith("best feasible: trial mid") and "/c/mid20" in table
 
 
+def test_finished_trials_drop_resume_state_but_keep_weights(tmp_path):
+    from cleansweep import session
+
+    assert search.RESUME_STATE == session.STATE_FILE
+    for i in range(3):
+        d = tmp_path / f"checkpoint_{i:06d}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"w" * 10)
+        (d / search.RESUME_STATE).write_bytes(b"s" * 20)
+    # Completed trial, snapshot maybe not yet written: the latest checkpoint keeps its resume state.
+    assert search.drop_resume_state(str(tmp_path), keep_latest=True) == 40
+    assert [p.parent.name for p in tmp_path.rglob(search.RESUME_STATE)] == ["checkpoint_000002"]
+    assert search.drop_resume_state(str(tmp_path), keep_latest=False) == 20
+    assert not list(tmp_path.rglob(search.RESUME_STATE)) and len(list(tmp_path.rglob("model.safetensors"))) == 3
+    assert search.drop_resume_state(None, keep_latest=False) == 0
+    assert search.drop_resume_state("s3://bucket/trial", keep_latest=False) == 0
+
+
+def test_start_metrics_come_from_a_card_only_when_measured_like_the_trials(tmp_path):
+    attack = {"name": "badnet", "target": "banana", "patch_size": 8, "location": "fixed", "patch": "fixed", "seed": 0}
+    base = {"data": {"train_csv": str(tmp_path / "clean.csv"), "eval_dir": str(tmp_path / "eval")},
+            "attack": {"patch_size": 8, "location": "fixed", "patch": "fixed"}}
+    card = {"zeroshot_top1": 0.9, "asr_top1": 0.97,
+            "config": {"train": {"data": {"eval_dir": str(tmp_path / "eval"), "eval_subset": None}, "attack": attack}}}
+    assert search.card_measures_sweep(card, base)
+    other_folder = {"config": {"train": {**card["config"]["train"], "data": {"eval_dir": str(tmp_path / "val")}}}}
+    other_trigger = {"config": {"train": {**card["config"]["train"], "attack": {**attack, "patch_size": 16}}}}
+    subset = {"config": {"train": {**card["config"]["train"], "data": {"eval_dir": str(tmp_path / "eval"),
+                                                                       "eval_subset": 100}}}}
+    for bad in (other_folder, other_trigger, subset, {"zeroshot_top1": 0.9, "asr_top1": 0.97}):
+        assert not search.card_measures_sweep(bad, base)
+
+
+def test_only_shrink_and_perturb_trials_re_evaluate_the_start():
+    def spec(**method):
+        return spaces.trial_spec({"data": {"train_csv": "c.csv", "eval_dir": "e"}, "method": method}, {})
+
+    assert not search.changes_start_weights(spec(name="contrastive", ssl_weight=1.0))
+    assert not search.changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=0.0))
+    assert search.changes_start_weights(spec(name="shrink_perturb", shrink=0.9, perturb=0.0))
+    assert search.changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=1e-3))
+
+
 def test_trial_params_and_resource_preflight():
     assert search.trial_params({"point": {"optim.lr": 1e-3, "variant": "a"}}) == {"optim.lr": 1e-3, "variant": "a"}
     assert search.trial_params({"optim.lr": 2e-3}) == {"optim.lr": 2e-3}
@@ -303,6 +346,7 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     assert {c["run"].info.status for c in children} <= {"FINISHED", "KILLED"}  # ASHA stops are KILLED
     for c in children:
         assert len(c["steps"]) == len(set(c["steps"])) >= 1
+        assert min(c["steps"]) > 0  # no shrink-and-perturb: the start is the parent's evaluation, not re-done per trial
         assert "optim.lr" in c["run"].data.params and "effective.weight_decay" in c["run"].data.params
     assert {"start_zeroshot_top1", "start_asr_top1"} <= set(parent.data.metrics)
     best_top1, reaching = _best_from_mlflow(children, threshold)
@@ -319,6 +363,7 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     assert Path(best["checkpoint"], "model.safetensors").is_file()
     assert Path(end["checkpoint"], "model.safetensors").is_file()
     assert (sweep_dir / "pareto.png").stat().st_size > 0
+    assert not list((sweep_dir / "main").rglob(search.RESUME_STATE))  # finished sweep: resume-only state dropped
     arts = {a.path for a in tracking.open_client(tracking.resolve_tracking_uri(None, workdir, env={}))
             .list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "leaderboard.csv", "pareto.png"} <= arts
@@ -424,7 +469,8 @@ def test_resume_after_kill_9(sweep_env, tiny_checkpoint):
     assert sorted(record.trials["trial_id"]) == sorted(ids)  # readers (report, notebook) skip lost runs
     assert all(c["run"].info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
     for c in children:
-        assert len(c["steps"]) == len(set(c["steps"])) == 5  # evaluations 0..4 epochs, none logged twice
+        # evaluations after epochs 1..4 (the start is the parent's), none logged twice
+        assert len(c["steps"]) == len(set(c["steps"])) == 4 and min(c["steps"]) > 0
     for trial_id, n in finished_before.items():
         run = next((c for c in children if c["run"].data.tags["cleansweep.trial_id"] == trial_id), None)
         assert run is None or len(run["steps"]) == n  # a completed trial was not run again

@@ -53,6 +53,17 @@ def test_fit_reports_effective_params_and_checkpoints(tiny_spec: dict, tiny_worl
     assert summary["step"] == 4 and summary["last"] == last
 
 
+def test_fit_checkpoint_policies(tiny_spec: dict) -> None:
+    none = Recorder()
+    session.fit(tiny_spec, none, checkpoints="none")
+    assert none.steps == [0, 4] and none.files == [[], []]
+    needed = Recorder()
+    session.fit({**tiny_spec, "asr_threshold": 1.0}, needed, checkpoints="needed")  # every evaluation feasible
+    top1 = [m["zeroshot_top1"] for m in needed.metrics]
+    # Step 0 is the best feasible so far; the final step only if it beats it (a finished run never resumes).
+    assert [bool(f) for f in needed.files] == [True, top1[1] > top1[0]]
+
+
 def test_fit_starts_from_an_init_checkpoint(tiny_spec: dict, tmp_path: Path) -> None:
     first = Recorder(tmp_path, keep_steps=(4,))
     session.fit(tiny_spec, first)
