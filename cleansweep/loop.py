@@ -27,6 +27,7 @@ from cleansweep.objective import BestFeasible
 LOOP_STATE = "loop.json"
 Report = Callable[[dict[str, Any], str | None], None]
 CheckpointPolicy = Literal["every", "needed"]
+SaveState = Callable[[str, bool], None]  # save_state(directory, resumable): resumable=False at the run's last step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -152,7 +153,7 @@ def run(
     amp: bool = False,
     grad_clip: float | None = None,
     logit_scale_max: float = math.log(100),
-    save_state: Callable[[str], None] | None = None,
+    save_state: SaveState | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     asr_threshold: float = 0.05,
     tracker_state: dict[str, Any] | None = None,
@@ -176,7 +177,8 @@ def run(
         amp: bf16 autocast; used only on CUDA.
         grad_clip: Clip the global gradient norm to this value.
         logit_scale_max: Clamp `logit_scale` to [0, this] after every step (ln 100, as CLIP).
-        save_state: Writes a resumable checkpoint into the given directory.
+        save_state: ``save_state(directory, resumable)`` writes a checkpoint; ``resumable`` is False at the last
+            step (weights suffice: no training is left to resume).
         on_epoch_start: Called with the epoch index at the start of every epoch that starts from its first batch.
         asr_threshold: Feasibility threshold of the running best-feasible tracker.
         tracker_state: `BestFeasible.state_dict()` to restore on resume.
@@ -216,7 +218,7 @@ def run(
             report(metrics, None)
         else:
             with tempfile.TemporaryDirectory(prefix="cleansweep-ckpt-") as tmp:
-                save_state(tmp)
+                save_state(tmp, step < total_steps)
                 state = {"step": step, "tracker": tracker.state_dict()}
                 (Path(tmp) / LOOP_STATE).write_text(json.dumps(state))
                 report(metrics, tmp)

@@ -18,7 +18,7 @@ import pickle
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,14 @@ def _tokenizer(name: str) -> Callable[[str | list[str]], Tensor]:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a file, read in 1 MiB chunks (remembered per path, size and mtime within a process)."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    # Every cleaning trial of a sweep hashes the same starting checkpoint (its params record it); once per worker.
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -12,7 +12,8 @@ checkpoints; other ranks report `checkpoint_dir=None`.
 Checkpoint directory layout (written by `save_state`, read by `fit(resume_from=...)` and the drivers):
 `model.safetensors` + `model.json` (the CLIP weights and card: usable directly as `model.init` or by
 `cleansweep evaluate`), `state.pt` (optimizer, task extras such as l2-init anchors or pseudo-labels, RNG states;
-loaded with weights_only=True), `loop.json` (step, best-feasible tracker; written by the loop).
+loaded with weights_only=True; not in a run's final checkpoint, which nothing resumes), `loop.json` (step,
+best-feasible tracker; written by the loop).
 """
 
 from __future__ import annotations
@@ -177,28 +178,35 @@ def _rank0_broadcast(fn: Callable[[], dict[str, Any]], rank: int, world: int) ->
     return shared
 
 
-def _save_state_fn(task: Task, optimizer: torch.optim.Optimizer, spec: TrainSpec) -> Callable[[str], None]:
-    def save_state(directory: str) -> None:
+def _save_state_fn(task: Task, optimizer: torch.optim.Optimizer, spec: TrainSpec) -> loop.SaveState:
+    def save_state(directory: str, resumable: bool) -> None:
         path = Path(directory)
         save_checkpoint(path / MODEL_FILE, task.model, {"model": spec.model.name, "seed": spec.seed,
                                                         "method": spec.method.name})
-        extras = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
-        torch.save({"optimizer": optimizer.state_dict(), "task": extras, "rng": rng_state()}, path / STATE_FILE)
+        if resumable:  # the final checkpoint of a run keeps weights only: no training is left to resume
+            extras = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
+            torch.save({"optimizer": optimizer.state_dict(), "task": extras, "rng": rng_state()}, path / STATE_FILE)
 
     return save_state
 
 
 def _restore(directory: Path, task: Task) -> dict[str, Any]:
-    """Load model weights and task extras from a checkpoint dir; return the optimizer/RNG state and loop state."""
-    for name in (MODEL_FILE, STATE_FILE, loop.LOOP_STATE):
+    """Load model weights and task extras from a checkpoint dir; return the optimizer/RNG state and loop state.
+
+    A checkpoint without `state.pt` (a run's final one, or one a finished sweep pruned) restores weights and loop
+    state only; `fit` accepts it only where no training is left.
+    """
+    for name in (MODEL_FILE, loop.LOOP_STATE):
         if not (directory / name).is_file():
             raise UserError(f"{directory} is not a cleansweep checkpoint (no {name}); pass a directory a run wrote")
     load_weights(task.model, load_state_dict_file(directory / MODEL_FILE))
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    result = task.load_state_dict(state["task"], strict=False)
-    if result.unexpected_keys:
-        raise UserError(f"{directory}: checkpoint holds state of another method ({result.unexpected_keys[0]}); "
-                        f"resume with the method '{task.spec.name}' was saved with")
+    state: dict[str, Any] = {}
+    if (directory / STATE_FILE).is_file():
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        result = task.load_state_dict(state["task"], strict=False)
+        if result.unexpected_keys:
+            raise UserError(f"{directory}: checkpoint holds state of another method ({result.unexpected_keys[0]}); "
+                            f"resume with the method '{task.spec.name}' was saved with")
     state["loop"] = json.loads((directory / loop.LOOP_STATE).read_text())
     return state
 
@@ -259,12 +267,16 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
     o = spec.optim
     hyper = {"lr": o.lr, "weight_decay": o.weight_decay, "betas": (o.beta1, o.beta2), "eps": o.eps}
     optimizer = create_optimizer(task, **hyper)
-    if resumed is not None:
+    steps_per_epoch = len(train_loader)
+    total_steps = spec.epochs * steps_per_epoch
+    if resumed is not None and "optimizer" in resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         # The saved state carries the old run's hyperparameters; the spec's are the effective ones.
         apply_hyperparameters(optimizer, **hyper)
-    steps_per_epoch = len(train_loader)
-    total_steps = spec.epochs * steps_per_epoch
+    elif resumed is not None and int(resumed["loop"]["step"]) < total_steps:
+        raise UserError(f"{resume_from} has no {STATE_FILE} (a final or pruned checkpoint) but step "
+                        f"{resumed['loop']['step']} of {total_steps} is not the end; resume from the run's latest "
+                        "checkpoint, or use its model.safetensors as model.init of a new run")
 
     def lr_fn(step: int) -> float:
         return lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule)
@@ -295,7 +307,8 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
     if resumed is not None:
         start_step = int(resumed["loop"]["step"])
         tracker_state = resumed["loop"]["tracker"]
-        set_rng_state(resumed["rng"])
+        if "rng" in resumed:
+            set_rng_state(resumed["rng"])
     summary = loop.run(
         trained, train_loader, optimizer, lr_fn, epochs=spec.epochs,
         eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start and resumed is None,

@@ -84,7 +84,7 @@ def _run(task, *, epochs=2, every=6.0, at_start=True, start_step=0, reports=None
     def lr_fn(step):
         return lr_at(step, base_lr=base_lr, warmup_steps=3, total_steps=total, schedule="cosine")
 
-    def save_state(d):
+    def save_state(d, resumable):
         torch.save({"task": task.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()},
                    Path(d) / "toy.pt")
 
@@ -127,6 +127,16 @@ def test_needed_checkpoints_are_the_best_feasible_and_the_latest_trained_state()
     assert not loop.needs_checkpoint("needed", step=6, start_step=6, total_steps=12, metrics={"feasible": 0.0})
     assert loop.needs_checkpoint("needed", step=9, start_step=6, total_steps=12, metrics={"feasible": 0.0})
     assert loop.needs_checkpoint("every", step=12, start_step=0, total_steps=12, metrics={"feasible": 0.0})
+
+
+def test_only_the_last_checkpoint_is_not_resumable() -> None:
+    task = Toy()
+    opt = create_optimizer(task, lr=0.01, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    saved: list[bool] = []
+    loop.run(task, _loader(), opt, lambda s: 0.01, epochs=2, eval_every_steps=3.0, eval_at_start=True,
+             evaluate_fn=_metrics_from_step(), report=lambda m, d: None,
+             save_state=lambda d, resumable: saved.append(resumable))
+    assert saved == [True, True, True, True, False]  # steps 0, 3, 6, 9 resume; 12 ends the run
 
 
 def test_fractional_eval_every_and_final_evaluation() -> None:
@@ -198,7 +208,7 @@ def test_resume_continues_from_the_saved_step_and_matches(tmp_path: Path) -> Non
 
         loop.run(task, loader, opt, lr_fn, epochs=2, eval_every_steps=2, eval_at_start=True,
                  evaluate_fn=_metrics_from_step(), report=stop_after_4,
-                 save_state=lambda d: torch.save({"task": task.state_dict(), "optimizer": opt.state_dict(),
+                 save_state=lambda d, resumable: torch.save({"task": task.state_dict(), "optimizer": opt.state_dict(),
                                                   "rng": torch.get_rng_state()}, Path(d) / "toy.pt"))
     state = torch.load(saved / "toy.pt", weights_only=True)
     loop_state = json.loads((saved / "loop.json").read_text())

@@ -201,3 +201,16 @@ def test_read_card_missing_and_broken(tmp_path):
     (tmp_path / "w.json").write_text(json.dumps([1]))
     with pytest.raises(UserError, match="not a JSON object"):
         models.read_card(tmp_path / "w.safetensors")
+
+
+def test_file_sha256_is_remembered_only_while_the_file_is_unchanged(tmp_path):
+    import os
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 3000)
+    assert models.file_sha256(f) == hashlib.sha256(b"a" * 3000).hexdigest()
+    assert models.file_sha256(str(f)) == models.file_sha256(f)  # same file, either spelling
+    f.write_bytes(b"b" * 3000)  # same size; a rewrite moves mtime (forced here: coarse clocks)
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert models.file_sha256(f) == hashlib.sha256(b"b" * 3000).hexdigest()

@@ -64,6 +64,19 @@ def test_fit_checkpoint_policies(tiny_spec: dict) -> None:
     assert [bool(f) for f in needed.files] == [True, top1[1] > top1[0]]
 
 
+def test_final_checkpoint_keeps_weights_only_and_resumes_to_the_end(tiny_spec: dict, tmp_path: Path) -> None:
+    rec = Recorder(tmp_path, keep_steps=(0, 4))
+    session.fit(tiny_spec, rec)
+    assert rec.files == [["loop.json", "model.json", "model.safetensors", session.STATE_FILE],
+                         ["loop.json", "model.json", "model.safetensors"]]  # step 4 is the last: nothing resumes
+    again = Recorder()
+    summary = session.fit(tiny_spec, again, resume_from=tmp_path / "step4")
+    assert again.steps == [] and summary["step"] == 4  # a driver killed after the last report resumes to the end
+    (tmp_path / "step0" / session.STATE_FILE).unlink()
+    with pytest.raises(UserError, match="no state.pt"):
+        session.fit(tiny_spec, Recorder(), resume_from=tmp_path / "step0")
+
+
 def test_fit_starts_from_an_init_checkpoint(tiny_spec: dict, tmp_path: Path) -> None:
     first = Recorder(tmp_path, keep_steps=(4,))
     session.fit(tiny_spec, first)
