@@ -150,7 +150,7 @@ def main() -> None:
     base = spaces.base_train_dict(cfg, data=start["data"], init=start["init"], model_name=start["model_name"],
                                   defaults=start["defaults"])
     # The same work as the sweep: the starting model evaluated once, then every trial as the sweep runs it.
-    specs = [spaces.trial_spec(base, {"epochs": 0, "eval_at_start": True}).model_dump(mode="json")]
+    specs = [search.start_eval_spec(base).model_dump(mode="json")]
     for _, params in records:
         spec = spaces.trial_spec(base, params)
         spec = spec.model_copy(update={"eval_at_start": spec.eval_at_start and search.changes_start_weights(spec)})

@@ -39,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cleansweep import spaces, tracking
-from cleansweep.config import DataSpec, Domain, SearchConfig, deep_update
+from cleansweep.config import DataSpec, Domain, SearchConfig, TrainSpec, deep_update
 from cleansweep.errors import UserError
 
 TOP1, ASR, BEST, FEASIBLE = "zeroshot_top1", "asr_top1", "best_feasible_top1", "feasible"
@@ -175,7 +175,7 @@ class TrialReporter:
                     self.run.set_tags({BEST_CKPT_TAG: persisted.path, "cleansweep.best_step": step})
 
 
-def changes_start_weights(spec: Any) -> bool:
+def changes_start_weights(spec: TrainSpec) -> bool:
     """Whether a trial trains from other weights than the sweep's starting model (shrink-and-perturb does)."""
     return spec.method.shrink != 1.0 or spec.method.perturb != 0.0
 
@@ -630,14 +630,18 @@ def build_preset_model(preset: str, objective: str, workdir: Path,
     return selected, paths
 
 
+def start_eval_spec(base: dict[str, Any]) -> TrainSpec:
+    """The run that evaluates the starting model as the trials see it: epochs=0, unperturbed, evaluate only."""
+    return spaces.trial_spec(base, {"epochs": 0, "eval_at_start": True, "method.name": "contrastive",
+                                    "method.shrink": 1.0, "method.perturb": 0.0})
+
+
 def evaluate_start(base: dict[str, Any]) -> dict[str, float]:
-    """Evaluate the starting model once (an epochs=0 run: prepare + evaluate only) when its card has no numbers."""
+    """Evaluate the starting model once (`start_eval_spec`) when no trustworthy card has its numbers."""
     from cleansweep import session
 
-    spec = spaces.trial_spec(base, {"epochs": 0, "eval_at_start": True, "method.name": "contrastive",
-                                    "method.shrink": 1.0, "method.perturb": 0.0})
     seen: list[dict[str, Any]] = []
-    session.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics), checkpoints="none")
+    session.fit(start_eval_spec(base), lambda metrics, checkpoint_dir: seen.append(metrics), checkpoints="none")
     return {TOP1: float(seen[0][TOP1]), ASR: float(seen[0][ASR])}
 
 
