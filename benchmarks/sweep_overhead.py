@@ -4,26 +4,35 @@ Side by side in one run, on the same tiny world and the same starting model:
 
 1. the sweep: `search.search` (local Ray, constrained Optuna, sqlite MLflow run per trial, checkpoints for resume
    and the best feasible model) of many short trials, `--slots` at a time;
-2. the throwaway script a researcher would otherwise write: the *same* work (the starting model evaluated once,
-   then the trial configurations read back from the sweep), `session.fit` in a pool of `--slots` processes with
-   as many threads each as a trial gets, no tracking, no checkpoints. Its wall time includes starting the
-   processes and importing torch, as a script's does.
+2. the throwaway script a researcher would otherwise write: the same work (the starting model evaluated once, then
+   as many trials of the same spec, learning rates drawn from the same range), `session.fit` in a pool of
+   `--slots` processes with as many threads each as a trial gets, no tracking, no checkpoints. Its wall time
+   includes starting the processes and importing torch once, as a script's does. Half of it runs before the sweep
+   and half after, so the drift of a shared machine (20% within minutes here) weighs on both arms alike.
 
     overhead = 1 - plain wall / sweep wall
 
-Also printed: the per-trial cost ((sweep - plain) x slots / trials) and the older in-sweep figure (slot time spent
-outside the trial functions). One-time set-up is timed separately and not counted: Ray's boot (a cluster is up
-once per session) and creating the MLflow sqlite database (once per workdir); `overhead_first_use` counts both.
-Target <= 0.10 for 50+ short trials on 2 cores.
+Also printed: the per-trial cost ((sweep - plain) x slots / trials), where it goes (seconds to the first trial's
+start, mean trial seconds in each arm) and the older in-sweep figure (slot time spent outside the trial
+functions). One-time set-up is timed separately and not counted: Ray's boot (a cluster is up once per session)
+and creating the MLflow sqlite database (once per workdir); `overhead_first_use` counts both.
 
-    python benchmarks/sweep_overhead.py [--trials 50] [--slots 2] [--epochs 1] [--clean-rows 32] [--workdir DIR]
+Target <= 0.10 for 50+ short trials on 2 cores. The default trial is short: 2 epochs of 25 steps on tiny-rn,
+~10 s with an evaluation every ~5 s (the demo's trials run 8 epochs of ~18 s; the paper's, hours). Shorter ones
+(`--epochs 1 --clean-rows 32`: ~1 s trials, `--epochs 2 --clean-rows 160`: ~4 s) measure the fixed costs: the
+sweep's start-up (~4 s more than a script's) and per evaluation a checkpoint for resume, an MLflow batch and
+Tune's report (~0.25 s), which no evaluation interval of a second or two can amortise.
+
+    python benchmarks/sweep_overhead.py [--trials 50] [--slots 2] [--epochs 2] [--clean-rows 400] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
+import random
 import shutil
 import tempfile
 import textwrap
@@ -31,6 +40,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+LR_RANGE = (1e-4, 1e-2)  # the sweep's learning-rate space; the plain arm draws from it too
 
 # Heavy imports live in the functions: the plain pool's spawned workers re-import this module and must pay only
 # what a throwaway script pays (torch, open_clip), not Ray or MLflow.
@@ -69,7 +80,7 @@ def space_file(root: Path, world: dict, checkpoint: Path, trials: int, slots: in
         eval_every: 1
         base: {{optim.warmup_steps: 2, device: cpu}}
         space:
-          optim.lr: {{loguniform: [1.0e-4, 1.0e-2]}}
+          optim.lr: {{loguniform: [{LR_RANGE[0]}, {LR_RANGE[1]}]}}
         search: {{algorithm: optuna, num_samples: {trials}, max_concurrent: {slots}}}
         scheduler: {{name: none}}
         resources: {{cpu: {2 / slots:g}}}
@@ -77,17 +88,16 @@ def space_file(root: Path, world: dict, checkpoint: Path, trials: int, slots: in
     return path
 
 
-def trial_records(uri: str, name: str) -> list[tuple[float, dict[str, Any]]]:
-    """Each trial's wall time inside its trial function (its MLflow run's start to end) and its sampled params."""
-    from cleansweep import search, tracking
+def trial_records(uri: str, name: str) -> list[tuple[float, float]]:
+    """Each trial's start (epoch seconds) and wall time inside its trial function (its MLflow run's start to end)."""
+    from cleansweep import tracking
 
     sweep = tracking.load_sweep(name, uri)
     client = tracking.open_client(uri)
     out = []
     for run_id in sweep.trials["run_id"]:
         run = client.get_run(run_id)
-        params = json.loads(run.data.tags[search.SAMPLED_TAG])
-        out.append(((run.info.end_time - run.info.start_time) / 1000, params))
+        out.append((run.info.start_time / 1000, (run.info.end_time - run.info.start_time) / 1000))
     return out
 
 
@@ -97,30 +107,31 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _plain_trial(spec: dict[str, Any]) -> float:
-    """One trial as a script runs it: train and evaluate, keep the metrics, write nothing."""
+def _plain_trial(spec: dict[str, Any]) -> tuple[float, float]:
+    """One trial as a script runs it: train and evaluate, write nothing. Returns its start (epoch s) and seconds."""
     from cleansweep import session
 
-    seen: list[float] = []
-    session.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics["zeroshot_top1"]), checkpoints="none")
-    return seen[-1]
+    start, t0 = time.time(), time.monotonic()
+    session.fit(spec, lambda metrics, checkpoint_dir: None, checkpoints="none")
+    return start, time.monotonic() - t0
 
 
-def plain_wall(specs: list[dict[str, Any]], slots: int, threads: int) -> float:
-    """Wall time of the trials run by a process pool of `slots` workers (spawned: fresh imports, like a script)."""
-    t0 = time.monotonic()
+def plain_wall(specs: list[dict[str, Any]], slots: int, threads: int) -> tuple[float, float, list[float]]:
+    """The trials run by a pool of `slots` processes (spawned: fresh imports, like a script): wall time, seconds
+    to the first trial's start, each trial's seconds."""
+    started, t0 = time.time(), time.monotonic()
     with ProcessPoolExecutor(max_workers=slots, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_set_threads, initargs=(threads,)) as pool:
-        list(pool.map(_plain_trial, specs))
-    return time.monotonic() - t0
+        trials = list(pool.map(_plain_trial, specs))
+    return time.monotonic() - t0, min(start for start, _ in trials) - started, [s for _, s in trials]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--slots", type=int, default=2, help="concurrent trials (CPUs are split evenly)")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--clean-rows", type=int, default=32, help="cleaning pairs per trial epoch (batch 16)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--clean-rows", type=int, default=400, help="cleaning pairs per trial epoch (batch 16)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     import ray
@@ -132,39 +143,53 @@ def main() -> None:
     world, checkpoint = tiny_model(root, args.clean_rows)
     cfg = spaces.load(space_file(root, world, checkpoint, args.trials, args.slots, args.epochs))
 
+    start = search.resolve_start_model(cfg, root / "work", echo=lambda s: None)
+    base = spaces.base_train_dict(cfg, data=start["data"], init=start["init"], model_name=start["model_name"],
+                                  defaults=start["defaults"])
+    # The same work as the sweep: the starting model evaluated once, then `--trials` trials of the same spec (their
+    # learning rates drawn from the same range: a trial's compute does not depend on them). Half runs before the
+    # sweep and half after it, so the minutes-scale drift of a shared machine weighs on both arms alike.
+    rng = random.Random(0)
+    specs = [search.start_eval_spec(base).model_dump(mode="json")]
+    for _ in range(args.trials):
+        spec = spaces.trial_spec(base, {"optim.lr": math.exp(rng.uniform(*map(math.log, LR_RANGE)))})
+        spec = spec.model_copy(update={"eval_at_start": spec.eval_at_start and search.changes_start_weights(spec)})
+        specs.append(spec.model_dump(mode="json"))
+    half = 1 + args.trials // 2
+    threads = max(1, 2 // args.slots)
+    before, plain_first, before_trials = plain_wall(specs[:half], args.slots, threads)
+
     t0 = time.monotonic()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)  # as `cleansweep search`
     ray_boot = time.monotonic() - t0
     t0 = time.monotonic()
     tracking.open_client(tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, root / "work"))
     db_init = time.monotonic() - t0
     try:
-        t0 = time.monotonic()
+        started, t0 = time.time(), time.monotonic()
         out = search.search(cfg, name=f"overhead-{int(time.time())}", workdir=root / "work", echo=lambda s: None)
         sweep = time.monotonic() - t0
     finally:
         ray.shutdown()
     records = trial_records(out["tracking_uri"], out["name"])
 
-    start = search.resolve_start_model(cfg, root / "work", echo=lambda s: None)
-    base = spaces.base_train_dict(cfg, data=start["data"], init=start["init"], model_name=start["model_name"],
-                                  defaults=start["defaults"])
-    # The same work as the sweep: the starting model evaluated once, then every trial as the sweep runs it.
-    specs = [search.start_eval_spec(base).model_dump(mode="json")]
-    for _, params in records:
-        spec = spaces.trial_spec(base, params)
-        spec = spec.model_copy(update={"eval_at_start": spec.eval_at_start and search.changes_start_weights(spec)})
-        specs.append(spec.model_dump(mode="json"))
-    plain = plain_wall(specs, args.slots, max(1, 2 // args.slots))
+    after, after_first, after_trials = plain_wall(specs[half:], args.slots, threads)
+    plain = before + after - after_first  # a script starts its processes (imports torch) once
+    plain_trials = before_trials[1:] + after_trials
 
-    inside = sum(seconds for seconds, _ in records)
+    inside = sum(seconds for _, seconds in records)
     print(json.dumps({
         "trials": len(records), "slots": args.slots, "epochs": args.epochs, "steps_per_epoch": args.clean_rows // 16,
         "sweep_wall_s": round(sweep, 1), "plain_wall_s": round(plain, 1), "ray_boot_s": round(ray_boot, 1),
         "mlflow_db_init_s": round(db_init, 1), "overhead_fraction": round(1 - plain / sweep, 3),
         "overhead_first_use": round(1 - plain / (sweep + ray_boot + db_init), 3),
         "per_trial_overhead_s": round((sweep - plain) * args.slots / len(records), 3),
+        # Where the difference goes: start-up (to the first trial's start; the plain pool imports torch there, the
+        # sweep also its driver's set-up, Tune, MLflow and the starting model's evaluation) and each trial.
+        "first_trial_start_s_sweep": round(min(start for start, _ in records) - started, 1),
+        "first_trial_start_s_plain": round(plain_first, 1),
         "mean_trial_s_in_sweep": round(inside / len(records), 2),
+        "mean_trial_s_plain": round(sum(plain_trials) / len(plain_trials), 2),
         "outside_trial_functions_fraction": round(1 - inside / (args.slots * sweep), 3),
         "target": 0.10}, indent=2))
 
