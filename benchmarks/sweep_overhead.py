@@ -18,10 +18,11 @@ functions). One-time set-up is timed separately and not counted: Ray's boot (a c
 and creating the MLflow sqlite database (once per workdir); `overhead_first_use` counts both.
 
 Target <= 0.10 for 50+ short trials on 2 cores. The default trial is short: 2 epochs of 25 steps on tiny-rn,
-~10 s with an evaluation every ~5 s (the demo's trials run up to 6 epochs of 20-28 s; the paper's, hours). Shorter ones
-(`--epochs 1 --clean-rows 32`: ~1 s trials, `--epochs 2 --clean-rows 160`: ~4 s) measure the fixed costs: the
-sweep's start-up (~4 s more than a script's) and per evaluation a checkpoint for resume, an MLflow batch and
-Tune's report (~0.25 s), which no evaluation interval of a second or two can amortise.
+~10 s with an evaluation every ~5 s (the demo's trials run up to 6 epochs of 20-28 s; the paper's, hours).
+Shorter ones (`--epochs 1 --clean-rows 32`: ~1 s trials, `--epochs 2 --clean-rows 160`: ~4 s) measure the fixed
+costs: the sweep's start-up (its first trial starts 5-7 s later than a script's) and per evaluation a checkpoint
+for resume, an MLflow batch and Tune's report (~0.25 s), which no evaluation interval of a second or two can
+amortise.
 
     python benchmarks/sweep_overhead.py [--trials 50] [--slots 2] [--epochs 2] [--clean-rows 400] [--workdir DIR]
 """
