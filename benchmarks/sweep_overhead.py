@@ -144,9 +144,9 @@ def main() -> None:
     world, checkpoint = tiny_model(root, args.clean_rows)
     cfg = spaces.load(space_file(root, world, checkpoint, args.trials, args.slots, args.epochs))
 
-    start = search.resolve_start_model(cfg, root / "work", echo=lambda s: None)
-    base = spaces.base_train_dict(cfg, data=start["data"], init=start["init"], model_name=start["model_name"],
-                                  defaults=start["defaults"])
+    model = search.resolve_start_model(cfg, root / "work", echo=lambda s: None)
+    base = spaces.base_train_dict(cfg, data=model["data"], init=model["init"], model_name=model["model_name"],
+                                  defaults=model["defaults"])
     # The same work as the sweep: the starting model evaluated once, then `--trials` trials of the same spec (their
     # learning rates drawn from the same range: a trial's compute does not depend on them). Half runs before the
     # sweep and half after it, so the minutes-scale drift of a shared machine weighs on both arms alike.
