@@ -159,6 +159,7 @@ def run(
     tracker_state: dict[str, Any] | None = None,
     check_every: int = 50,
     checkpoints: CheckpointPolicy = "every",
+    scratch_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train `task` for `epochs` epochs, evaluating and reporting on a step schedule.
 
@@ -184,6 +185,8 @@ def run(
         tracker_state: `BestFeasible.state_dict()` to restore on resume.
         check_every: Check for a non-finite loss every this many steps (and at every evaluation).
         checkpoints: Which evaluations get a checkpoint when `save_state` is given (`needs_checkpoint`).
+        scratch_dir: Where the checkpoint directories handed to `report` are written (default: the system temp
+            folder); a process killed mid-report leaves its directory there.
 
     Returns:
         Summary: final `step`, `steps_per_epoch`, the `last` reported metrics and the tracker's best feasible keys.
@@ -217,7 +220,7 @@ def run(
                                                       total_steps=total_steps, metrics=metrics):
             report(metrics, None)
         else:
-            with tempfile.TemporaryDirectory(prefix="cleansweep-ckpt-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="cleansweep-ckpt-", dir=scratch_dir) as tmp:
                 save_state(tmp, step < total_steps)
                 state = {"step": step, "tracker": tracker.state_dict()}
                 (Path(tmp) / LOOP_STATE).write_text(json.dumps(state))

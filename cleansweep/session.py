@@ -212,7 +212,8 @@ def _restore(directory: Path, task: Task) -> dict[str, Any]:
 
 
 def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | Path | None = None,
-        checkpoints: loop.CheckpointPolicy | Literal["none"] = "every") -> dict[str, Any]:
+        checkpoints: loop.CheckpointPolicy | Literal["none"] = "every", scratch_dir: str | Path | None = None
+        ) -> dict[str, Any]:
     """Train (pre-train or clean) one model as `spec` says, reporting every evaluation.
 
     Args:
@@ -222,6 +223,7 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
             (no `prepare`, no re-reported step).
         checkpoints: Which evaluations come with a checkpoint directory: "every", "needed" (`loop.needs_checkpoint`:
             what resume and the best feasible result use) or "none" (`report` always gets None).
+        scratch_dir: Folder for the checkpoint directories `report` gets (`loop.run`); default the temp folder.
 
     Returns:
         ``{"step", "steps_per_epoch", "last" (final metrics), "best_feasible_top1", "best_feasible_step",
@@ -316,6 +318,6 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
         grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
         save_state=_save_state_fn(task, optimizer, spec) if rank == 0 and checkpoints != "none" else None,
         on_epoch_start=on_epoch_start, asr_threshold=spec.asr_threshold, tracker_state=tracker_state,
-        checkpoints="every" if checkpoints == "none" else checkpoints,
+        checkpoints="every" if checkpoints == "none" else checkpoints, scratch_dir=scratch_dir,
     )
     return {**summary, "params": params}

@@ -139,6 +139,17 @@ def test_only_the_last_checkpoint_is_not_resumable() -> None:
     assert saved == [True, True, True, True, False]  # steps 0, 3, 6, 9 resume; 12 ends the run
 
 
+def test_checkpoint_directories_live_in_the_scratch_folder_and_are_removed(tmp_path: Path) -> None:
+    task = Toy()
+    opt = create_optimizer(task, lr=0.01, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    seen: list[Path] = []
+    loop.run(task, _loader(), opt, lambda s: 0.01, epochs=1, eval_every_steps=3.0, eval_at_start=False,
+             evaluate_fn=_metrics_from_step(), report=lambda m, d: seen.append(Path(d)),
+             save_state=lambda d, resumable: (Path(d) / "w").write_text("x"), scratch_dir=tmp_path)
+    assert len(seen) == 2 and all(d.parent == tmp_path for d in seen)  # steps 3 and 6
+    assert list(tmp_path.iterdir()) == []  # each removed once reported
+
+
 def test_fractional_eval_every_and_final_evaluation() -> None:
     # 1/4 epoch of 6 steps = 1.5 steps: evaluations at the first step at or after each multiple of 1.5.
     _, reports, _ = _run(Toy(), epochs=2, every=1.5, at_start=False)
