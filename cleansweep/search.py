@@ -36,6 +36,7 @@ import optuna
 import pandas as pd
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -443,6 +444,9 @@ def search(cfg: SearchConfig, *, name: str, workdir: Path, space_file: Path | No
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         # ...which is deliberate, so Tune's "snapshotting may become a bottleneck" warning is noise here.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune's default TensorBoard logger duplicates what MLflow holds, per result, on the driver's CPU: only the
+        # CSV and JSON loggers (its `ResultGrid` reads them) are added, in `run_stage`.
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         ctx = TrialContext(sweep=name, stage="main", base=base, tracking_uri=uri, experiment_id=experiment_id,
                            parent_run_id=parent.run_id, threshold=cfg.objective.threshold, gpu=cfg.resources.gpu,
                            scratch=scratch_name(sweep_dir))
@@ -483,7 +487,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
             shutil.rmtree(stage_dir)
         run_config = tune.RunConfig(
             name=ctx.stage, storage_path=str(sweep_dir), verbose=1,
-            callbacks=[TrialEndCallback(ctx.tracking_uri)],
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TrialEndCallback(ctx.tracking_uri)],
             failure_config=tune.FailureConfig(max_failures=0),  # deterministic failures: do not retry
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                     checkpoint_score_order="max"))

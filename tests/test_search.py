@@ -375,6 +375,9 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     assert Path(end["checkpoint"], "model.safetensors").is_file()
     assert (sweep_dir / "pareto.png").stat().st_size > 0
     assert not list((sweep_dir / "main").rglob(search.RESUME_STATE))  # finished sweep: resume-only state dropped
+    trial_dirs = [d for d in (sweep_dir / "main").iterdir() if d.is_dir() and (d / "params.json").is_file()]
+    assert trial_dirs and all((d / "result.json").is_file() and (d / "progress.csv").is_file() for d in trial_dirs)
+    assert not list((sweep_dir / "main").rglob("events.out.tfevents*"))  # MLflow holds the curves, not TensorBoard
     arts = {a.path for a in tracking.open_client(tracking.resolve_tracking_uri(None, workdir, env={}))
             .list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "leaderboard.csv", "pareto.png"} <= arts
