@@ -34,7 +34,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cleansweep import tracking
+from cleansweep import scratch, tracking
 from cleansweep.config import PretrainConfig, TrainSpec
 from cleansweep.errors import UserError
 
@@ -93,14 +93,18 @@ def train_worker(config: dict[str, Any]) -> None:
     selector = Selector(config["selection"], config["reference_top1"], _read_candidate(run_dir))
     reporter = _Reporter(rank=rank, local=config["local"], run_dir=run_dir, keep=config["keep"], run=handle,
                          selector=selector)
-    if config["local"]:
-        latest = latest_local_checkpoint(run_dir)
-        summary = session.fit(spec, reporter, resume_from=str(latest) if latest else None)
-    elif (checkpoint := ray.train.get_checkpoint()) is None:
-        summary = session.fit(spec, reporter, resume_from=None)
-    else:
-        with checkpoint.as_directory() as resume_dir:
-            summary = session.fit(spec, reporter, resume_from=resume_dir)
+    in_flight = scratch.fresh(config["scratch"], f"rank{rank}")
+    try:
+        if config["local"]:
+            latest = latest_local_checkpoint(run_dir)
+            summary = session.fit(spec, reporter, resume_from=str(latest) if latest else None, scratch_dir=in_flight)
+        elif (checkpoint := ray.train.get_checkpoint()) is None:
+            summary = session.fit(spec, reporter, resume_from=None, scratch_dir=in_flight)
+        else:
+            with checkpoint.as_directory() as resume_dir:
+                summary = session.fit(spec, reporter, resume_from=resume_dir, scratch_dir=in_flight)
+    finally:
+        shutil.rmtree(in_flight, ignore_errors=True)
     if rank == 0:
         # The driver's proof that training ran to its end (an aborted Ray run also returns from fit()).
         _write_json(run_dir / DONE_FILE, {"step": summary["step"], "last": flat_metrics(summary.get("last", {}))})
@@ -247,6 +251,7 @@ def pretrain(cfg: PretrainConfig, *, workdir: Path, resume: bool = False) -> dic
             _train(cfg, run_dir, _loop_config(cfg, run_dir, uri, run.run_id))
             if not (run_dir / DONE_FILE).is_file():
                 raise KeyboardInterrupt  # Ray aborted the run (Ctrl-C): what was reported is kept, resume later
+            scratch.remove(scratch.name(run_dir))  # what killed workers on this node left (other nodes: at resume)
             summary = _export_selected(cfg, run_dir, run)
         except BaseException as e:
             run.end(tracking.exit_status(e))
@@ -342,7 +347,8 @@ def _driver_params(cfg: PretrainConfig) -> dict[str, Any]:
 def _loop_config(cfg: PretrainConfig, run_dir: Path, uri: str, run_id: str) -> dict[str, Any]:
     """What every worker receives: plain values and absolute paths only (workers run in another CWD)."""
     return {"spec": cfg.train.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-            "run_dir": str(run_dir), "local": cfg.ray.num_workers == 0, "keep": cfg.keep_checkpoints,
+            "run_dir": str(run_dir), "scratch": scratch.name(run_dir), "local": cfg.ray.num_workers == 0,
+            "keep": cfg.keep_checkpoints,
             "selection": cfg.selection, "reference_top1": cfg.reference_top1}
 
 

@@ -19,7 +19,6 @@ shrink-and-perturb), `main/` (Tune's experiment: trials, checkpoints), `leaderbo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from cleansweep import spaces, tracking
+from cleansweep import scratch, spaces, tracking
 from cleansweep.config import DataSpec, Domain, SearchConfig, TrainSpec, deep_update
 from cleansweep.errors import UserError
 
@@ -123,7 +122,7 @@ class TrialContext:
     parent_run_id: str
     threshold: float
     gpu: float = 0.0  # the trial's GPU fraction: Ray only books it, the trial caps its memory (stack notes)
-    scratch: str = ""  # `scratch_name(sweep_dir)`: this sweep's folder for in-flight checkpoints in each node's temp
+    scratch: str = ""  # `scratch.name(sweep_dir)`: this sweep's folder for in-flight checkpoints in each node's temp
 
 
 def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,23 +177,6 @@ class TrialReporter:
                     self.run.set_tags({BEST_CKPT_TAG: persisted.path, "cleansweep.best_step": step})
 
 
-def scratch_name(sweep_dir: Path) -> str:
-    """The folder name, under each node's temp folder, of a sweep's in-flight checkpoint directories.
-
-    A trial process killed hard (kill -9 of the driver, a lost node) leaves the checkpoint it was reporting there
-    (~100 MB for tiny-rn); per sweep and trial, its resume and the sweep's end clear them instead of /tmp filling up.
-    """
-    return "cleansweep-scratch-" + hashlib.sha1(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:12]
-
-
-def trial_scratch(scratch: str, trial_id: str) -> Path:
-    """An empty scratch folder for one trial on this node (what an earlier, killed attempt left is removed)."""
-    path = Path(tempfile.gettempdir()) / scratch / trial_id
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
 def changes_start_weights(spec: TrainSpec) -> bool:
     """Whether a trial trains from other weights than the sweep's starting model (shrink-and-perturb does)."""
     return spec.method.shrink != 1.0 or spec.method.perturb != 0.0
@@ -221,14 +203,14 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(ctx.gpu)
     checkpoint = tune.get_checkpoint()
-    scratch = trial_scratch(ctx.scratch, trial_id) if ctx.scratch else None
+    in_flight = scratch.fresh(ctx.scratch, trial_id) if ctx.scratch else None
     try:
         if checkpoint is None:
-            session.fit(spec, reporter, checkpoints="needed", scratch_dir=scratch)
+            session.fit(spec, reporter, checkpoints="needed", scratch_dir=in_flight)
         else:
             with checkpoint.as_directory() as resume_dir:
                 reporter.load(Path(resume_dir))
-                session.fit(spec, reporter, resume_from=resume_dir, checkpoints="needed", scratch_dir=scratch)
+                session.fit(spec, reporter, resume_from=resume_dir, checkpoints="needed", scratch_dir=in_flight)
     except BaseException as e:
         # SystemExit = Tune stopped the trial at a report (ASHA, time budget): KILLED; an error: FAILED.
         if not isinstance(e, SystemExit | KeyboardInterrupt):
@@ -236,8 +218,8 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         run.end(tracking.exit_status(e))
         raise
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if in_flight is not None:
+            shutil.rmtree(in_flight, ignore_errors=True)
     run.end("FINISHED")
 
 
@@ -449,7 +431,7 @@ def search(cfg: SearchConfig, *, name: str, workdir: Path, space_file: Path | No
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         ctx = TrialContext(sweep=name, stage="main", base=base, tracking_uri=uri, experiment_id=experiment_id,
                            parent_run_id=parent.run_id, threshold=cfg.objective.threshold, gpu=cfg.resources.gpu,
-                           scratch=scratch_name(sweep_dir))
+                           scratch=scratch.name(sweep_dir))
         if cfg.preselect is not None:
             chosen = run_preselect(cfg, ctx, sweep_dir, resume, echo)
             ctx = TrialContext(**{**ctx.__dict__, "base": deep_update(base, chosen)})
@@ -504,7 +486,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
         for result in grid:
             drop_resume_state(result.path, keep_latest=False)
         if ctx.scratch:  # what killed trials on this node left (other nodes clear theirs when a trial resumes there)
-            shutil.rmtree(Path(tempfile.gettempdir()) / ctx.scratch, ignore_errors=True)
+            scratch.remove(ctx.scratch)
     budget_hit = cfg.search.time_budget_s is not None and time.monotonic() - budget_start >= cfg.search.time_budget_s
     if not done or (len(grid) < expected and not budget_hit):
         raise KeyboardInterrupt

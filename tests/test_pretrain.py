@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cleansweep import cli, pretrain, tracking
+from cleansweep import cli, pretrain, scratch, tracking
 from cleansweep.config import PretrainConfig
 from cleansweep.errors import UserError
 
@@ -336,7 +336,11 @@ def test_resume_after_kill_in_process_worker(ray_home, tiny_world, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_at = _kill_after_checkpoint([sys.executable, "-m", "cleansweep", *argv], env,
                                        workdir / "pretrain" / "killed", min_step=1)
+    # What a kill in the middle of writing a checkpoint leaves (this kill may have left a real one beside it).
+    leftover = Path(tempfile.gettempdir()) / scratch.name(workdir / "pretrain" / "killed") / "rank0" / "ckpt-x"
+    leftover.mkdir(parents=True, exist_ok=True)
     assert cli.main([*argv, "--resume"]) == 0
+    assert not leftover.parent.parent.exists()  # cleared by the resumed worker and the run's end
     _check_resumed(workdir, "killed", killed_at, _eval_steps(tiny_world["n_train"], 16, 2, 0.25))
 
 

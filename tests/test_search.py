@@ -20,7 +20,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from cleansweep import cli, search, spaces, tracking
+from cleansweep import cli, scratch, search, spaces, tracking
 from cleansweep.config import Domain
 from cleansweep.errors import UserError
 
@@ -189,16 +189,6 @@ def test_only_shrink_and_perturb_trials_re_evaluate_the_start():
     assert not search.changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=0.0))
     assert search.changes_start_weights(spec(name="shrink_perturb", shrink=0.9, perturb=0.0))
     assert search.changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=1e-3))
-
-
-def test_trial_scratch_is_per_sweep_and_clears_a_killed_attempt(tmp_path, monkeypatch):
-    monkeypatch.setattr(search.tempfile, "tempdir", str(tmp_path))
-    a, b = search.scratch_name(tmp_path / "sweeps" / "s"), search.scratch_name(tmp_path / "other" / "s")
-    assert a != b and a == search.scratch_name(tmp_path / "sweeps" / "x" / ".." / "s")  # same name, other folder
-    first = search.trial_scratch(a, "t1")
-    (first / "cleansweep-ckpt-left").mkdir()  # what a trial killed mid-report leaves
-    again = search.trial_scratch(a, "t1")
-    assert again == tmp_path / a / "t1" and list(again.iterdir()) == []
 
 
 def test_trial_params_and_resource_preflight():
@@ -483,7 +473,7 @@ def test_resume_after_kill_9(sweep_env, tiny_checkpoint):
     assert sorted(record.trials["trial_id"]) == sorted(ids)  # readers (report, notebook) skip lost runs
     assert all(c["run"].info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
     # In-flight checkpoints of the killed trials do not pile up in the temp folder (~100 MB each).
-    assert not (Path(tempfile.gettempdir()) / search.scratch_name(workdir / "sweeps" / "rk")).exists()
+    assert not (Path(tempfile.gettempdir()) / scratch.name(workdir / "sweeps" / "rk")).exists()
     for c in children:
         # evaluations after epochs 1..4 (the start is the parent's), none logged twice
         assert len(c["steps"]) == len(set(c["steps"])) == 4 and min(c["steps"]) > 0
