@@ -46,6 +46,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 LR_RANGE = (1e-4, 1e-2)  # the sweep's learning-rate space; the plain arm draws from it too
 
 # Heavy imports live in the functions: the plain pool's spawned workers re-import this module and must pay only
@@ -111,16 +113,12 @@ RAY_DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py",
 
 
 def ray_daemons_cpu_s() -> float:
-    """CPU seconds used so far by Ray's own processes on this machine (Linux /proc; 0 elsewhere)."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        if any(name in cmd for name in RAY_DAEMONS):
-            total += (int(fields[11]) + int(fields[12])) / tick
+    """CPU seconds used so far by Ray's own processes on this machine."""
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmd = " ".join(proc.info["cmdline"] or ())
+        if proc.info["cpu_times"] is not None and any(name in cmd for name in RAY_DAEMONS):
+            total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
     return total
 
 

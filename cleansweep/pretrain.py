@@ -93,8 +93,7 @@ def train_worker(config: dict[str, Any]) -> None:
     selector = Selector(config["selection"], config["reference_top1"], _read_candidate(run_dir))
     reporter = _Reporter(rank=rank, local=config["local"], run_dir=run_dir, keep=config["keep"], run=handle,
                          selector=selector)
-    in_flight = scratch.fresh(config["scratch"], f"rank{rank}")
-    try:
+    with scratch.folder(config["scratch"], f"rank{rank}") as in_flight:
         if config["local"]:
             latest = latest_local_checkpoint(run_dir)
             summary = session.fit(spec, reporter, resume_from=str(latest) if latest else None, scratch_dir=in_flight)
@@ -103,8 +102,6 @@ def train_worker(config: dict[str, Any]) -> None:
         else:
             with checkpoint.as_directory() as resume_dir:
                 summary = session.fit(spec, reporter, resume_from=resume_dir, scratch_dir=in_flight)
-    finally:
-        shutil.rmtree(in_flight, ignore_errors=True)
     if rank == 0:
         # The driver's proof that training ran to its end (an aborted Ray run also returns from fit()).
         _write_json(run_dir / DONE_FILE, {"step": summary["step"], "last": flat_metrics(summary.get("last", {}))})

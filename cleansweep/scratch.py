@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -18,13 +20,17 @@ def name(owner: str | Path) -> str:
     return "cleansweep-scratch-" + hashlib.sha1(str(Path(owner).resolve()).encode()).hexdigest()[:12]
 
 
-def fresh(scratch: str, part: str) -> Path:
-    """An empty folder `part` (a trial, a worker rank) in scratch folder `scratch` on this node; what an earlier,
-    killed attempt left there is removed."""
+@contextmanager
+def folder(scratch: str, part: str) -> Iterator[Path]:
+    """An empty folder `part` (a trial, a worker rank) in scratch folder `scratch` on this node for the block, removed
+    after it; what an earlier, killed attempt left there is removed first."""
     path = Path(tempfile.gettempdir()) / scratch / part
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    return path
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove(scratch: str) -> None:

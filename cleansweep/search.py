@@ -121,8 +121,8 @@ class TrialContext:
     experiment_id: str
     parent_run_id: str
     threshold: float
+    scratch: str  # `scratch.name(sweep_dir)`: this sweep's folder for in-flight checkpoints in each node's temp
     gpu: float = 0.0  # the trial's GPU fraction: Ray only books it, the trial caps its memory (stack notes)
-    scratch: str = ""  # `scratch.name(sweep_dir)`: this sweep's folder for in-flight checkpoints in each node's temp
 
 
 def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,23 +203,20 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(ctx.gpu)
     checkpoint = tune.get_checkpoint()
-    in_flight = scratch.fresh(ctx.scratch, trial_id) if ctx.scratch else None
-    try:
-        if checkpoint is None:
-            session.fit(spec, reporter, checkpoints="needed", scratch_dir=in_flight)
-        else:
-            with checkpoint.as_directory() as resume_dir:
-                reporter.load(Path(resume_dir))
-                session.fit(spec, reporter, resume_from=resume_dir, checkpoints="needed", scratch_dir=in_flight)
-    except BaseException as e:
-        # SystemExit = Tune stopped the trial at a report (ASHA, time budget): KILLED; an error: FAILED.
-        if not isinstance(e, SystemExit | KeyboardInterrupt):
-            run.set_tags({"cleansweep.error": f"{type(e).__name__}: {e}"[:4000]})
-        run.end(tracking.exit_status(e))
-        raise
-    finally:
-        if in_flight is not None:
-            shutil.rmtree(in_flight, ignore_errors=True)
+    with scratch.folder(ctx.scratch, trial_id) as in_flight:
+        try:
+            if checkpoint is None:
+                session.fit(spec, reporter, checkpoints="needed", scratch_dir=in_flight)
+            else:
+                with checkpoint.as_directory() as resume_dir:
+                    reporter.load(Path(resume_dir))
+                    session.fit(spec, reporter, resume_from=resume_dir, checkpoints="needed", scratch_dir=in_flight)
+        except BaseException as e:
+            # SystemExit = Tune stopped the trial at a report (ASHA, time budget): KILLED; an error: FAILED.
+            if not isinstance(e, SystemExit | KeyboardInterrupt):
+                run.set_tags({"cleansweep.error": f"{type(e).__name__}: {e}"[:4000]})
+            run.end(tracking.exit_status(e))
+            raise
     run.end("FINISHED")
 
 
@@ -485,8 +482,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     if done:  # the experiment is over: no trial will resume from any checkpoint
         for result in grid:
             drop_resume_state(result.path, keep_latest=False)
-        if ctx.scratch:  # what killed trials on this node left (other nodes clear theirs when a trial resumes there)
-            scratch.remove(ctx.scratch)
+        scratch.remove(ctx.scratch)  # what killed trials on this node left (other nodes: when a trial resumes there)
     budget_hit = cfg.search.time_budget_s is not None and time.monotonic() - budget_start >= cfg.search.time_budget_s
     if not done or (len(grid) < expected and not budget_hit):
         raise KeyboardInterrupt

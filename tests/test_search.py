@@ -100,7 +100,7 @@ def test_tune_generates_the_paper_grids(entry, stage, count):
 
     cfg = spaces.load(Path(spaces.__file__).resolve().parents[1] / "search_spaces" / f"paper_D{entry:02d}.yaml")
     ctx = search.TrialContext(sweep="x", stage=stage, base={}, tracking_uri="sqlite:////x.db", experiment_id="0",
-                              parent_run_id="p", threshold=0.05)
+                              parent_run_id="p", threshold=0.05, scratch="x")
     points = spaces.preselect_points(cfg) if stage == "preselect" else None
     param_space, tune_config, expected = search._tune_setup(cfg, ctx, points)
     gen = BasicVariantGenerator()
