@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cleansweep import search, spaces, tracking
+from cleansweep import search, spaces, start_model, tracking
 
 
 def tiny_lines(root: Path) -> str:
@@ -116,10 +116,13 @@ def main() -> None:
     stamp = int(time.time())
     work = root / "work"
     t0 = time.monotonic()
-    g = search.search(spaces.load(grid), name=f"eff-grid-{stamp}", workdir=work, echo=lambda s: None)
+    g_cfg, o_cfg = spaces.load(grid), spaces.load(tpe)
+    g = search.search(g_cfg, start_model.resolve(g_cfg, work), name=f"eff-grid-{stamp}", workdir=work,
+                      echo=lambda s: None)
     grid_s = time.monotonic() - t0
     t0 = time.monotonic()
-    o = search.search(spaces.load(tpe), name=f"eff-optuna-{stamp}", workdir=work, echo=lambda s: None)
+    o = search.search(o_cfg, start_model.resolve(o_cfg, work), name=f"eff-optuna-{stamp}", workdir=work,
+                      echo=lambda s: None)
     optuna_s = time.monotonic() - t0
     g_evals, o_evals = evaluations(g["tracking_uri"], g["name"]), evaluations(o["tracking_uri"], o["name"])
     feasible = g_evals[g_evals["asr_top1"] <= args.threshold]

@@ -157,21 +157,20 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from cleansweep import search, spaces, tracking
+    from cleansweep import search, spaces, start_model, tracking
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
     root.mkdir(parents=True, exist_ok=True)
     world, checkpoint = tiny_model(root, args.clean_rows)
     cfg = spaces.load(space_file(root, world, checkpoint, args.trials, args.slots, args.epochs))
 
-    model = search.resolve_start_model(cfg, root / "work", echo=lambda s: None)
-    base = spaces.base_train_dict(cfg, data=model["data"], init=model["init"], model_name=model["model_name"],
-                                  defaults=model["defaults"])
+    start = start_model.resolve(cfg, root / "work", echo=lambda s: None)
+    base = start.base
     # The same work as the sweep: the starting model evaluated once, then `--trials` trials of the same spec (their
     # learning rates drawn from the same range: a trial's compute does not depend on them). Half runs before the
     # sweep and half after it, so the minutes-scale drift of a shared machine weighs on both arms alike.
     rng = random.Random(0)
-    specs = [search.start_eval_spec(base).model_dump(mode="json")]
+    specs = [start_model.start_eval_spec(base).model_dump(mode="json")]
     for _ in range(args.trials):
         spec = spaces.trial_spec(base, {"optim.lr": math.exp(rng.uniform(*map(math.log, LR_RANGE)))})
         spec = spec.model_copy(update={"eval_at_start": spec.eval_at_start and search.changes_start_weights(spec)})
@@ -189,7 +188,8 @@ def main() -> None:
     try:
         daemons0, driver0 = ray_daemons_cpu_s(), resource.getrusage(resource.RUSAGE_SELF)
         started, t0 = time.time(), time.monotonic()
-        out = search.search(cfg, name=f"overhead-{int(time.time())}", workdir=root / "work", echo=lambda s: None)
+        out = search.search(cfg, start, name=f"overhead-{int(time.time())}", workdir=root / "work",
+                            echo=lambda s: None)
         sweep = time.monotonic() - t0
         daemons, driver1 = ray_daemons_cpu_s() - daemons0, resource.getrusage(resource.RUSAGE_SELF)
         driver = driver1.ru_utime + driver1.ru_stime - driver0.ru_utime - driver0.ru_stime

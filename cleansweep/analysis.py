@@ -20,8 +20,11 @@ import pandas as pd
 if TYPE_CHECKING:
     from cleansweep.tracking import SweepRecord
 
-TOP1, ASR, EPOCH = "zeroshot_top1", "asr_top1", "epoch"
-STAGE_TAG, SAMPLED_TAG = "cleansweep.stage", "cleansweep.sampled"  # trial tags written by cleansweep.search
+from cleansweep.objective import ASR, EPOCH, MIN_ASR, STEP, TOP1
+
+TRUE_ASR = "true_asr_top1"  # in a proxy-ASR sweep's evaluations: the known trigger's ASR (asr_top1 is the proxy)
+
+PERTURB_KEYS = ("method.shrink", "method.perturb")  # what two-stage shrink-and-perturb preselects
 DEFAULT_THRESHOLD = 0.05  # the paper's success criterion: ASR <= 5%
 PERCENT_COLUMNS = ("asr_threshold", "start_top1", "start_asr", "best_top1", "best_asr", "relative_change",
                    "best_feasible_top1", "best_feasible_asr", "last_top1", "last_asr", "top1_given_up",
@@ -37,18 +40,145 @@ class Start:
     source: str
 
 
+# ------------------------------------------------------------------------------------------------ ranking
+# The one ranking of a sweep: `results`, the sweep's leaderboard.csv, the report's tables and the study all use it.
+# Evaluations: the most accurate feasible one first; equal accuracy -> the lower trial id, then the earlier step.
+# Trials: feasible ones by their best feasible accuracy, then the others by their lowest ASR; ties -> trial id.
+def best_feasible(evals: pd.DataFrame, threshold: float) -> pd.Series | None:
+    """The most accurate evaluation with ASR <= threshold (ties: lower trial id, then earlier step), or None.
+
+    Args:
+        evals: Evaluations with `zeroshot_top1`, `asr_top1`, `step` (and `trial_id` when several trials).
+        threshold: ASR threshold of a feasible evaluation.
+    """
+    feasible = evals[evals[ASR] <= threshold]
+    if feasible.empty:
+        return None
+    keys = [TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
+    ordered = feasible.sort_values(keys, ascending=[False] + [True] * (len(keys) - 1), kind="stable")
+    return ordered.iloc[0]
+
+
+def _trial_row(trial: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+    ev = trial["evaluations"].dropna(subset=[TOP1, ASR]).drop_duplicates(STEP, keep="last").sort_values(STEP)
+    best = best_feasible(ev, threshold) if not ev.empty else None
+    last = ev.iloc[-1] if not ev.empty else None
+
+    def pick(row: pd.Series | None, key: str) -> float:
+        return float(row[key]) if row is not None and key in row else math.nan
+
+    return {"trial_id": trial["trial_id"], "status": trial.get("status", ""),
+            "stopped_early": bool(trial.get("stopped_early", False)), "feasible": best is not None,
+            TOP1: pick(best, TOP1), ASR: pick(best, ASR), STEP: int(best[STEP]) if best is not None else -1,
+            EPOCH: pick(best, EPOCH),
+            "checkpoint": (trial.get("checkpoints") or {}).get(int(best[STEP])) if best is not None else None,
+            "evaluations": len(ev), MIN_ASR: float(ev[ASR].min()) if not ev.empty else math.nan,
+            f"last_{TOP1}": pick(last, TOP1), f"last_{ASR}": pick(last, ASR), "run_id": trial.get("run_id"),
+            "config": json.dumps(trial.get("params", {}), sort_keys=True, default=str)}
+
+
+LEADERBOARD_COLUMNS = ["rank", "trial_id", "status", "stopped_early", "feasible", TOP1, ASR, STEP, EPOCH, "checkpoint",
+                       "evaluations", MIN_ASR, f"last_{TOP1}", f"last_{ASR}", "run_id", "config"]
+
+
+def leaderboard(trials: Sequence[Mapping[str, Any]], threshold: float) -> pd.DataFrame:
+    """Rank trials by their best feasible evaluation over ALL their evaluations (not their last result).
+
+    Args:
+        trials: One mapping per trial: `trial_id`, `status`, `params` (dict), `evaluations` (DataFrame with `step`,
+            `epoch`, `zeroshot_top1`, `asr_top1`), optional `checkpoints` (step -> path), `run_id`.
+        threshold: ASR threshold of the sweep.
+
+    Returns:
+        One row per trial in ranking order (`LEADERBOARD_COLUMNS`): its best feasible evaluation (`zeroshot_top1`,
+        `asr_top1`, `step`, `epoch`, `checkpoint`; NaN / -1 / None when never feasible), `evaluations`,
+        `min_asr_top1`, the last evaluation, `run_id` and `config` (JSON of the params).
+    """
+    board = pd.DataFrame([_trial_row(t, threshold) for t in trials], columns=LEADERBOARD_COLUMNS[1:])
+    if board.empty:
+        return board.assign(rank=pd.Series(dtype=int))[LEADERBOARD_COLUMNS]
+    key = board[TOP1].where(board["feasible"], -board[MIN_ASR].fillna(math.inf) - 1.0)
+    board = board.assign(_key=key).sort_values(["_key", "trial_id"], ascending=[False, True], kind="stable")
+    board.insert(0, "rank", range(1, len(board) + 1))
+    return board.drop(columns="_key").reset_index(drop=True)
+
+
+def trials_of(evals: pd.DataFrame, trials: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """`leaderboard` input from a sweep's evaluations (`evaluations`) and, optionally, its trial table
+    (`SweepRecord.trials`: status, sampled params, best checkpoint); without it, one bare entry per trial id."""
+    if trials is None or trials.empty:
+        rows: list[dict[str, Any]] = [{"trial_id": t} for t in dict.fromkeys(evals["trial_id"])]
+    else:
+        rows = trials.to_dict("records")
+    out = []
+    for row in rows:
+        step, checkpoint = row.get("best_step"), row.get("best_checkpoint")
+        out.append({"trial_id": row["trial_id"], "status": row.get("status", ""), "params": row.get("sampled") or {},
+                    "stopped_early": bool(row.get("stopped_early") or False),
+                    "evaluations": evals[evals["trial_id"] == row["trial_id"]], "run_id": row.get("run_id"),
+                    "checkpoints": {int(step): checkpoint} if isinstance(checkpoint, str) and pd.notna(step) else {}})
+    return out
+
+
+def rank_of(evals: pd.DataFrame, threshold: float) -> list[str]:
+    """Trial ids in ranking order (the leaderboard's)."""
+    return list(leaderboard(trials_of(evals), threshold)["trial_id"]) if not evals.empty else []
+
+
+def sweep_leaderboard(sweep: SweepRecord, threshold: float | None = None) -> pd.DataFrame:
+    """The leaderboard of a sweep as MLflow holds it: its main-stage trials, every evaluation, the sweep's threshold
+    unless one is given. `cleansweep results`, the sweep's leaderboard.csv and the study read it from here."""
+    threshold = threshold_from_params(sweep.params) if threshold is None else threshold
+    trials, history = main_stage(sweep)
+    evals = evaluations(history, trials, constraint=constraint_from_params(sweep.params))
+    return leaderboard(trials_of(evals, trials), threshold)
+
+
+def preselect_choice(sweep: SweepRecord, max_asr: float) -> dict[str, Any] | None:
+    """Stage 1 of two-stage shrink-and-perturb: the most accurate perturbed model with ASR < max_asr (else the
+    lowest ASR), from the preselect trials' evaluations. None when no perturbed model was evaluated."""
+    trials = sweep.trials[sweep.trials["stage"] == "preselect"] if "stage" in sweep.trials else sweep.trials[:0]
+    evals = evaluations(sweep.history, trials) if not sweep.history.empty else evaluations(sweep.history)
+    rows = []
+    for trial in trials.to_dict("records"):
+        ev = evals[evals["run_id"] == trial["run_id"]]
+        if not ev.empty:
+            params = {k: float(v) for k, v in (trial["sampled"] or {}).items() if k in PERTURB_KEYS}
+            rows.append({"params": params, TOP1: float(ev[TOP1].iloc[-1]), ASR: float(ev[ASR].iloc[-1])})
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    ok = frame[frame[ASR] < max_asr]
+    ordered = (ok.sort_values([TOP1, ASR], ascending=[False, True], kind="stable") if not ok.empty else
+               frame.sort_values([ASR, TOP1], ascending=[True, False], kind="stable"))
+    pick = ordered.iloc[0]
+    return {"params": pick["params"], TOP1: float(pick[TOP1]), ASR: float(pick[ASR]), "below_max_asr": not ok.empty}
+
+
+def in_rank_order(table: pd.DataFrame, ranking: Sequence[str]) -> pd.DataFrame:
+    """`table` (one row per trial, a `trial_id` column) reordered as `ranking` (trial ids) lists the trials."""
+    order = {t: i for i, t in enumerate(ranking)}
+    return table.sort_values("trial_id", key=lambda ids: ids.map(order).fillna(len(order)), kind="stable",
+                             ignore_index=True)
+
+
 # ------------------------------------------------------------------------------------------------ tables
-def evaluations(history: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+def evaluations(history: pd.DataFrame, trials: pd.DataFrame | None = None, *, constraint: str = ASR) -> pd.DataFrame:
     """Every evaluation of every trial that has both an accuracy and an ASR.
 
     Args:
         history: One row per (run, step) with metric columns (`SweepRecord.history`).
         trials: Optional trial table (`SweepRecord.trials`); adds each evaluation's trial `status`.
+        constraint: The ASR the sweep was constrained on. For a proxy-ASR sweep (`proxy_asr_top1`) that column
+            becomes `asr_top1`, what every table and figure ranks and plots, and the known trigger's ASR (if
+            measured) moves to `true_asr_top1`.
 
     Returns:
         Rows sorted by trial and step with `trial_id`, `run_id`, `step`, `epoch` (the step when no epoch was
         logged), `zeroshot_top1`, `asr_top1`, the other metric columns, and `status` when `trials` is given.
     """
+    if constraint != ASR and constraint in history:
+        history = history.rename(columns={ASR: TRUE_ASR}).rename(columns={constraint: ASR})
     if history.empty or TOP1 not in history or ASR not in history:
         cols = ["trial_id", "run_id", "step", EPOCH, TOP1, ASR]
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("trial_id", "run_id") else float) for c in cols})
@@ -61,7 +191,8 @@ def evaluations(history: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd
     return evals.sort_values(["trial_id", "step"], kind="stable", ignore_index=True)
 
 
-def starting_point(parent_metrics: Mapping[str, float], evals: pd.DataFrame) -> Start | None:
+def starting_point(parent_metrics: Mapping[str, float], evals: pd.DataFrame, *, constraint: str = ASR
+                   ) -> Start | None:
     """The starting model: the parent run's `start_*` metrics, else the mean step-0 evaluation of the trials.
 
     Args:
@@ -71,13 +202,18 @@ def starting_point(parent_metrics: Mapping[str, float], evals: pd.DataFrame) -> 
     Returns:
         A `Start`, or None when neither source exists.
     """
-    top1, asr = parent_metrics.get(f"start_{TOP1}"), parent_metrics.get(f"start_{ASR}")
+    top1, asr = parent_metrics.get(f"start_{TOP1}"), parent_metrics.get(f"start_{constraint}")
     if top1 is not None and asr is not None:
         return Start(float(top1), float(asr), "parent run metrics")
     first = evals[evals["step"] == 0]
     if first.empty:
         return None
     return Start(float(first[TOP1].mean()), float(first[ASR].mean()), f"mean of {len(first)} step-0 evaluations")
+
+
+def constraint_from_params(params: Mapping[str, str]) -> str:
+    """The ASR metric a sweep was constrained on (its parent param `constraint`; sweeps before it: `asr_top1`)."""
+    return params.get("constraint", ASR)
 
 
 def threshold_from_params(params: Mapping[str, str], default: float = DEFAULT_THRESHOLD) -> float:
@@ -117,8 +253,8 @@ def summary_table(evals: pd.DataFrame, start: Start | None, threshold: float, *,
         "best_top1": np.nan, "best_asr": np.nan, "best_trial": None, "best_epoch": np.nan, "best_step": np.nan,
         "relative_change": np.nan,
     }
-    if not feasible.empty:
-        best = feasible.loc[feasible[TOP1].idxmax()]
+    best = best_feasible(evals, threshold)
+    if best is not None:
         row.update(best_top1=float(best[TOP1]), best_asr=float(best[ASR]), best_trial=best["trial_id"],
                    best_epoch=float(best[EPOCH]), best_step=int(best["step"]))
         if start and start.top1 > 0:
@@ -144,8 +280,7 @@ def stopping_table(evals: pd.DataFrame, threshold: float) -> pd.DataFrame:
     for trial_id, t in evals.groupby("trial_id", sort=False):
         t = t.sort_values("step", kind="stable")
         last = t.iloc[-1]
-        feasible = t[t[ASR] <= threshold]
-        best = feasible.loc[feasible[TOP1].idxmax()] if not feasible.empty else None
+        best = best_feasible(t, threshold)
         last_feasible = bool(last[ASR] <= threshold)
         best_top1 = float(best[TOP1]) if best is not None else np.nan
         rows.append({
@@ -160,9 +295,7 @@ def stopping_table(evals: pd.DataFrame, threshold: float) -> pd.DataFrame:
         })
     cols = ["trial_id", "evaluations", "best_feasible_top1", "best_feasible_asr", "best_feasible_epoch", "last_top1",
             "last_asr", "last_epoch", "last_feasible", "best_is_mid_trajectory", "top1_given_up"]
-    table = pd.DataFrame(rows, columns=cols)
-    return table.sort_values(["best_feasible_top1", "last_top1"], ascending=False, na_position="last",
-                             kind="stable", ignore_index=True)
+    return in_rank_order(pd.DataFrame(rows, columns=cols), rank_of(evals, threshold))
 
 
 def stopping_summary(stopping: pd.DataFrame, *, sweep: str = "") -> pd.DataFrame:
@@ -198,23 +331,21 @@ def varying_params(trials: pd.DataFrame, *, among: Sequence[str] | None = None) 
 
 
 def sampled_params(trials: pd.DataFrame) -> list[str]:
-    """Dotted names of the sampled hyperparameters: the keys of each trial's `cleansweep.sampled` tag (JSON), else
-    the params that differ between trials."""
-    col = f"tags.{SAMPLED_TAG}"
-    if col not in trials or trials[col].dropna().empty:
+    """Dotted names of the sampled hyperparameters: the keys of each trial's `sampled` params, else the params that
+    differ between trials."""
+    if "sampled" not in trials or not any(trials["sampled"]):
         return varying_params(trials)
     keys: set[str] = set()
-    for text in trials[col].dropna():
-        keys.update(json.loads(text))
+    for sampled in trials["sampled"]:
+        keys.update(sampled or {})
     return sorted(k for k in keys if f"params.{k}" in trials)
 
 
 def main_stage(sweep: SweepRecord) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The sweep's trials and history without its preselect stage (two-stage shrink-and-perturb)."""
-    col = f"tags.{STAGE_TAG}"
     trials = sweep.trials
-    if col in trials:
-        trials = trials[trials[col].fillna("main") == "main"].reset_index(drop=True)
+    if "stage" in trials:
+        trials = trials[trials["stage"].fillna("main") == "main"].reset_index(drop=True)
     history = sweep.history
     if not history.empty:
         history = history[history["run_id"].isin(trials["run_id"])].reset_index(drop=True)
@@ -222,14 +353,13 @@ def main_stage(sweep: SweepRecord) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def trials_table(trials: pd.DataFrame, stopping: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
-    """Leaderboard: each trial's status and hyperparameters next to its best feasible and final evaluation."""
+    """Each trial's status and hyperparameters next to its best feasible and final evaluation, in the order of
+    `stopping` (the ranking)."""
     cols = ["trial_id", "status", *(f"params.{p}" for p in params)]
     board = trials[[c for c in cols if c in trials]].rename(columns=lambda c: c.removeprefix("params."))
     keep = stopping[["trial_id", "evaluations", "best_feasible_top1", "best_feasible_asr", "best_feasible_epoch",
                      "last_top1", "last_asr"]].rename(columns={"last_top1": "final_top1", "last_asr": "final_asr"})
-    board = board.merge(keep, on="trial_id", how="left")
-    return board.sort_values(["best_feasible_top1", "final_top1"], ascending=False, na_position="last",
-                             kind="stable", ignore_index=True)
+    return in_rank_order(board.merge(keep, on="trial_id", how="left"), list(stopping["trial_id"]))
 
 
 def study_table(summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cleansweep import __version__
+from cleansweep import __version__, interrupts, layout
 from cleansweep.errors import UserError
 
 
@@ -70,33 +70,65 @@ def _add_poison(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("poison", help="poison an image-caption CSV (or contaminate a clean set)")
     p.add_argument("--csv", type=Path, required=True, help="input image-caption CSV")
     p.add_argument("--out", type=Path, required=True, help="output folder (CSV, images, manifest.json)")
-    p.add_argument("--attack", default="badnet", help="trigger: badnet, blended, sig, wanet")
+    p.add_argument("--attack", default=None,
+                   help="trigger: badnet (default), blended, sig, wanet, stripes, triangle, text, badclip (the default "
+                        "with --optimise-on); parameters: cleansweep.triggers.TRIGGERS[name].defaults")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--num-poison", type=int, help="number of rows to poison")
     g.add_argument("--fraction", type=float, help="fraction of rows to poison (0..1)")
     p.add_argument("--target", default="banana", help="target label written into poisoned captions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=224, help="resize to this before the trigger (model resolution)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize to this before the trigger: the model resolution (default 224, or the --optimise-on "
+                        "model's)")
     p.add_argument("--label-consistent", action="store_true", help="trigger only rows whose caption names the target")
     p.add_argument("--contaminate", action="store_true",
                    help="add N poisoned copies of rows to a clean cleaning set instead of replacing rows")
-    p.add_argument("--patch-size", type=int, default=None, help="BadNet patch side (default 16 at 224 px, scaled)")
-    p.add_argument("--location", choices=["random", "fixed"], default="random", help="BadNet patch position")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="patch / triangle side (default: the trigger's, e.g. BadNet 16 at 224 px, scaled)")
+    p.add_argument("--location", choices=["random", "fixed"], default="random",
+                   help="patch, triangle or text position: random or bottom-right")
     p.add_argument("--patch", choices=["fresh", "fixed"], default="fresh", help="BadNet patch: per image or per run")
+    p.add_argument("--trigger-seed", type=int, default=0,
+                   help="seed of the trigger's per-run parts (fixed patch, noise, warp, colours, stripe phase)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any trigger parameter (repeatable; YAML values), e.g. --param alpha=0.3 --param colour=red")
     p.add_argument("--image-key", default="image", help="CSV image column")
     p.add_argument("--caption-key", default="caption", help="CSV caption column")
+    o = p.add_argument_group("badclip", "optimise the BadCLIP patch on a model first (it is kept in --out)")
+    o.add_argument("--optimise-on", type=Path, metavar="CKPT", help="checkpoint (.safetensors/.pt) to optimise on")
+    o.add_argument("--optimise-steps", type=int, default=200, help="optimisation steps")
+    o.add_argument("--optimise-images", type=Path, metavar="DIR_or_CSV",
+                   help="eval folder or image-caption CSV to optimise on (default: --csv)")
+    o.add_argument("--optimise-model", default=None, help="model config of the checkpoint (default: its card's)")
+    o.add_argument("--optimise-device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_cmd_poison)
 
 
 def _cmd_poison(args: argparse.Namespace) -> int:
     from cleansweep import poison
 
-    params = {"patch_size": args.patch_size, "location": args.location, "patch": args.patch}
-    fn = poison.contaminate if args.contaminate else poison.poison_csv
-    manifest = fn(args.csv, args.out, attack=args.attack, target=args.target, num_poison=args.num_poison,
-                  fraction=args.fraction, seed=args.seed, image_size=args.image_size,
-                  label_consistent=args.label_consistent, image_key=args.image_key, caption_key=args.caption_key,
-                  **params)
+    attack = args.attack or ("badclip" if args.optimise_on else "badnet")
+    params = {"patch_size": args.patch_size, "location": args.location, "patch": args.patch,
+              "trigger_seed": args.trigger_seed}
+    params.update(poison.parse_trigger_param(item) for item in args.param)
+    if isinstance(params.get("pattern"), str):
+        params["pattern"] = str(Path(params["pattern"]).resolve())  # manifests are read from other CWDs (Ray)
+    common = {"target": args.target, "num_poison": args.num_poison, "fraction": args.fraction, "seed": args.seed,
+              "label_consistent": args.label_consistent, "image_key": args.image_key, "caption_key": args.caption_key}
+    if args.optimise_on:
+        from cleansweep.badclip import poison_with_optimised_patch
+
+        if attack != "badclip" or "pattern" in params:
+            raise UserError("--optimise-on makes the badclip patch itself; drop --attack and --param pattern")
+        optimise = {"steps": args.optimise_steps, "model_name": args.optimise_model, "device": args.optimise_device}
+        manifest = poison_with_optimised_patch(
+            args.csv, args.out.resolve(), checkpoint=args.optimise_on, images=args.optimise_images,
+            contaminate_set=args.contaminate, image_size=args.image_size, patch_size=params.pop("patch_size"),
+            location=params.pop("location"), optimise=optimise, **common, **params)
+    else:
+        fn = poison.contaminate if args.contaminate else poison.poison_csv
+        manifest = fn(args.csv, args.out, attack=attack, image_size=args.image_size or 224, **common, **params)
     summary = {k: v for k, v in manifest.items() if k != "poisoned_rows"}
     summary["num_poisoned"] = len(manifest.get("poisoned_rows", []))
     print(json.dumps(summary, indent=2, default=str))
@@ -109,9 +141,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help=".safetensors or .pt checkpoint (never unpickled as code)")
     p.add_argument("--eval-data", type=Path, required=True, help="ImageNet-style folder (one subfolder per class)")
     p.add_argument("--model", default=None, help="model config name (default: from the checkpoint's card)")
-    p.add_argument("--attack", default="badnet")
-    p.add_argument("--target", default="banana")
-    p.add_argument("--patch-size", type=int, default=None)
+    t = p.add_argument_group("trigger", "default: the trigger the checkpoint's card records, or --poison-manifest's; "
+                             "a flag given overrides that one setting")
+    t.add_argument("--poison-manifest", type=Path, default=None,
+                   help="manifest.json (or its folder) from `cleansweep poison` of the model's training data")
+    t.add_argument("--attack", default=None, help="trigger name (cleansweep.triggers.TRIGGERS)")
+    t.add_argument("--target", default=None, help="target class of the backdoor (e.g. banana)")
+    t.add_argument("--patch-size", type=int, default=None)
+    t.add_argument("--location", choices=["random", "fixed"], default=None)
+    t.add_argument("--patch", choices=["fresh", "fixed"], default=None)
+    t.add_argument("--trigger-seed", type=int, default=None, help="seed of the trigger's per-run parts")
+    t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other trigger parameter (repeatable), e.g. --param alpha=0.2")
     p.add_argument("--subset", type=int, default=None, help="evaluate a fixed seeded subset of N images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -121,11 +162,47 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cleansweep.evaluate import evaluate_checkpoint
+    from cleansweep.triggers import parse_trigger_param
 
     metrics = evaluate_checkpoint(args.checkpoint, args.eval_data, model_name=args.model, attack=args.attack,
-                                  target=args.target, patch_size=args.patch_size, subset=args.subset,
-                                  batch_size=args.batch_size, seed=args.seed, device=args.device)
-    print(json.dumps(metrics, indent=2))
+                                  target=args.target, patch_size=args.patch_size, location=args.location,
+                                  patch=args.patch, trigger_seed=args.trigger_seed,
+                                  params=dict(parse_trigger_param(item) for item in args.param),
+                                  manifest=args.poison_manifest, subset=args.subset, batch_size=args.batch_size,
+                                  seed=args.seed, device=args.device)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- scan
+def _add_scan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scan", help="is this model backdoored? trigger inversion without knowing the trigger (JSON + "
+                       "PNG)")
+    p.add_argument("checkpoint", type=Path, help=".safetensors or .pt checkpoint (never unpickled as code)")
+    p.add_argument("--eval-data", type=Path, required=True, help="ImageNet-style folder of clean images")
+    p.add_argument("--reference", type=Path, default=None, help="a clean model to compare with (same inversion)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <workdir>/scans/<checkpoint>)")
+    p.add_argument("--model", default=None, help="model config name (default: from the checkpoint's card)")
+    p.add_argument("--reference-model", default=None, help="model config of --reference (default: its card's)")
+    p.add_argument("--subset", type=int, default=500, help="clean images used (a seeded subset; 0 = all)")
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps of the mask and pattern")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
+    p.set_defaults(func=_cmd_scan)
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from cleansweep.scan import scan_checkpoint
+
+    for flag in ("subset", "steps"):
+        if getattr(args, flag) < (0 if flag == "subset" else 1):
+            raise UserError(f"--{flag} {getattr(args, flag)} is out of range; pass a positive number")
+    out = args.out or (args.workdir or default_workdir()).resolve() / "scans" / args.checkpoint.stem
+    result = scan_checkpoint(args.checkpoint, args.eval_data, out_dir=out, reference=args.reference,
+                             model_name=args.model, reference_model=args.reference_model,
+                             subset=args.subset or None, steps=args.steps, seed=args.seed, device=args.device)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -139,8 +216,6 @@ _PRETRAIN_FLAGS = {
     "num_workers": "ray.num_workers", "use_gpu": "ray.use_gpu", "cpus_per_worker": "ray.cpus_per_worker",
     "address": "ray.address", "selection": "selection", "reference_top1": "reference_top1",
 }
-_OBJECTIVES = {"mmcl": {"train.method.mmcl_weight": 1.0, "train.method.ssl_weight": 0.0},
-               "mmcl+ssl": {"train.method.mmcl_weight": 1.0, "train.method.ssl_weight": 1.0}}
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -148,7 +223,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", type=Path, help="PretrainConfig YAML (flags override it)")
     p.add_argument("--preset", help="demo: build + poison the synthetic world if absent, then train; cc3m, cc6m: the "
                    "paper's settings on your --train-csv/--eval-data")
-    p.add_argument("--objective", choices=sorted(_OBJECTIVES), help="pre-training loss: mmcl or mmcl+ssl")
+    p.add_argument("--objective", choices=sorted(layout.OBJECTIVES), help="pre-training loss: mmcl or mmcl+ssl")
     p.add_argument("--name", help="run name: folder <workdir>/pretrain/NAME and the MLflow run name")
     p.add_argument("--model", help="model config name (cleansweep.models.list_models())")
     p.add_argument("--train-csv", type=Path, help="image-caption CSV to train on")
@@ -218,12 +293,13 @@ def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 -
             paths: dict = presets.prepare_demo_data(workdir, seed=args.seed or 0)
         else:
             paths = {"train_csv": args.train_csv, "eval_dir": args.eval_data, "init": args.init}
-        data = {"name": f"{args.preset}-{objective.replace('+', '-')}",
+        data = {"name": layout.preset_run_name(args.preset, objective),
                 "train": presets.pretrain_spec(args.preset, objective, paths)}
     if args.config is not None:
         data = deep_update(data, read_yaml(args.config))
     flags = {key: getattr(args, attr) for attr, key in _PRETRAIN_FLAGS.items() if getattr(args, attr) is not None}
-    flags |= _OBJECTIVES[args.objective] if args.objective else {}
+    if args.objective:
+        flags |= {f"train.method.{k}": v for k, v in layout.objective_weights(args.objective).items()}
     data = deep_update(data, _nest({k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}))
     data = deep_update(data, _nest(_parse_sets(args.set)))
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
@@ -272,7 +348,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"--threshold {args.threshold} is not a fraction; pass a value in 0..1 (0.05 = 5% ASR)")
     workdir = (args.workdir or default_workdir()).resolve()
     uri = tracking.resolve_tracking_uri(args.tracking_uri, workdir)
-    out = args.out or workdir / "reports" / args.name
+    out = args.out or layout.report_dir(workdir, args.name)
     result = report.report_sweep(args.name, tracking_uri=uri, experiment=args.experiment, out_dir=out,
                                  threshold=args.threshold, log_artifacts=not args.no_log)
     ss = result.stopping_summary.iloc[0]
@@ -390,19 +466,26 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     cfg = spaces.load(args.space, known_methods=list_methods())
     from cleansweep.config import check_name
-    from cleansweep.search import format_leaderboard, search
 
     name = args.name or cfg.name or args.space.stem
     try:
         check_name(name)
     except ValueError as e:
         raise UserError(f"--name: {e}") from None
+    from cleansweep import report, search, start_model
+
     workdir = (args.workdir or default_workdir()).resolve()
-    out = search(cfg, name=name, workdir=workdir, space_file=args.space, storage_path=args.storage_path,
-                 num_samples=args.num_samples, address=args.address, resume=args.resume)
-    print(format_leaderboard(out["leaderboard"], "table", args.top_k))
+    # Everything that can be refused is refused here, before a model is pre-trained or Ray starts.
+    search.check_name(search.sweep_location(cfg, name, workdir, args.storage_path), name, resume=args.resume)
+    start = start_model.resolve(cfg, workdir)
+    out = search.search(cfg, start, name=name, workdir=workdir, space_file=args.space,
+                        storage_path=args.storage_path, num_samples=args.num_samples, address=args.address,
+                        resume=args.resume)
+    print(report.format_leaderboard(out["leaderboard"], "table", args.top_k))
+    registered = f"; best model registered as {out['best_model']['name']} v{out['best_model']['version']}" \
+        if out.get("best_model") else ""
     print(f"sweep {name}: {len(out['leaderboard'])} trials in {out['seconds'] / 60:.1f} min; {out['sweep_dir']}; "
-          f"MLflow parent run {out['parent_run_id']} at {out['tracking_uri']}")
+          f"MLflow parent run {out['parent_run_id']} at {out['tracking_uri']}{registered}")
     return 0
 
 
@@ -420,20 +503,22 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from cleansweep.search import format_leaderboard, results
+    from cleansweep import report, tracking
 
     if args.top_k < 1:
         raise UserError(f"--top-k {args.top_k} must be >= 1")
-    board = results(args.name, workdir=(args.workdir or default_workdir()).resolve(),
-                    tracking_uri=args.tracking_uri, experiment=args.experiment)
-    print(format_leaderboard(board, args.format, args.top_k))
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, (args.workdir or default_workdir()).resolve())
+    board = report.results(args.name, tracking_uri=uri, experiment=args.experiment)
+    print(report.format_leaderboard(board, args.format, args.top_k))
     return 0
 
 
 # --------------------------------------------------------------------------------------------------- study
 def _add_study(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("study", help="the paper's experiment: poison, pre-train MMCL and MMCL+SSL, clean both, compare")
-    p.add_argument("preset", help="toy (built-in world, CPU), cc3m or cc6m (the paper's settings on your data)")
+    p = sub.add_parser("study", help="the paper's experiment (poison, pre-train MMCL and MMCL+SSL, clean both, "
+                       "compare), or the attack x method matrix")
+    p.add_argument("preset", help="toy (built-in world, CPU), cc3m or cc6m (the paper's settings on your data), or "
+                   "matrix (every attack x every cleaning method on the built-in world)")
     p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
     p.add_argument("--train-csv", type=Path, default=None, help="poisoned pre-training image-caption CSV (cc3m/cc6m)")
     p.add_argument("--clean-csv", type=Path, default=None, help="clean cleaning image-caption CSV (cc3m/cc6m)")
@@ -445,6 +530,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean-epochs", type=int, default=None, help="override the cleaning epochs per trial")
     p.add_argument("--num-samples", type=int, default=None, help="override the trials per sweep (grid: repeats)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in world and its poisoning")
+    p.add_argument("--attacks", default=None, help="matrix: comma-separated subset of the attacks (default all)")
+    p.add_argument("--methods", default=None, help="matrix: comma-separated subset of the methods (default all)")
     p.set_defaults(func=_cmd_study)
 
 
@@ -455,6 +542,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
     for flag in ("pretrain_epochs", "clean_epochs", "num_samples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.preset == "matrix":
+        return _cmd_matrix(args)
+    if args.attacks or args.methods:
+        raise UserError("--attacks / --methods belong to `cleansweep study matrix`; drop them for this study")
     paths = {"train_csv": args.train_csv, "clean_csv": args.clean_csv, "eval_dir": args.eval_dir}
     pre = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}
     sweep = {k: v for k, v in {"epochs": args.clean_epochs, "search.num_samples": args.num_samples}.items() if v}
@@ -466,9 +557,24 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_matrix(args: argparse.Namespace) -> int:
+    from cleansweep.matrix import METHODS, markdown_matrix, run_matrix
+
+    def names(text: str | None) -> list[str] | None:
+        return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+    kwargs = {k: v for k, v in {"clean_epochs": args.clean_epochs, "num_samples": args.num_samples}.items() if v}
+    result = run_matrix(workdir=(args.workdir or default_workdir()).resolve(), attacks=names(args.attacks),
+                        methods=names(args.methods), tracking_uri=args.tracking_uri,
+                        pretrain_epochs=args.pretrain_epochs, address=args.address, **kwargs)
+    print(markdown_matrix(result["table"], names(args.methods) or list(METHODS)))
+    print(f"\nwrote {result['out_dir']}: matrix.csv/.md, calibration.csv, matrix.json")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
-_ADDERS = [_add_data, _add_poison, _add_evaluate, _add_pretrain, _add_search, _add_results, _add_report, _add_study,
-           _add_ui]
+_ADDERS = [_add_data, _add_poison, _add_evaluate, _add_scan, _add_pretrain, _add_search, _add_results, _add_report,
+           _add_study, _add_ui]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -478,11 +584,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in _ADDERS:
         add(sub)
     return parser
-
-
-def _sigterm_as_interrupt(signum, frame):  # noqa: ANN001
-    # Kubernetes sends SIGTERM; Tune only snapshots on SIGINT, so treat both alike (reliability notes).
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,5 +600,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    sys.exit(main())
+    with interrupts.sigterm_as_sigint():
+        code = main()
+    sys.exit(code)

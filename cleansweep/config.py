@@ -15,6 +15,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from cleansweep.errors import UserError
 
+Scalar = bool | int | float | str
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -40,12 +42,16 @@ class DataSpec(Strict):
 
 
 class AttackSpec(Strict):
-    name: str = Field("badnet", description="Trigger used for ASR evaluation (cleansweep.poison.TRIGGERS).")
+    name: str = Field("badnet", description="Trigger used for ASR evaluation (cleansweep.triggers.TRIGGERS).")
     target: str = Field("banana", description="Target class name of the backdoor.")
     patch_size: int | None = Field(None, ge=1, description="BadNet patch side in pixels; None = 16 at 224 px, scaled.")
     location: Literal["random", "fixed"] = Field("random", description="BadNet patch position: random or bottom-right.")
     patch: Literal["fresh", "fixed"] = Field("fresh",
                                              description="BadNet patch values: fresh per image or one per run.")
+    trigger_seed: int = Field(0, description="Seed of the trigger's per-run parts (a fixed patch, Blended noise, "
+                              "WaNet grid): the value the data was poisoned with (its manifest's trigger_params).")
+    params: dict[str, Scalar] = Field(default_factory=dict, description="Other parameters of this trigger "
+                                      "(cleansweep.triggers.TRIGGERS[name].defaults), e.g. {alpha: 0.2}.")
     seed: int = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
 
 
@@ -61,6 +67,14 @@ class MethodSpec(Strict):
     perturb: float = Field(0.0, ge=0, description="Shrink-and-perturb sigma (scale of the noise, see perturb_kind).")
     perturb_kind: Literal["init", "gaussian"] = Field(
         "init", description="Noise of shrink-and-perturb: a fresh random init (the paper's code) or N(0, 1) per weight."
+    )
+    par_weight: float = Field(
+        1.0, ge=0, description="Perturb-and-Recover: weight of the capped push away from the frozen starting model's "
+        "image + text embeddings (1.0 = the PAR paper's 0.5 x (image + text) squared L2)."
+    )
+    par_cap: float = Field(
+        1.075, gt=0, le=2, description="Perturb-and-Recover: cap of the per-sample distance 1 - cos(f, f0) beyond "
+        "which there is no push; 2 = uncapped (1.075 = the PAR paper's tau 2.15 on squared L2)."
     )
 
     @model_validator(mode="after")
@@ -93,10 +107,21 @@ class TrainSpec(Strict):
     eval_every: float = Field(1.0, gt=0, description="Evaluate every this many epochs (1/3 = the short paper).")
     eval_at_start: bool = Field(True, description="Evaluate before the first step (the starting model).")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="An evaluation is feasible when asr_top1 <= this.")
+    constraint: Literal["asr_top1", "proxy_asr_top1"] = Field(
+        "asr_top1", description="The ASR feasibility is judged on (proxy_asr_top1 needs `proxy`).")
+    proxy: Path | None = Field(None, description="Inverted trigger (`cleansweep scan`'s inversion.safetensors): every "
+                               "evaluation also reports proxy_asr_top1, the share of non-target images it sends to "
+                               "the suspected target.")
     seed: int = Field(0, description="Seed of initialisation, data order and augmentations.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     amp: bool = Field(True, description="Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
     logit_scale_max: float = Field(4.6052, gt=0, description="Clamp logit_scale to [0, this] (ln 100, as CLIP).")
+
+    @model_validator(mode="after")
+    def _proxy_given(self) -> TrainSpec:
+        if self.constraint == "proxy_asr_top1" and self.proxy is None:
+            raise ValueError("constraint proxy_asr_top1 needs proxy: the inversion.safetensors of `cleansweep scan`")
+        return self
 
 
 class RaySpec(Strict):
@@ -195,7 +220,6 @@ def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------ search (sweeps)
-Scalar = bool | int | float | str
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -282,8 +306,25 @@ class StartModelSpec(Strict):
 class ObjectiveSpec(Strict):
     metric: Literal["zeroshot_top1"] = Field("zeroshot_top1", description="Maximised metric.")
     mode: Literal["max"] = Field("max", description="Direction of the metric.")
-    constraint: Literal["asr_top1"] = Field("asr_top1", description="Constrained metric (must stay <= threshold).")
-    threshold: float = Field(0.05, ge=0, le=1, description="Feasible when asr_top1 <= threshold (TrainSpec).")
+    constraint: Literal["asr_top1", "proxy_asr_top1"] = Field(
+        "asr_top1", description="Constrained metric (must stay <= threshold): the known trigger's ASR, or the proxy "
+        "ASR of the trigger `cleansweep scan` inverted (a defender who does not know the trigger).")
+    asr: Literal["true", "proxy"] | None = Field(
+        None, description="Shorthand for constraint: true = asr_top1, proxy = proxy_asr_top1.")
+    inversion: Path | None = Field(
+        None, description="inversion.safetensors of `cleansweep scan` for the proxy ASR; None with the proxy: the "
+        "sweep scans its starting model first.")
+    threshold: float = Field(0.05, ge=0, le=1, description="Feasible when the constrained ASR <= threshold.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _asr_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("asr") is not None:
+            implied = {"true": "asr_top1", "proxy": "proxy_asr_top1"}.get(data["asr"], data["asr"])
+            if data.get("constraint", implied) != implied:
+                raise ValueError(f"asr {data['asr']!r} and constraint {data['constraint']!r} disagree; give one")
+            data = {**data, "constraint": implied}
+        return data
 
 
 class SearchAlgoSpec(Strict):
@@ -361,9 +402,10 @@ class SearchConfig(Strict):
         if self.data is None and self.model.preset is None:
             raise ValueError("data is required unless model.preset builds the world (e.g. preset: demo)")
         for key in self.base:
-            if key.split(".")[0] in ("epochs", "eval_every", "asr_threshold", "seed", "data", "attack"):
+            if key.split(".")[0] in ("epochs", "eval_every", "asr_threshold", "seed", "data", "attack", "constraint",
+                                     "proxy"):
                 raise ValueError(f"base.{key}: set it at the top level of the file (epochs, eval_every, "
-                                 "objective.threshold, seed, data, attack)")
+                                 "objective.threshold / asr / inversion, seed, data, attack)")
         if self.methods is not None and not self.methods:
             raise ValueError("methods: give at least one method, or leave the key out")
         return self

@@ -8,7 +8,8 @@ a run sees the same triggered set.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cleansweep.config import AttackSpec
 from cleansweep.errors import UserError
 from cleansweep.models import (
     create_model,
@@ -28,6 +30,7 @@ from cleansweep.models import (
     read_card,
 )
 from cleansweep.objective import ASR, TOP1, TOP5
+from cleansweep.triggers import attack_from_manifest, attack_trigger
 
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]]
 Trigger = Callable[[Tensor, torch.Generator], Tensor]
@@ -99,7 +102,8 @@ def _predict(module: nn.Module, images: Tensor, classifier: Tensor, k: int) -> T
 
 def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], classifier: Tensor, *, normalize: Normalize,
              target_index: int, trigger: Trigger | None = None, seed: int = 0, device: str | torch.device = "cpu",
-             max_images: int | None = None) -> dict[str, float | int]:
+             max_images: int | None = None, extra_triggers: Mapping[str, tuple[Trigger, int]] | None = None
+             ) -> dict[str, float | int]:
     """Zero-shot top-1/top-5 and ASR in one pass, without gradients; the model's train/eval mode is restored.
 
     Args:
@@ -112,18 +116,25 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], classifi
         seed: seeds the trigger's generator (same triggered set at every evaluation).
         device: where to compute.
         max_images: stop after this many images.
+        extra_triggers: more ASRs measured in the same pass, by metric name: `(trigger, its target index)` (e.g.
+            `proxy_asr_top1` with the trigger `cleansweep scan` inverted and the class it suspects).
 
     Returns:
         `zeroshot_top1`, `zeroshot_top5` (top-min(5, C)), `asr_top1` (NaN when there is no trigger or no
-        non-target image), `num_images`, `num_asr_images` (non-target images that were triggered).
+        non-target image), `num_images`, `num_asr_images` (non-target images that were triggered), and one value
+        per extra trigger.
     """
     device = torch.device(device)
     module = _unwrap(model)
     classifier = classifier.to(device)
     k = min(5, classifier.shape[1])
     norm = _normalizer(normalize)
-    generator = torch.Generator().manual_seed(seed)
-    seen = top1 = topk = asr_images = asr_hits = 0
+    attacks = {ASR: (trigger, target_index)} if trigger is not None else {}
+    attacks.update(extra_triggers or {})
+    generators = {name: torch.Generator().manual_seed(seed) for name in attacks}
+    hits = dict.fromkeys(attacks, 0)
+    counts = dict.fromkeys(attacks, 0)
+    seen = top1 = topk = 0
     with _EvalMode(module), torch.inference_mode():
         for raw, labels in loader:
             if max_images is not None:
@@ -135,61 +146,152 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], classifi
             top1 += int((pred[:, 0] == labels).sum())
             topk += int((pred == labels[:, None]).any(dim=1).sum())
             seen += len(labels)
-            others = (labels != target_index).cpu()
-            if trigger is not None and others.any():
-                triggered = trigger(raw[others].cpu(), generator)
-                hit = _predict(module, norm(triggered.to(device)), classifier, 1)[:, 0] == target_index
-                asr_hits += int(hit.sum())
-                asr_images += int(others.sum())
+            for name, (fn, target) in attacks.items():
+                others = (labels != target).cpu()
+                if others.any():
+                    triggered = fn(raw[others].cpu(), generators[name])
+                    hits[name] += int((_predict(module, norm(triggered.to(device)), classifier, 1)[:, 0]
+                                       == target).sum())
+                    counts[name] += int(others.sum())
             if max_images is not None and seen >= max_images:
                 break
     nan = float("nan")
-    return {TOP1: top1 / seen if seen else nan, TOP5: topk / seen if seen else nan,
-            ASR: asr_hits / asr_images if asr_images else nan, "num_images": seen, "num_asr_images": asr_images}
+    out = {TOP1: top1 / seen if seen else nan, TOP5: topk / seen if seen else nan, ASR: nan, "num_images": seen,
+           "num_asr_images": counts.get(ASR, 0)}
+    return {**out, **{name: hits[name] / counts[name] if counts[name] else nan for name in attacks}}
+
+
+def recorded_attack(card: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The trigger a checkpoint's card records: its own `attack` (training checkpoints), else the attack of the
+    run that made it (`config.train.attack`, pre-training's selected model); None when it records none."""
+    attack = card.get("attack") or ((card.get("config") or {}).get("train") or {}).get("attack")
+    return dict(attack) if isinstance(attack, Mapping) else None
+
+
+def resolve_attack(card: Mapping[str, Any], manifest: Mapping[str, Any] | None,
+                   overrides: Mapping[str, Any], where: str = "checkpoint") -> tuple[AttackSpec, str]:
+    """The trigger to measure ASR with: recorded (card or poison manifest) plus explicit overrides, never a guess.
+
+    Args:
+        card: The checkpoint's card ({} without one).
+        manifest: A poison manifest (`cleansweep poison` wrote it), or None.
+        overrides: AttackSpec fields given explicitly (`name`, `target`, `patch_size`, `location`, `patch`,
+            `trigger_seed`, `params`); None values are not given.
+        where: The checkpoint, for messages.
+
+    Returns:
+        The AttackSpec and where it came from ("card", "manifest", "card+flags", "flags", ...).
+
+    Raises:
+        UserError: the card and the manifest name different triggers, or nothing records the trigger and no
+            `--attack` was given (the per-run parts of a trigger - fixed patch, position, seed - cannot be guessed).
+    """
+    given = {k: v for k, v in overrides.items() if v is not None and v != {}}
+    card_attack, manifest_attack = recorded_attack(card), attack_from_manifest(manifest) if manifest else None
+    if card_attack and manifest_attack and not _same_trigger(card_attack, manifest_attack):
+        raise UserError(f"{where}: its card records trigger {_describe(card_attack)} but the poison manifest says "
+                        f"{_describe(manifest_attack)}; pass the manifest the model was poisoned with, or set the "
+                        "trigger with flags (--attack ... --trigger-seed ...) and no --poison-manifest")
+    recorded, source = (manifest_attack, "manifest") if manifest_attack else (card_attack, "card")
+    if recorded is None:
+        if "name" not in given:
+            raise UserError(f"{where}: no trigger recorded (no card with an attack, no --poison-manifest); pass "
+                            "--poison-manifest MANIFEST.json from `cleansweep poison`, or name the trigger: --attack "
+                            "NAME with its --patch-size/--location/--patch/--trigger-seed/--param as poisoned")
+        recorded, source = {}, "flags"
+    params = {**(recorded.get("params") or {}), **(given.pop("params", None) or {})}
+    values = {**recorded, **given, "params": params}
+    try:
+        spec = AttackSpec.model_validate(values)
+    except ValueError as e:
+        raise UserError(f"{where}: the trigger {values} is not valid ({str(e).splitlines()[-1].strip()})") from None
+    return spec, source if source == "flags" or not given else f"{source}+flags"
+
+
+def _same_trigger(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    try:
+        x, y = AttackSpec.model_validate(a), AttackSpec.model_validate(b)
+    except ValueError:
+        return False
+    # The evaluation seed is not part of the trigger; patch_size None means "the default at this resolution".
+    keys = ("name", "target", "location", "patch", "trigger_seed", "params")
+    same_size = x.patch_size is None or y.patch_size is None or x.patch_size == y.patch_size
+    return same_size and all(getattr(x, k) == getattr(y, k) for k in keys)
+
+
+def _describe(attack: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in attack.items() if k != "seed" and v not in (None, {}))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, model_name: str | None = None,
-                        attack: str = "badnet", target: str = "banana", patch_size: int | None = None,
+                        attack: str | None = None, target: str | None = None, patch_size: int | None = None,
+                        location: str | None = None, patch: str | None = None, trigger_seed: int | None = None,
+                        params: Mapping[str, Any] | None = None, manifest: str | Path | None = None,
                         subset: int | None = None, batch_size: int = 256, seed: int = 0,
                         device: str = "auto") -> dict[str, Any]:
     """Evaluate a checkpoint file on an evaluation folder (`cleansweep evaluate`).
+
+    The trigger is the one the checkpoint's card records (or the poison manifest's), with any explicitly given
+    parameter on top (`resolve_attack`); a checkpoint with no recorded trigger needs `attack` named.
 
     Args:
         checkpoint: .safetensors or .pt file (never unpickled as code).
         eval_dir: ImageNet-style folder, see `cleansweep.data.EvalFolder`.
         model_name: model config; default: the checkpoint card's, else the single registered model whose shapes fit.
-        attack: trigger name (`cleansweep.poison.TRIGGERS`).
-        target: target class name (must be a class of the folder).
-        patch_size: BadNet patch side (None: the trigger's default for the model resolution).
+        attack, target, patch_size, location, patch, trigger_seed, params: explicit trigger settings (None: as
+            recorded).
+        manifest: the poison manifest (`manifest.json` of `cleansweep poison`) of the model's training data.
         subset: evaluate a fixed seeded subset of this many images.
         batch_size: evaluation batch size.
-        seed: seeds the subset and the triggers.
+        seed: seeds the subset and the per-image trigger draws.
         device: "auto", "cpu" or "cuda".
 
     Returns:
-        The metrics of `evaluate` plus `model`, `checkpoint`, `sha256`, `attack`, `target`.
+        The metrics of `evaluate` plus `model`, `checkpoint`, `sha256`, `attack` (the full trigger), `attack_source`,
+        `target`.
     """
     from cleansweep.data import EvalFolder
-    from cleansweep.poison import create_trigger
 
     state_dict = load_state_dict_file(checkpoint)
-    name = model_name or read_card(checkpoint).get("model")
+    card = read_card(checkpoint)
+    name = model_name or card.get("model")
     if not name:
         fits = matching_models(state_dict)
         if len(fits) != 1:
             raise UserError(f"{checkpoint}: no model card next to it; pass --model "
                             f"(one of: {', '.join(fits or list_models())})")
         name = fits[0]
+    overrides = {"name": attack, "target": target, "patch_size": patch_size, "location": location, "patch": patch,
+                 "trigger_seed": trigger_seed, "params": dict(params or {})}
+    spec, source = resolve_attack(card, _read_manifest(manifest) if manifest else None, overrides, str(checkpoint))
     dev = resolve_device(device)
     bundle = create_model(name, seed=0)
     model = load_weights(bundle.model, state_dict).to(dev)
     dataset = EvalFolder(eval_dir, bundle.image_size, subset=subset, seed=seed)
-    target_index = dataset.class_index(target)
-    params = {"patch_size": patch_size} if patch_size is not None else {}
-    trigger = create_trigger(attack, bundle.image_size, **params)
+    target_index = dataset.class_index(spec.target)
+    trigger = attack_trigger(spec, bundle.image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     classifier = zeroshot_classifier(model, bundle.tokenizer, dataset.classnames, dataset.templates, dev)
     metrics = evaluate(model, loader, classifier, normalize=(bundle.mean, bundle.std), target_index=target_index,
                        trigger=trigger, seed=seed, device=dev)
     return {**metrics, "model": name, "checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint),
-            "attack": attack, "target": target}
+            "attack": spec.name, "trigger": {**trigger.keywords, "params": spec.params}, "attack_source": source,
+            "target": spec.target}
+
+
+def _read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"poison manifest not found: {path}; pass the manifest.json `cleansweep poison` "
+                        "wrote") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable poison manifest ({type(e).__name__}); pass the manifest.json "
+                        "`cleansweep poison` wrote") from None
+    if not isinstance(manifest, dict) or not {"attack", "target"} <= set(manifest):
+        raise UserError(f"{path} is not a poison manifest (no attack/target); pass the manifest.json `cleansweep "
+                        "poison` wrote")
+    return manifest

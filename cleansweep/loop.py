@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,10 +23,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
+from cleansweep import layout
 from cleansweep.objective import BestFeasible
 
-LOOP_STATE = "loop.json"
+LOOP_STATE = layout.LOOP_STATE
 Report = Callable[[dict[str, Any], str | None], None]
+Progress = Callable[[dict[str, Any]], None]
 CheckpointPolicy = Literal["every", "needed"]
 SaveState = Callable[[str, bool], None]  # save_state(directory, resumable): resumable=False at the run's last step
 
@@ -156,10 +159,13 @@ def run(
     save_state: SaveState | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     asr_threshold: float = 0.05,
+    constraint: str = "asr_top1",
     tracker_state: dict[str, Any] | None = None,
     check_every: int = 50,
     checkpoints: CheckpointPolicy = "every",
     scratch_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    progress_every_s: float = 10.0,
 ) -> dict[str, Any]:
     """Train `task` for `epochs` epochs, evaluating and reporting on a step schedule.
 
@@ -182,11 +188,15 @@ def run(
             step (weights suffice: no training is left to resume).
         on_epoch_start: Called with the epoch index at the start of every epoch that starts from its first batch.
         asr_threshold: Feasibility threshold of the running best-feasible tracker.
+        constraint: The metric the tracker judges feasibility on (`asr_top1` or `proxy_asr_top1`).
         tracker_state: `BestFeasible.state_dict()` to restore on resume.
         check_every: Check for a non-finite loss every this many steps (and at every evaluation).
         checkpoints: Which evaluations get a checkpoint when `save_state` is given (`needs_checkpoint`).
         scratch_dir: Where the checkpoint directories handed to `report` are written (default: the system temp
             folder); a process killed mid-report leaves its directory there.
+        progress: ``progress(info)`` every `progress_every_s` seconds of training (and at every evaluation) with
+            `step`, `total_steps`, `epoch`, `loss` (mean since the last call), `seconds` (since the run started).
+        progress_every_s: Seconds between progress calls.
 
     Returns:
         Summary: final `step`, `steps_per_epoch`, the `last` reported metrics and the tracker's best feasible keys.
@@ -195,70 +205,105 @@ def run(
         NonFiniteLoss: The loss became NaN/inf (the message names the step).
     """
     device = torch.device(device)
-    inner = unwrap(task)
-    clip_model = getattr(inner, "model", inner)
     steps_per_epoch = len(train_loader)
     if epochs > 0 and steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches; use more rows or a smaller batch size")
-    total_steps = epochs * steps_per_epoch
-    tracker = BestFeasible(asr_threshold)
+    state = _Training(task, optimizer, lr_fn, report, evaluate_fn, save_state, checkpoints, scratch_dir,
+                      steps_per_epoch=steps_per_epoch, total_steps=epochs * steps_per_epoch, start_step=start_step,
+                      device=device, tracker=BestFeasible(asr_threshold, constraint), progress=progress,
+                      progress_every_s=progress_every_s)
     if tracker_state:
-        tracker.load_state_dict(tracker_state)
-    meter = _LossMeter()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
-    step = start_step
-    last: dict[str, Any] = {}
-    lr = lr_fn(max(step - 1, 0))
-
-    def evaluate_and_report() -> None:
-        nonlocal last
-        losses = meter.pop_means()
-        metrics = {**evaluate_fn(), **losses, "lr": lr, "step": step,
-                   "epoch": step / steps_per_epoch if steps_per_epoch else 0.0}
-        metrics |= tracker.update(metrics)
-        if save_state is None or not needs_checkpoint(checkpoints, step=step, start_step=start_step,
-                                                      total_steps=total_steps, metrics=metrics):
-            report(metrics, None)
-        else:
-            with tempfile.TemporaryDirectory(prefix="cleansweep-ckpt-", dir=scratch_dir) as tmp:
-                save_state(tmp, step < total_steps)
-                state = {"step": step, "tracker": tracker.state_dict()}
-                (Path(tmp) / LOOP_STATE).write_text(json.dumps(state))
-                report(metrics, tmp)
-        last = metrics
-
-    if step == 0 and (eval_at_start or total_steps == 0):
-        evaluate_and_report()
+        state.tracker.load_state_dict(tracker_state)
+    if start_step == 0 and (eval_at_start or state.total_steps == 0):
+        state.evaluate_and_report()
     task.train()
-    for epoch in range(step // steps_per_epoch if steps_per_epoch else 0, epochs):
-        skip = step - epoch * steps_per_epoch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+    clip_model = getattr(unwrap(task), "model", unwrap(task))
+    for epoch in range(start_step // steps_per_epoch if steps_per_epoch else 0, epochs):
+        skip = state.step - epoch * steps_per_epoch
         if skip == 0 and on_epoch_start is not None:
             on_epoch_start(epoch)
         for batch in _iterate_epoch(train_loader, epoch, skip):
-            lr = lr_fn(step)
-            meter.skipped += int(batch.get("skipped", 0))
-            if "image" in batch:  # a batch whose images were all unreadable still counts as a step of the schedule
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast:
-                    out = task(_to_device(batch, device))
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(task.parameters(), grad_clip)
-                optimizer.step()
-                with torch.no_grad():
-                    # Clamp to [0, ln 100] after every step, as CLIP does.
-                    clip_model.logit_scale.clamp_(0, logit_scale_max)
-                meter.add(out, step)
-            step += 1
-            if step % check_every == 0:
-                meter.check_finite()
-            if is_eval_step(step, eval_every_steps) or step == total_steps:
-                evaluate_and_report()
-            if step >= (epoch + 1) * steps_per_epoch:
+            state.train_step(batch, autocast, clip_model, grad_clip, logit_scale_max)
+            if state.step % check_every == 0:
+                state.meter.check_finite()
+            if is_eval_step(state.step, eval_every_steps) or state.step == state.total_steps:
+                state.evaluate_and_report()
+            if state.step >= (epoch + 1) * steps_per_epoch:
                 break
-    meter.check_finite()
+    state.meter.check_finite()
     keys = ("feasible", "best_feasible_top1", "best_feasible_step")
-    return {"step": step, "steps_per_epoch": steps_per_epoch, "last": last,
-            **{k: last[k] for k in keys if k in last}}
+    return {"step": state.step, "steps_per_epoch": steps_per_epoch, "last": state.last,
+            **{k: state.last[k] for k in keys if k in state.last}}
+
+
+class _Training:
+    """The state of one `run`: step, learning rate, loss meter, best-feasible tracker, and what it calls."""
+
+    def __init__(self, task: nn.Module, optimizer: torch.optim.Optimizer, lr_fn: Callable[[int], float],
+                 report: Report, evaluate_fn: Callable[[], dict[str, Any]], save_state: SaveState | None,
+                 checkpoints: CheckpointPolicy, scratch_dir: str | Path | None, *, steps_per_epoch: int,
+                 total_steps: int, start_step: int, device: torch.device, tracker: BestFeasible,
+                 progress: Progress | None, progress_every_s: float) -> None:
+        self.task, self.optimizer, self.lr_fn, self.report = task, optimizer, lr_fn, report
+        self.evaluate_fn, self.save_state, self.checkpoints, self.scratch_dir = (evaluate_fn, save_state,
+                                                                                checkpoints, scratch_dir)
+        self.steps_per_epoch, self.total_steps, self.start_step = steps_per_epoch, total_steps, start_step
+        self.device, self.tracker, self.meter = device, tracker, _LossMeter()
+        self.step, self.lr, self.last = start_step, lr_fn(max(start_step - 1, 0)), {}
+        self.progress, self.progress_every_s = progress, progress_every_s
+        self.started = self.last_progress = time.monotonic()
+        self.progress_loss: list[Tensor] = []
+
+    def train_step(self, batch: dict[str, Any], autocast: Any, clip_model: nn.Module, grad_clip: float | None,
+                   logit_scale_max: float) -> None:
+        """One optimizer step (a batch whose images were all unreadable still counts as a step of the schedule)."""
+        self.lr = self.lr_fn(self.step)
+        self.meter.skipped += int(batch.get("skipped", 0))
+        if "image" in batch:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            with autocast:
+                out = self.task(_to_device(batch, self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.task.parameters(), grad_clip)
+            self.optimizer.step()
+            with torch.no_grad():
+                # Clamp to [0, ln 100] after every step, as CLIP does.
+                clip_model.logit_scale.clamp_(0, logit_scale_max)
+            self.meter.add(out, self.step)
+            self.progress_loss.append(out["loss"].detach())
+        self.step += 1
+        if self.progress is not None and time.monotonic() - self.last_progress >= self.progress_every_s:
+            self.call_progress()
+
+    def call_progress(self) -> None:
+        """Tell `progress` where training is (one host sync for the mean loss since the last call)."""
+        losses = self.progress_loss
+        loss = float(torch.stack(losses).float().mean()) if losses else math.nan
+        self.progress_loss, self.last_progress = [], time.monotonic()
+        self.progress({"step": self.step, "total_steps": self.total_steps, "loss": loss,
+                       "epoch": self.step / self.steps_per_epoch if self.steps_per_epoch else 0.0,
+                       "seconds": self.last_progress - self.started, "start_step": self.start_step})
+
+    def evaluate_and_report(self) -> None:
+        """Evaluate, fold the result into the tracker, report it with a checkpoint where the policy wants one."""
+        losses = self.meter.pop_means()
+        step = self.step
+        metrics = {**self.evaluate_fn(), **losses, "lr": self.lr, "step": step,
+                   "epoch": step / self.steps_per_epoch if self.steps_per_epoch else 0.0}
+        metrics |= self.tracker.update(metrics)
+        if self.save_state is None or not needs_checkpoint(self.checkpoints, step=step, start_step=self.start_step,
+                                                           total_steps=self.total_steps, metrics=metrics):
+            self.report(metrics, None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="cleansweep-ckpt-", dir=self.scratch_dir) as tmp:
+                self.save_state(tmp, step < self.total_steps)
+                state = {"step": step, "tracker": self.tracker.state_dict()}
+                (Path(tmp) / LOOP_STATE).write_text(json.dumps(state))
+                self.report(metrics, tmp)
+        self.last = metrics
+        if self.progress is not None:
+            self.call_progress()

@@ -104,3 +104,21 @@ def gather_features(x: Tensor) -> Tensor:
     parts = [part[:n] for part, n in zip(parts, counts, strict=True)]
     parts[rank] = x
     return torch.cat(parts)
+
+
+def capped_distance(features: Tensor, reference: Tensor, cap: float) -> Tensor:
+    """Mean over rows of min(1 - cos(f_i, r_i), cap): the capped push of Perturb-and-Recover (PAR).
+
+    1 - cos is half the squared L2 distance of unit vectors, the distance the PAR paper caps (its threshold tau on
+    ||f - r||^2 is 2 * cap here). Rows beyond the cap contribute the constant `cap` and no gradient.
+
+    Args:
+        features: (N, D) L2-normalised embeddings of the model being trained.
+        reference: (N, D) L2-normalised embeddings of the same inputs from a frozen model (detached here).
+        cap: the largest per-row distance that still counts, in (0, 2]; 2 caps nothing.
+
+    Returns:
+        Scalar in [0, cap].
+    """
+    distance = 1 - (features * reference.detach()).sum(dim=-1)
+    return distance.clamp(max=cap).mean()

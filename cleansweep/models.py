@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from open_clip.model import CLIP, set_model_preprocess_cfg
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from cleansweep.atomic import write_atomic
 from cleansweep.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -111,20 +113,24 @@ def create_model(name: str, *, seed: int | None = None) -> ModelBundle:
         ModelBundle. Training and evaluation use the same deterministic preprocess (resize bicubic, center crop,
         CLIP mean/std), as the reference does: no random crops.
     """
-    cfg = _model_config(name)
     if seed is None:
         model = _build(name)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _build(name)
-    image_size = int(cfg["vision_cfg"]["image_size"])
+    image_size = model_image_size(name)
     mean, std = tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
     set_model_preprocess_cfg(model, {"size": image_size, "mean": mean, "std": std, "mode": "RGB",
                                      "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0})
     preprocess = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
     return ModelBundle(model=model, preprocess_train=preprocess, preprocess_val=preprocess,
                        tokenizer=_tokenizer(name), image_size=image_size, mean=mean, std=std, name=name)
+
+
+def model_image_size(name: str) -> int:
+    """Input resolution of model `name` (read from its config; no model is built)."""
+    return int(_model_config(name)["vision_cfg"]["image_size"])
 
 
 @cache
@@ -160,15 +166,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
     """Write the model's weights to `path` (.safetensors) and a JSON card next to it.
 
@@ -188,10 +185,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any])
     module = _unwrap(model)
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"}))
     card = {**dict(meta), "model": meta.get("model") or getattr(module, "model_name", None) or None,
             "weights": path.name, "sha256": file_sha256(path)}
-    _atomic_write(card_path(path), lambda tmp: tmp.write_text(json.dumps(card, indent=2, default=str) + "\n"))
+    write_atomic(card_path(path), lambda tmp: tmp.write_text(json.dumps(card, indent=2, default=str) + "\n"))
     return path
 
 
@@ -232,11 +229,17 @@ def _read_torch(path: Path) -> Any:
                         "state_dict") from None
 
 
+_ADVICE = re.compile(r"weights_only|weights only load failed|trusted source|check the documentation|file an issue|"
+                     r"re-running|safe_globals|in pytorch \d", re.IGNORECASE)
+
+
 def _unpickler_reason(err: Exception) -> str:
-    # torch wraps the unpickler's reason in a long advert for weights_only=False; keep only the reason.
-    text = str(err)
-    reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
-    return " ".join(reason.split()) or "not a pickle of tensors"
+    # torch wraps the unpickler's reason in advice to load with weights_only=False (which runs the file's code):
+    # keep only the sentences that say what was refused, never the advice.
+    text = " ".join(str(err).split())
+    text = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s and not _ADVICE.search(s)]
+    return " ".join(sentences).strip() or "it holds objects other than tensors"
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:

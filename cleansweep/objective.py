@@ -14,9 +14,31 @@ from typing import Any
 TOP1 = "zeroshot_top1"
 TOP5 = "zeroshot_top5"
 ASR = "asr_top1"
+PROXY_ASR = "proxy_asr_top1"  # share of non-target images the inverted trigger (`cleansweep scan`) sends to its target
 BEST = "best_feasible_top1"
 BEST_STEP = "best_feasible_step"
 FEASIBLE = "feasible"
+MIN_ASR = "min_asr_top1"  # running minimum of ASR over a trial: its constraint value for Optuna
+SCORE = "checkpoint_score"  # top-1 when feasible, else -ASR: what Tune keeps the best checkpoint by
+EVALUATION = "evaluation"  # explicit evaluation counter (a time_attr restored with the trial, unlike wall time)
+EPOCH = "epoch"
+STEP = "step"
+
+
+def start_metric(name: str) -> str:
+    """Name of a metric of the model before cleaning, logged once per sweep (`start_zeroshot_top1`)."""
+    return f"start_{name}"
+
+
+def best_metric(name: str) -> str:
+    """Name of a metric of a sweep's best feasible evaluation, logged on its parent run (`best_zeroshot_top1`)."""
+    return f"best_{name}"
+
+
+def checkpoint_score(top1: float, asr: float, threshold: float, step: int) -> float:
+    """Feasible evaluations outrank infeasible ones (by accuracy, then lower ASR); on equal accuracy the earlier step
+    wins, as in the leaderboard and `BestFeasible`, so the kept checkpoint is the one the leaderboard names."""
+    return (top1 if is_feasible(asr, threshold) else -asr) - 1e-9 * step
 
 
 def is_feasible(asr: float, threshold: float) -> bool:
@@ -29,10 +51,12 @@ class BestFeasible:
 
     Args:
         threshold: largest feasible ASR (inclusive).
+        constraint: the metric feasibility is judged on (`asr_top1`, or `proxy_asr_top1` without a known trigger).
     """
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, constraint: str = ASR) -> None:
         self.threshold = threshold
+        self.constraint = constraint
         self.best = 0.0
         self.best_step: int | None = None
 
@@ -40,13 +64,13 @@ class BestFeasible:
         """Fold one evaluation into the tracker.
 
         Args:
-            metrics: has `asr_top1`, `zeroshot_top1` and optionally `step` (the global optimizer step).
+            metrics: has the constraint metric, `zeroshot_top1` and optionally `step` (the global optimizer step).
 
         Returns:
             `feasible` (1.0 or 0.0, loggable as a metric), `best_feasible_top1` (0.0 before any feasible
             evaluation) and `best_feasible_step` (-1 before any).
         """
-        feasible = is_feasible(float(metrics[ASR]), self.threshold)
+        feasible = is_feasible(float(metrics[self.constraint]), self.threshold)
         top1 = float(metrics[TOP1])
         if feasible and (self.best_step is None or top1 > self.best):
             self.best = top1

@@ -1,187 +1,63 @@
-"""Backdoor triggers as seeded, batched pure functions, and poisoning of image-caption CSVs with a manifest.
-
-Triggers act on raw images (float (B, 3, H, W) in [0, 1] at the model resolution), before normalisation. Per-image
-randomness (BadNet patch position and values) comes from the `torch.Generator` passed in; parts that are fixed per
-run (Blended noise, WaNet warp field, a fixed BadNet patch) come from `trigger_seed`, which must be the same when
-poisoning and when measuring the attack success rate (both default to 0 and the manifest records it).
+"""Poisoning of image-caption CSVs with a manifest: N rows replaced by triggered copies (`poison_csv`), or N
+poisoned pairs added to a clean cleaning set (`contaminate`). The triggers themselves live in `cleansweep.triggers`
+(re-exported here, where the CLI and users look for them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from cleansweep import __version__
 from cleansweep.data.eval_folder import openai_templates
 from cleansweep.data.images import BadImage, open_rgb, raw_transform, to_uint8_image
 from cleansweep.data.pairs import read_pairs, resolve_image_paths
 from cleansweep.errors import UserError
-
-TriggerFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------------ triggers
-def default_patch_size(image_size: int) -> int:
-    """BadNet patch side: 16 px at 224 px (the papers' setting), scaled to the model resolution, at least 1."""
-    return max(1, round(16 * image_size / 224))
-
-
-def badnet(raw: torch.Tensor, generator: torch.Generator, *, patch_size: int, location: str = "random",
-           patch: str = "fresh", trigger_seed: int = 0) -> torch.Tensor:
-    """Paste a square patch of standard-Gaussian values in the model's normalised space.
-
-    The patch is raw = clip(mean_c + std_c * z, 0, 1), z ~ N(0, 1), with CLIP's mean/std: what the model sees after
-    normalisation is (close to) a standard Gaussian, as in the papers. The peers wrapped the values in uint8 and
-    clipping a raw N(0, 1) leaves half the patch black; at 1% poisons such a patch did not take in a probe.
-
-    Args:
-        raw: (B, 3, H, W) in [0, 1].
-        generator: draws positions (`location="random"`) and values (`patch="fresh"`) per image.
-        patch_size: side in pixels.
-        location: "random" (uniform over all positions where the patch fits) or "fixed" (bottom-right corner).
-        patch: "fresh" (new values per image) or "fixed" (one patch per run, from `trigger_seed`).
-        trigger_seed: seed of the fixed patch.
-    """
-    b, c, h, w = raw.shape
-    p = patch_size
-    if p > min(h, w):
-        raise UserError(f"BadNet patch_size {p} is larger than the {h}x{w} image; pass a smaller patch_size")
-    if location == "random":
-        rows = torch.randint(0, h - p + 1, (b,), generator=generator)
-        cols = torch.randint(0, w - p + 1, (b,), generator=generator)
-    else:
-        rows, cols = torch.full((b,), h - p), torch.full((b,), w - p)
-    if patch == "fresh":
-        z = torch.randn((b, c, p, p), generator=generator)
-    else:
-        z = torch.randn((1, c, p, p), generator=torch.Generator().manual_seed(trigger_seed)).expand(b, -1, -1, -1)
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    values = (mean + std * z).clamp(0, 1).to(raw.dtype)
-    out = raw.clone()
-    for i, (r, col) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
-        out[i, :, r:r + p, col:col + p] = values[i]
-    return out
-
-
-def blended(raw: torch.Tensor, generator: torch.Generator, *, alpha: float = 0.2,
-            trigger_seed: int = 0) -> torch.Tensor:
-    """(1 - alpha) * x + alpha * noise, noise ~ U[0, 1) of the image's shape, fixed per run by `trigger_seed`."""
-    noise = torch.rand(raw.shape[1:], generator=torch.Generator().manual_seed(trigger_seed)).to(raw.dtype)
-    return (1 - alpha) * raw + alpha * noise
-
-
-def sig(raw: torch.Tensor, generator: torch.Generator, *, delta: float = 60 / 255,
-        frequency: float = 6) -> torch.Tensor:
-    """SIG: add delta * sin(2 pi j f / W) along the columns j, clipped to [0, 1] (Barni et al. 2019)."""
-    w = raw.shape[-1]
-    wave = delta * torch.sin(2 * math.pi * torch.arange(w, dtype=raw.dtype) * frequency / w)
-    return (raw + wave).clamp(0, 1)
-
-
-def wanet_grid(image_size: int, *, strength: float = 1.0, grid: int = 4, trigger_seed: int = 0) -> torch.Tensor:
-    """WaNet's fixed sampling grid (1, S, S, 2) (Nguyen & Tran 2021): a random k x k field, normalised to mean
-    |value| 1, upsampled bicubically, scaled by strength / S and added to the identity grid."""
-    field = torch.rand((1, 2, grid, grid), generator=torch.Generator().manual_seed(trigger_seed)) * 2 - 1
-    field = field / field.abs().mean()
-    field = F.interpolate(field, size=(image_size, image_size), mode="bicubic", align_corners=True)
-    axis = torch.linspace(-1, 1, image_size)
-    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-    identity = torch.stack([xs, ys], dim=-1)[None]
-    return (identity + strength * field.permute(0, 2, 3, 1) / image_size).clamp(-1, 1)
-
-
-def wanet(raw: torch.Tensor, generator: torch.Generator, *, strength: float = 1.0, grid: int = 4,
-          trigger_seed: int = 0) -> torch.Tensor:
-    """WaNet: warp every image with the same smooth field (see `wanet_grid`), bilinear sampling."""
-    b, _, h, w = raw.shape
-    if h != w:
-        raise ValueError(f"WaNet expects square images, got {h}x{w}")
-    g = wanet_grid(h, strength=strength, grid=grid, trigger_seed=trigger_seed).to(raw.dtype).expand(b, -1, -1, -1)
-    return F.grid_sample(raw, g, mode="bilinear", padding_mode="border", align_corners=True).clamp(0, 1)
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """A registry entry: the function, what it does, and its parameters' defaults (None = from the image size)."""
-
-    apply: Callable[..., torch.Tensor]
-    description: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-
-
-TRIGGERS: dict[str, Trigger] = {
-    "badnet": Trigger(badnet, "square standard-Gaussian patch (16 px at 224), random or bottom-right position",
-                      {"patch_size": None, "location": "random", "patch": "fresh", "trigger_seed": 0}),
-    "blended": Trigger(blended, "0.8 * image + 0.2 * uniform noise fixed per run", {"alpha": 0.2, "trigger_seed": 0}),
-    "sig": Trigger(sig, "horizontal sinusoid of amplitude 60/255 and 6 periods", {"delta": 60 / 255, "frequency": 6}),
-    "wanet": Trigger(wanet, "smooth warping field fixed per run (strength 1, 4x4 control grid)",
-                     {"strength": 1.0, "grid": 4, "trigger_seed": 0}),
-}
-_CHOICES = {"location": ("random", "fixed"), "patch": ("fresh", "fixed")}
-
-
-def list_triggers() -> list[str]:
-    return list(TRIGGERS)
-
-
-def resolve_trigger_params(name: str, image_size: int, **params: Any) -> dict[str, Any]:
-    """The trigger's effective parameters: defaults filled in, checked, as recorded in manifests.
-
-    Parameters of *other* triggers are tolerated when unset (None) or at their default, so callers can pass one
-    attack configuration (patch_size, location, patch) whatever the attack; a set value that does not apply is an
-    error.
-    """
-    if name not in TRIGGERS:
-        raise UserError(f"unknown attack {name!r}; choose from: {', '.join(TRIGGERS)}")
-    entry = TRIGGERS[name]
-    out = dict(entry.defaults)
-    for key, value in params.items():
-        if key in entry.defaults:
-            if value is not None:
-                out[key] = value
-            continue
-        owners = [n for n, t in TRIGGERS.items() if key in t.defaults]
-        if not owners:
-            raise UserError(f"unknown trigger parameter {key!r}; {name} takes: {', '.join(entry.defaults)}")
-        if value is not None and all(value != TRIGGERS[n].defaults[key] for n in owners):
-            raise UserError(f"trigger parameter {key!r} applies to {', '.join(owners)}, not {name}; drop it")
-    if "patch_size" in out:
-        out["patch_size"] = default_patch_size(image_size) if out["patch_size"] is None else int(out["patch_size"])
-        if not 1 <= out["patch_size"] <= image_size:
-            raise UserError(f"patch_size {out['patch_size']} must be in 1..{image_size} (the image size)")
-    for key, choices in _CHOICES.items():
-        if key in out and out[key] not in choices:
-            raise UserError(f"{key} {out[key]!r} is not valid for {name}; choose from: {', '.join(choices)}")
-    return out
-
-
-def create_trigger(name: str, image_size: int, **params: Any) -> TriggerFn:
-    """A trigger function `fn(raw (B, 3, S, S), generator) -> raw` with its parameters bound (see TRIGGERS).
-
-    The result is a `functools.partial`; its `.keywords` are the effective parameters.
-
-    Raises:
-        UserError: unknown attack ("unknown attack 'x'; choose from: ...") or parameter, or a bad value.
-    """
-    resolved = resolve_trigger_params(name, image_size, **params)
-    return partial(TRIGGERS[name].apply, **resolved)
+from cleansweep.triggers import (  # noqa: F401 - re-exported
+    ATTACK_FIELDS,
+    PARAM_KINDS,
+    TRIGGERS,
+    Trigger,
+    TriggerFn,
+    attack_from_manifest,
+    attack_trigger,
+    badclip,
+    badnet,
+    blended,
+    cached_patch,
+    colour_rgb,
+    create_trigger,
+    default_font_size,
+    default_patch_size,
+    default_stripe_period,
+    default_triangle_size,
+    list_triggers,
+    parse_trigger_param,
+    patch_positions,
+    resolve_trigger_params,
+    seeded_colour,
+    seeded_phase,
+    sig,
+    stamp,
+    stripe_mask,
+    stripes,
+    text_overlay,
+    triangle,
+    triangle_mask,
+    validate_patch,
+    wanet,
+    wanet_grid,
+)
 
 
 # ----------------------------------------------------------------------------------------------- poisoning
@@ -280,22 +156,11 @@ def _poison(csv: str | Path, out_dir: str | Path, *, kind: str, attack: str, tar
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp / "images").mkdir()
-        # Rows keep pointing at their original images (relative to the new CSV); only poisons are new files.
-        out = df.copy()
-        out[image_key] = [os.path.relpath(p.resolve(), out_dir.resolve()) for p in paths]
         poison_rel = [f"images/{kind}_{row:08d}.png" for row in chosen]
         for rel, image in zip(poison_rel, images, strict=True):
             to_uint8_image(image).save(tmp / rel)  # PNG: lossless, JPEG would weaken the trigger
-        if kind == "poison":
-            out.loc[chosen, image_key] = poison_rel
-            out.loc[chosen, caption_key] = new_captions
-            poisoned_rows = chosen
-        else:
-            added = df.loc[chosen].copy()
-            added[image_key] = poison_rel
-            added[caption_key] = new_captions
-            out = pd.concat([out, added], ignore_index=True)
-            poisoned_rows = list(range(len(df), len(df) + n))
+        out, poisoned_rows = _poisoned_table(df, chosen, poison_rel, new_captions, paths, out_dir, kind=kind,
+                                             image_key=image_key, caption_key=caption_key)
         output_csv = csv.name
         out.to_csv(tmp / output_csv, index=False)
         manifest = {**request, "cleansweep_version": __version__, "input_csv": str(csv),
@@ -310,6 +175,23 @@ def _poison(csv: str | Path, out_dir: str | Path, *, kind: str, attack: str, tar
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _poisoned_table(df: pd.DataFrame, chosen: list[int], poison_rel: list[str], captions: list[str],
+                    paths: list[Path], out_dir: Path, *, kind: str, image_key: str, caption_key: str
+                    ) -> tuple[pd.DataFrame, list[int]]:
+    """The output CSV's rows and the indices of its poisoned rows: poisons replace rows (`poison`) or are added."""
+    # Rows keep pointing at their original images (relative to the new CSV); only poisons are new files.
+    out = df.copy()
+    out[image_key] = [os.path.relpath(p.resolve(), out_dir.resolve()) for p in paths]
+    if kind == "poison":
+        out.loc[chosen, image_key] = poison_rel
+        out.loc[chosen, caption_key] = captions
+        return out, chosen
+    added = df.loc[chosen].copy()
+    added[image_key] = poison_rel
+    added[caption_key] = captions
+    return pd.concat([out, added], ignore_index=True), list(range(len(df), len(df) + len(chosen)))
 
 
 def poison_csv(csv: str | Path, out_dir: str | Path, *, attack: str, target: str, num_poison: int | None = None,

@@ -43,13 +43,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from cleansweep import layout
 from cleansweep.config import deep_update
 from cleansweep.errors import UserError
 
-OBJECTIVES: dict[str, dict[str, float]] = {
-    "mmcl": {"mmcl_weight": 1.0, "ssl_weight": 0.0},
-    "mmcl+ssl": {"mmcl_weight": 1.0, "ssl_weight": 1.0},
-}
+OBJECTIVES = layout.OBJECTIVES  # the pre-training objectives (their loss weights: layout.objective_weights)
 
 _DEMO: dict[str, Any] = {
     "description": "synthetic 32 px world (30 classes incl. banana), 5% BadNet (fixed 8x8 patch), tiny-rn on CPU",
@@ -123,12 +121,12 @@ def prepare_demo_data(workdir: str | Path, seed: int = 0) -> dict[str, str]:
     from cleansweep.poison import poison_csv
 
     preset = PRESETS["demo"]
-    data = Path(workdir) / "data"
+    dirs = layout.demo_data_dirs(workdir)
     w = preset["world"]
-    world = make_demo_world(data / "demo", seed=seed, n_train=w["n_train"], n_clean=w["n_clean"],
+    world = make_demo_world(dirs["world"], seed=seed, n_train=w["n_train"], n_clean=w["n_clean"],
                             n_eval=w["n_eval"], image_size=w["image_size"], **w["knobs"])
     p = preset["poison"]
-    poison_dir = data / "demo-badnet"
+    poison_dir = dirs["poisoned"]
     manifest = poison_csv(world["train_csv"], poison_dir, attack=p["attack"], target=p["target"],
                           fraction=p["fraction"], seed=seed, image_size=w["image_size"],
                           patch_size=p["patch_size"], location=p["location"], patch=p["patch"])
@@ -168,7 +166,7 @@ def pretrain_spec(preset: str, objective: str, paths: dict[str, Any], **override
     pre = p["pretrain"]
     spec = deep_update({"model": {"name": p["model"]}, "data": {"train_csv": str(paths["train_csv"]),
                                                                 "eval_dir": str(paths["eval_dir"])},
-                        "attack": _attack(p), "method": {"name": "contrastive", **OBJECTIVES[objective]}},
+                        "attack": _attack(p), "method": {"name": "contrastive", **layout.objective_weights(objective)}},
                        pre["common"])
     spec = deep_update(spec, pre[objective])
     if paths.get("init"):

@@ -5,13 +5,13 @@ the MLflow run, launches `TorchTrainer(train_worker)` and finally exports the se
 calls `session.fit` (the only wiring of a training run) with a report adapter: rank 0 logs each evaluation to MLflow
 (one batch, never a step twice) and keeps the selection candidate; every rank calls `ray.train.report`.
 
-Layout of `<workdir>/pretrain/NAME/` (also Ray's `storage_path/name`):
-  run.json                   identity of the run (uid of its MLflow run key, the first config)
-  checkpoint_step_<step>/    the last `keep_checkpoints` resumable checkpoints (Ray's, or ours with num_workers=0)
-  candidate/                 weights + metrics of the best evaluation so far under `selection` (rank 0, eagerly, so
-                             Ray pruning old checkpoints never loses the selected one)
-  trained.json               written by rank 0 when training reached its end (an aborted Ray run returns too)
-  selected/model.safetensors + model.json   written once training ends: what cleaning consumes
+Layout of `<workdir>/pretrain/NAME/` (also Ray's `storage_path/name`): see `layout.py`. The last
+`keep_checkpoints` resumable checkpoints (Ray's, or ours with num_workers=0); `candidate/` holds the best evaluation
+so far under `selection` (written by rank 0 eagerly, so Ray pruning old checkpoints never loses the selected one);
+`selected/` is written once training ends and is what cleaning consumes.
+
+Progress: rank 0 prints a line every ~10 s of training and at every evaluation (epoch, step, loss, the last
+top-1/ASR, throughput, ETA), so a long pre-training is never silent.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,12 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cleansweep import scratch, tracking
+from cleansweep import atomic, cluster, layout, scratch, tracking
 from cleansweep.config import PretrainConfig, TrainSpec
 from cleansweep.errors import UserError
 
-CHECKPOINT_PREFIX = "checkpoint_step_"
-WEIGHTS = "model.safetensors"  # the model weights inside a session checkpoint directory
-RUN_FILE = "run.json"
-DONE_FILE = "trained.json"
+CHECKPOINT_PREFIX = layout.CHECKPOINT_PREFIX
+WEIGHTS, RUN_FILE, DONE_FILE = layout.MODEL_FILE, layout.PRETRAIN_RUN_FILE, layout.PRETRAIN_DONE_FILE
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -89,44 +86,50 @@ def train_worker(config: dict[str, Any]) -> None:
     handle = None
     if rank == 0:
         handle = tracking.RunHandle.reopen(config["tracking_uri"], config["run_id"])
-        handle.set_tags({"cleansweep.worker_nodes": ",".join(nodes), "cleansweep.num_nodes": len(set(nodes))})
+        handle.set_tags(tracking.pretrain_tags(worker_nodes=",".join(nodes), num_nodes=len(set(nodes))))
     selector = Selector(config["selection"], config["reference_top1"], _read_candidate(run_dir))
+    progress = ProgressLine(config["name"]) if rank == 0 else None
     reporter = _Reporter(rank=rank, local=config["local"], run_dir=run_dir, keep=config["keep"], run=handle,
-                         selector=selector)
+                         selector=selector, progress=progress)
     with scratch.folder(config["scratch"], f"rank{rank}") as in_flight:
         if config["local"]:
             latest = latest_local_checkpoint(run_dir)
-            summary = session.fit(spec, reporter, resume_from=str(latest) if latest else None, scratch_dir=in_flight)
+            summary = session.fit(spec, reporter, resume_from=str(latest) if latest else None, scratch_dir=in_flight,
+                                  progress=progress)
         elif (checkpoint := ray.train.get_checkpoint()) is None:
-            summary = session.fit(spec, reporter, resume_from=None, scratch_dir=in_flight)
+            summary = session.fit(spec, reporter, resume_from=None, scratch_dir=in_flight, progress=progress)
         else:
             with checkpoint.as_directory() as resume_dir:
-                summary = session.fit(spec, reporter, resume_from=resume_dir, scratch_dir=in_flight)
+                summary = session.fit(spec, reporter, resume_from=resume_dir, scratch_dir=in_flight,
+                                      progress=progress)
     if rank == 0:
         # The driver's proof that training ran to its end (an aborted Ray run also returns from fit()).
-        _write_json(run_dir / DONE_FILE, {"step": summary["step"], "last": flat_metrics(summary.get("last", {}))})
+        atomic.write_json(run_dir / DONE_FILE, {"step": summary["step"],
+                                                "last": flat_metrics(summary.get("last", {}))})
 
 
 class _Reporter:
     """The `report(metrics, checkpoint_dir)` adapter handed to `session.fit`."""
 
     def __init__(self, *, rank: int, local: bool, run_dir: Path, keep: int, run: tracking.RunHandle | None,
-                 selector: Selector):
+                 selector: Selector, progress: ProgressLine | None = None):
         self.rank, self.local, self.run_dir, self.keep = rank, local, run_dir, keep
-        self.run, self.selector = run, selector
+        self.run, self.selector, self.progress = run, selector, progress
 
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         params = metrics.get("params")
         flat = flat_metrics(metrics)
         step = int(flat["step"])
+        if self.progress is not None:
+            self.progress.last_eval = flat
         # MLflow before the checkpoint: a kill in between repeats this step on resume, and the repeat is skipped.
         if self.run is not None:
             if params:
                 self.run.log_params(params, on_conflict="rename")
             self.run.log_metrics(flat, step)
             if checkpoint_dir and self.selector.consider(flat):
-                _write_candidate(Path(checkpoint_dir), self.run_dir / "candidate", flat)
-        name = f"{CHECKPOINT_PREFIX}{step:09d}"
+                _write_candidate(Path(checkpoint_dir), self.run_dir / layout.CANDIDATE, flat)
+        name = layout.checkpoint_name(step)
         if self.local:
             if checkpoint_dir:
                 _keep_local_checkpoint(Path(checkpoint_dir), self.run_dir / name, self.keep)
@@ -135,6 +138,33 @@ class _Reporter:
         # Every rank reports (a barrier); rank 0's files are the checkpoint (all ranks hold the same weights).
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if self.rank == 0 and checkpoint_dir else None
         ray.train.report(flat, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+
+class ProgressLine:
+    """`loop.run`'s progress callback on rank 0: one line with where training is and when it will end."""
+
+    def __init__(self, name: str, echo: Callable[[str], None] | None = None):
+        self.name = name
+        self.echo = echo or (lambda line: print(line, flush=True))
+        self.last_eval: dict[str, float] = {}
+
+    def __call__(self, info: Mapping[str, Any]) -> None:
+        self.echo(self.render(info))
+
+    def render(self, info: Mapping[str, Any]) -> str:
+        """`[pretrain NAME] epoch 2.31/6 step 72/186 loss 3.412 | last eval top1 0.812 asr 0.930 | 8.2 steps/s,
+        ETA 0:00:14` (the ETA from the steps this process did so far)."""
+        step, total = int(info["step"]), int(info["total_steps"])
+        epochs = total / (step / info["epoch"]) if info["epoch"] else 0.0
+        done = step - int(info.get("start_step", 0))
+        rate = done / info["seconds"] if info["seconds"] > 0 else math.nan
+        eta = (total - step) / rate if rate and math.isfinite(rate) and rate > 0 else math.nan
+        ev = self.last_eval
+        last = (f"last eval top1 {ev['zeroshot_top1']:.3f} asr {ev.get('asr_top1', math.nan):.3f} "
+                f"(epoch {ev.get('epoch', 0):.2f})" if "zeroshot_top1" in ev else "no evaluation yet")
+        when = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        return (f"[pretrain {self.name}] epoch {info['epoch']:.2f}/{epochs:g} step {step}/{total} "
+                f"loss {info['loss']:.4f} | {last} | {rate:.2f} steps/s, ETA {when}")
 
 
 def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -164,35 +194,21 @@ def _write_candidate(checkpoint_dir: Path, dest: Path, metrics: Mapping[str, flo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy2(weights, tmp / WEIGHTS)
-    _write_json(tmp / "candidate.json", dict(metrics))
-    _replace_dir(tmp, dest)
+    atomic.write_json(tmp / layout.CANDIDATE_FILE, dict(metrics))
+    atomic.replace_dir(tmp, dest)
 
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _candidate_dir(run_dir: Path) -> Path:
-    # A crash inside _replace_dir can leave only the previous candidate, under its `.old` name.
-    current = run_dir / "candidate"
-    return current if current.is_dir() else run_dir / ".candidate.old"
+    # A crash inside atomic.replace_dir can leave only the previous candidate, under its `.old` name.
+    current = run_dir / layout.CANDIDATE
+    return current if current.is_dir() else atomic.previous_dir(current)
 
 
 def _read_candidate(run_dir: Path) -> dict[str, float] | None:
-    path = _candidate_dir(run_dir) / "candidate.json"
+    path = _candidate_dir(run_dir) / layout.CANDIDATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Move `src` to `dest`, replacing it; a crash leaves either the old or the new folder complete."""
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(src, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _keep_local_checkpoint(checkpoint_dir: Path, dest: Path, keep: int) -> None:
@@ -200,7 +216,7 @@ def _keep_local_checkpoint(checkpoint_dir: Path, dest: Path, keep: int) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint_dir, tmp)
-    _replace_dir(tmp, dest)
+    atomic.replace_dir(tmp, dest)
     for old in sorted(dest.parent.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -212,9 +228,16 @@ def latest_local_checkpoint(run_dir: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def run_dir_of(workdir: Path, name: str) -> Path:
-    """Where run NAME keeps its checkpoints and selected model."""
-    return Path(workdir).resolve() / "pretrain" / name
+run_dir_of = layout.pretrain_dir  # where run NAME keeps its checkpoints and selected model
+
+
+def selected_card(workdir: Path, run_name: str) -> dict[str, Any] | None:
+    """The card (`selected/model.json`) of a finished pre-training run, with its `checkpoint` path, or None."""
+    card = layout.selected_checkpoint(workdir, run_name).with_suffix(".json")
+    if not card.is_file():
+        return None
+    data = json.loads(card.read_text())
+    return {**data, "checkpoint": str(card.with_name(layout.MODEL_FILE))}
 
 
 def pretrain(cfg: PretrainConfig, *, workdir: Path, resume: bool = False) -> dict[str, Any]:
@@ -231,9 +254,9 @@ def pretrain(cfg: PretrainConfig, *, workdir: Path, resume: bool = False) -> dic
     """
     started = time.monotonic()
     cfg = _absolute_paths(cfg)
-    _check_inputs(cfg)
     run_dir = run_dir_of(workdir, cfg.name)
     _check_run_folder(run_dir, cfg.name, resume)
+    _check_inputs(cfg)
     # Cluster and resources first: a request that can never run leaves no run folder and no MLflow run behind.
     with _cluster(cfg):
         identity = _open_run_folder(run_dir, cfg, resume)
@@ -270,19 +293,10 @@ def _absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def _check_inputs(cfg: PretrainConfig) -> None:
-    """Fail before any cluster starts on what is plainly wrong (the loaders validate contents later)."""
-    from cleansweep.models import list_models
+    """Fail before any cluster starts on what is plainly wrong (`session.preflight`, as sweeps do)."""
+    from cleansweep import session
 
-    spec = cfg.train
-    if spec.model.name not in list_models():
-        raise UserError(f"unknown model {spec.model.name!r}; choose from: {', '.join(list_models())}")
-    if not spec.data.train_csv.is_file():
-        raise UserError(f"training CSV not found: {spec.data.train_csv}; pass --train-csv with an existing file")
-    if not spec.data.eval_dir.is_dir():
-        raise UserError(f"evaluation folder not found: {spec.data.eval_dir}; pass --eval-data with an existing "
-                        "folder (one subfolder per class)")
-    if spec.model.init is not None and not spec.model.init.is_file():
-        raise UserError(f"init checkpoint not found: {spec.model.init}; pass --init with an existing file")
+    session.preflight(cfg.train)
 
 
 def _check_run_folder(run_dir: Path, name: str, resume: bool) -> None:
@@ -302,7 +316,7 @@ def _open_run_folder(run_dir: Path, cfg: PretrainConfig, resume: bool) -> dict[s
         print(f"note: no run {cfg.name} under {run_dir.parent} yet; starting it")
     identity = {"name": cfg.name, "uid": uuid.uuid4().hex, "config": cfg.model_dump(mode="json")}
     run_dir.mkdir(parents=True)
-    _write_json(ident_path, identity)
+    atomic.write_json(ident_path, identity)
     return identity
 
 
@@ -326,13 +340,10 @@ def run_tags(cfg: PretrainConfig) -> dict[str, str]:
     """The MLflow tags of a pre-training run (docs/interfaces.md, MLflow layout)."""
     spec = cfg.train
     hashes = data_hashes(spec)
-    tags = {tracking.KIND_TAG: "pretrain", "cleansweep.objective": objective_name(spec),
-            "cleansweep.dataset": hashes["train_csv"], "cleansweep.train_csv_sha256": hashes["train_csv_sha256"],
-            "cleansweep.attack": spec.attack.name, "cleansweep.target": spec.attack.target,
-            "cleansweep.eval_dir": hashes["eval_dir"]}
-    if hashes["poison_manifest_sha256"]:
-        tags["cleansweep.poison_manifest_sha256"] = hashes["poison_manifest_sha256"]
-    return tags
+    return {tracking.KIND_TAG: "pretrain", **tracking.pretrain_tags(
+        objective=objective_name(spec), dataset=hashes["train_csv"], train_csv_sha256=hashes["train_csv_sha256"],
+        attack=spec.attack.name, target=spec.attack.target, eval_dir=hashes["eval_dir"],
+        poison_manifest_sha256=hashes["poison_manifest_sha256"])}
 
 
 def _driver_params(cfg: PretrainConfig) -> dict[str, Any]:
@@ -343,7 +354,7 @@ def _driver_params(cfg: PretrainConfig) -> dict[str, Any]:
 
 def _loop_config(cfg: PretrainConfig, run_dir: Path, uri: str, run_id: str) -> dict[str, Any]:
     """What every worker receives: plain values and absolute paths only (workers run in another CWD)."""
-    return {"spec": cfg.train.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
+    return {"spec": cfg.train.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id, "name": cfg.name,
             "run_dir": str(run_dir), "scratch": scratch.name(run_dir), "local": cfg.ray.num_workers == 0,
             "keep": cfg.keep_checkpoints,
             "selection": cfg.selection, "reference_top1": cfg.reference_top1}
@@ -357,20 +368,9 @@ def _cluster(cfg: PretrainConfig) -> Iterator[None]:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         yield
         return
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        # No address: RAY_ADDRESS (e.g. a KubeRay RayJob), else a new local cluster ("local"), never whatever
-        # `ray start` cluster this machine's /tmp/ray happens to point at. Token auth stays on (Ray's default for
-        # local clusters): the dashboard runs code for whoever reaches it.
-        context = ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local")
-        if context.dashboard_url:
-            print(f"Ray dashboard: http://{context.dashboard_url}")
-    try:
-        check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, ray.nodes())
+    with cluster.connect(cfg.ray.address):
+        check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, cluster.cluster_capacity())
         yield
-    finally:
-        if owns_ray:
-            ray.shutdown()
 
 
 def _train(cfg: PretrainConfig, run_dir: Path, loop_config: dict[str, Any]) -> None:
@@ -413,31 +413,29 @@ def _user_error_in(err: BaseException) -> UserError | None:
     return None
 
 
-def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, nodes: list[dict]) -> None:
-    """Fail fast when the workers can never be placed (Train would otherwise wait and retry).
+def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool,
+                    capacity: cluster.Capacity | list[dict]) -> None:
+    """Fail fast when the workers can never be placed together (Train would otherwise wait and retry).
 
-    Each worker needs `cpus_per_worker` CPUs (and one GPU with `use_gpu`) on a single node.
+    Each worker needs `cpus_per_worker` CPUs (and one GPU with `use_gpu`) on a single node; nodes an autoscaler
+    may add count (`cluster.check_resources`).
 
     Args:
-        nodes: `ray.nodes()` entries (`Alive`, `Resources`).
+        capacity: `cluster.cluster_capacity()`, or `ray.nodes()` entries (`Alive`, `Resources`).
 
     Raises:
         UserError: naming what was asked, what the cluster has and the fix.
     """
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
-    total_cpu = sum(r.get("CPU", 0.0) for r in alive)
-    total_gpu = sum(r.get("GPU", 0.0) for r in alive)
-    have = f"the Ray cluster has {total_cpu:g} CPUs and {total_gpu:g} GPUs on {len(alive)} node(s)"
-    if use_gpu and total_gpu < 1:
-        raise UserError(f"--use-gpu asks for 1 GPU per worker but {have}; drop --use-gpu or connect to a cluster "
-                        "with GPUs (--address)")
-    eps = 1e-6  # Ray resources have 1e-4 granularity; absorb float error in 1 / 0.1 etc.
-    fits = sum(min(math.floor(r.get("CPU", 0.0) / cpus_per_worker + eps),
-                   math.floor(r.get("GPU", 0.0) + eps) if use_gpu else 1 << 30) for r in alive)
-    if fits < num_workers:
-        ask = f"--num-workers {num_workers} x --cpus-per-worker {cpus_per_worker:g}" + (" + 1 GPU" if use_gpu else "")
-        raise UserError(f"{ask} cannot be placed: {have}, room for {fits} such worker(s); lower --num-workers or "
-                        "--cpus-per-worker, or add nodes (--address)")
+    if not isinstance(capacity, cluster.Capacity):
+        capacity = cluster.Capacity.from_nodes(capacity)
+    has_gpus = any(r.get("GPU", 0) > 0 for r in capacity.live) or any(g.resources.get("GPU", 0) > 0
+                                                                       for g in capacity.groups)
+    ask = f"--num-workers {num_workers} x --cpus-per-worker {cpus_per_worker:g}" + (" + 1 GPU (--use-gpu)"
+                                                                                    if use_gpu else "")
+    fix = ("drop --use-gpu or connect to a cluster with GPUs (--address)" if use_gpu and not has_gpus else
+           "lower --num-workers or --cpus-per-worker, or add nodes (--address)")
+    cluster.check_resources({"CPU": cpus_per_worker, "GPU": 1.0 if use_gpu else 0.0}, num_workers, capacity,
+                            ask=ask, unit="worker", fix=fix)
 
 
 def _export_selected(cfg: PretrainConfig, run_dir: Path, run: tracking.RunHandle) -> dict[str, Any]:
@@ -456,11 +454,10 @@ def _export_selected(cfg: PretrainConfig, run_dir: Path, run: tracking.RunHandle
             "model": cfg.train.model.name}
     staging = Path(tempfile.mkdtemp(prefix=".selected-", dir=run_dir))
     weights = save_checkpoint(staging / WEIGHTS, model, card)
-    _replace_dir(staging, run_dir / "selected")
-    selected = run_dir / "selected" / weights.name
-    run.log_artifact(selected.with_suffix(".json"), "selected")
-    run.set_tags({"cleansweep.selection": cfg.selection, "cleansweep.selected_step": int(candidate["step"]),
-                  "cleansweep.selected_zeroshot_top1": candidate["zeroshot_top1"],
-                  "cleansweep.selected_asr_top1": candidate.get("asr_top1"),
-                  "cleansweep.selected_path": str(selected)})
+    atomic.replace_dir(staging, run_dir / layout.SELECTED)
+    selected = run_dir / layout.SELECTED / weights.name
+    run.log_artifact(selected.with_suffix(".json"), layout.SELECTED)
+    run.set_tags(tracking.pretrain_tags(selection=cfg.selection, selected_step=int(candidate["step"]),
+                                        selected_zeroshot_top1=candidate["zeroshot_top1"],
+                                        selected_asr_top1=candidate.get("asr_top1"), selected_path=str(selected)))
     return {"selected": str(selected), **{k: card[k] for k in (*keys, "step")}}

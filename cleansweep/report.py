@@ -9,9 +9,8 @@ on the parent run. The numbers come from `cleansweep.analysis` (pure tables) and
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +22,14 @@ from cleansweep.analysis import (
     ASR,
     DEFAULT_THRESHOLD,
     EPOCH,
+    MIN_ASR,
     PERCENT_COLUMNS,
     TOP1,
     Start,
+    best_feasible,
+    constraint_from_params,
     evaluations,
+    leaderboard,
     main_stage,
     markdown_table,
     pareto_front,
@@ -36,46 +39,37 @@ from cleansweep.analysis import (
     stopping_table,
     study_table,
     summary_table,
+    sweep_leaderboard,
     threshold_from_params,
     trials_table,
     varying_params,
 )
+from cleansweep.atomic import write_atomic
 from cleansweep.errors import UserError
 from cleansweep.figures import draw_pareto, plot_pareto, plot_study_pareto, plot_trajectories
 
 if TYPE_CHECKING:
     from cleansweep.tracking import SweepRecord
 
-__all__ = ["ASR", "DEFAULT_THRESHOLD", "EPOCH", "PERCENT_COLUMNS", "TOP1", "Start", "SweepReport", "UserError",
-           "analyse", "build_report", "draw_pareto", "evaluations", "main_stage", "markdown_table", "pareto_front",
-           "plot_pareto", "plot_study_pareto", "plot_trajectories", "report_sweep", "sampled_params",
-           "starting_point", "stopping_summary", "stopping_table", "study_table", "summary_table",
+__all__ = ["ASR", "DEFAULT_THRESHOLD", "EPOCH", "MIN_ASR", "PERCENT_COLUMNS", "TOP1", "Start", "SweepReport",
+           "UserError", "analyse", "best_feasible", "build_report", "draw_pareto", "evaluations",
+           "format_leaderboard", "leaderboard", "main_stage", "markdown_table", "pareto_front", "plot_pareto",
+           "plot_study_pareto", "plot_trajectories", "report_sweep", "results", "sampled_params", "starting_point",
+           "stopping_summary", "stopping_table", "study_table", "summary_table", "sweep_leaderboard",
            "threshold_from_params", "trials_table", "varying_params", "write_figure", "write_table"]
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    # Write to a temporary name in the same folder, then rename: a half-written file never looks complete.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_table(frame: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
     """Write `stem.csv` (raw fractions) and `stem.md` (percentages) atomically; return both paths."""
     csv, md = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
-    _write_atomic(csv, lambda p: frame.to_csv(p, index=False))
-    _write_atomic(md, lambda p: p.write_text(markdown_table(frame) + "\n"))
+    write_atomic(csv, lambda p: frame.to_csv(p, index=False))
+    write_atomic(md, lambda p: p.write_text(markdown_table(frame) + "\n"))
     return [csv, md]
 
 
 def write_figure(fig: Figure, path: Path) -> Path:
     """Save a figure as PNG atomically."""
-    _write_atomic(path, lambda p: fig.savefig(p, format="png"))
+    write_atomic(path, lambda p: fig.savefig(p, format="png"))
     return path
 
 
@@ -102,9 +96,10 @@ def analyse(sweep: SweepRecord, *, threshold: float | None = None) -> dict[str, 
     Only main-stage trials count (a two-stage sweep's preselect evaluations are not cleaning results).
     """
     threshold = threshold_from_params(sweep.params) if threshold is None else threshold
+    constraint = constraint_from_params(sweep.params)
     trials, history = main_stage(sweep)
-    evals = evaluations(history, trials)
-    start = starting_point(sweep.metrics, evals)
+    evals = evaluations(history, trials, constraint=constraint)
+    start = starting_point(sweep.metrics, evals, constraint=constraint)
     stopping = stopping_table(evals, threshold)
     params = sampled_params(trials)
     return {"threshold": threshold, "start": start, "evaluations": evals, "params": params, "trial_runs": trials,
@@ -146,10 +141,10 @@ def build_report(sweep: SweepRecord, out_dir: str | Path, *, threshold: float | 
     for stem in ("summary", "stopping", "stopping_summary", "trials"):
         files += write_table(a[stem], out, stem)
     eval_csv = out / "evaluations.csv"
-    _write_atomic(eval_csv, lambda p: evals.to_csv(p, index=False))
+    write_atomic(eval_csv, lambda p: evals.to_csv(p, index=False))
     files.append(eval_csv)
     page = out / "report.md"
-    _write_atomic(page, lambda p: p.write_text(_report_page(sweep.name, a)))
+    write_atomic(page, lambda p: p.write_text(_report_page(sweep.name, a)))
     files.append(page)
     return SweepReport(out_dir=out, files=files, threshold=thr, start=start, evaluations=evals,
                        summary=a["summary"], stopping=a["stopping"], stopping_summary=a["stopping_summary"],
@@ -199,3 +194,45 @@ def report_sweep(name: str, *, tracking_uri: str, experiment: str | None = None,
     if log_artifacts:
         tracking.log_report_artifacts(sweep.parent_run_id, result.out_dir, tracking_uri)
     return result
+
+
+# ------------------------------------------------------------------------------------------------ results
+def results(name: str, *, tracking_uri: str, experiment: str | None = None) -> pd.DataFrame:
+    """The leaderboard of sweep `name`, recomputed from every evaluation logged in MLflow (`cleansweep results`)."""
+    from cleansweep import tracking
+
+    return sweep_leaderboard(tracking.load_sweep(name, tracking_uri, experiment=experiment))
+
+
+def format_leaderboard(board: pd.DataFrame, fmt: str = "table", top_k: int = 10) -> str:
+    """The best feasible trial and the top-k as a text table, CSV or JSON."""
+    top = board.head(top_k)
+    if fmt == "csv":
+        return top.to_csv(index=False)
+    if fmt == "json":
+        best = board[board["feasible"]].head(1)
+        return json.dumps({"best": _records(best)[0] if len(best) else None, "top": _records(top)}, indent=2)
+    if top.empty:
+        return "no trials yet"
+    lines = []
+    feasible = board[board["feasible"]]
+    if feasible.empty:
+        lines.append("no feasible evaluation (ASR <= threshold) in any trial")
+    else:
+        b = feasible.iloc[0]
+        lines.append(f"best feasible: trial {b['trial_id']}  top1 {b[TOP1]:.4f}  asr {b[ASR]:.4f}  step {b['step']} "
+                     f"(epoch {b['epoch']:g})  config {b['config']}")
+        lines.append(f"  checkpoint: {b['checkpoint'] or 'not kept'}")
+    shown = top[["rank", "trial_id", "status", "feasible", TOP1, ASR, "step", "epoch", MIN_ASR, "evaluations",
+                 "config"]].assign(status=[f"{s} (stopped early)" if stopped else s for s, stopped in
+                                           zip(top["status"], top.get("stopped_early", [False] * len(top)),
+                                               strict=True)])
+    lines.append(shown.to_string(index=False, float_format=lambda x: f"{x:.4f}", max_colwidth=70))
+    return "\n".join(lines)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    out = json.loads(frame.to_json(orient="records"))
+    for rec in out:
+        rec["config"] = json.loads(rec["config"]) if rec.get("config") else {}
+    return out

@@ -22,6 +22,7 @@ import json
 import random
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,26 +33,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cleansweep import loop
+from cleansweep import layout, loop
 from cleansweep.augment import eda, ssl_image_transform
-from cleansweep.config import TrainSpec, validate
-from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip
+from cleansweep.config import MethodSpec, TrainSpec, validate
+from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip, read_pairs
 from cleansweep.errors import UserError
 from cleansweep.evaluate import evaluate, zeroshot_classifier
-from cleansweep.methods import Task, create_task
+from cleansweep.methods import Task, create_task, list_methods
 from cleansweep.models import (
     ModelBundle,
     create_model,
     file_sha256,
     load_state_dict_file,
     load_weights,
+    model_image_size,
     save_checkpoint,
 )
+from cleansweep.objective import PROXY_ASR
 from cleansweep.optim import apply_hyperparameters, create_optimizer, lr_at
-from cleansweep.poison import create_trigger
+from cleansweep.triggers import attack_trigger
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
+MODEL_FILE, STATE_FILE = layout.MODEL_FILE, layout.STATE_FILE  # the checkpoint directory (module docstring)
+NO_ATTACK = "none"  # attack.name of a sweep whose trigger is unknown: only the proxy ASR is measured
 Report = Callable[[dict[str, Any], str | None], None]
 
 
@@ -145,11 +148,18 @@ def _train_loader(spec: TrainSpec, dataset: ImageCaptionDataset, rank: int, worl
 
 
 def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Callable[[], dict[str, Any]]:
-    """Zero-shot accuracy + ASR of the current model; the classifier is rebuilt each time (the text tower trains)."""
+    """Zero-shot accuracy + ASR (+ the proxy ASR of an inverted trigger) of the current model; the classifier is
+    rebuilt each time (the text tower trains)."""
     folder = EvalFolder(spec.data.eval_dir, bundle.image_size, subset=spec.data.eval_subset, seed=spec.seed)
-    target = folder.class_index(spec.attack.target)
     a = spec.attack
-    trigger = create_trigger(a.name, bundle.image_size, patch_size=a.patch_size, location=a.location, patch=a.patch)
+    known = a.name != NO_ATTACK  # a defender who does not know the trigger measures the proxy ASR only
+    target = folder.class_index(a.target) if known else 0
+    trigger = attack_trigger(a, bundle.image_size) if known else None
+    extra = {}
+    if spec.proxy is not None:
+        from cleansweep.scan import load_proxy
+
+        extra[PROXY_ASR] = load_proxy(spec.proxy, folder.classnames)
     loader = DataLoader(folder, batch_size=spec.data.eval_batch_size, shuffle=False, num_workers=spec.data.workers)
     model = bundle.model
 
@@ -159,7 +169,7 @@ def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Ca
         try:
             classifier = zeroshot_classifier(model, bundle.tokenizer, folder.classnames, folder.templates, device)
             return evaluate(model, loader, classifier, normalize=(bundle.mean, bundle.std), target_index=target,
-                            trigger=trigger, seed=a.seed, device=device)
+                            trigger=trigger, seed=a.seed, device=device, extra_triggers=extra)
         finally:
             model.train(was_training)
 
@@ -181,8 +191,10 @@ def _rank0_broadcast(fn: Callable[[], dict[str, Any]], rank: int, world: int) ->
 def _save_state_fn(task: Task, optimizer: torch.optim.Optimizer, spec: TrainSpec) -> loop.SaveState:
     def save_state(directory: str, resumable: bool) -> None:
         path = Path(directory)
+        # The attack rides along so `cleansweep evaluate` of any checkpoint measures ASR with the right trigger.
         save_checkpoint(path / MODEL_FILE, task.model, {"model": spec.model.name, "seed": spec.seed,
-                                                        "method": spec.method.name})
+                                                        "method": spec.method.name,
+                                                        "attack": spec.attack.model_dump(mode="json")})
         if resumable:  # the final checkpoint of a run keeps weights only: no training is left to resume
             extras = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
             torch.save({"optimizer": optimizer.state_dict(), "task": extras, "rng": rng_state()}, path / STATE_FILE)
@@ -212,8 +224,8 @@ def _restore(directory: Path, task: Task) -> dict[str, Any]:
 
 
 def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | Path | None = None,
-        checkpoints: loop.CheckpointPolicy | Literal["none"] = "every", scratch_dir: str | Path | None = None
-        ) -> dict[str, Any]:
+        checkpoints: loop.CheckpointPolicy | Literal["none"] = "every", scratch_dir: str | Path | None = None,
+        progress: loop.Progress | None = None) -> dict[str, Any]:
     """Train (pre-train or clean) one model as `spec` says, reporting every evaluation.
 
     Args:
@@ -224,6 +236,7 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
         checkpoints: Which evaluations come with a checkpoint directory: "every", "needed" (`loop.needs_checkpoint`:
             what resume and the best feasible result use) or "none" (`report` always gets None).
         scratch_dir: Folder for the checkpoint directories `report` gets (`loop.run`); default the temp folder.
+        progress: Called every few seconds of training with the step, epoch and recent loss (`loop.run`).
 
     Returns:
         ``{"step", "steps_per_epoch", "last" (final metrics), "best_feasible_top1", "best_feasible_step",
@@ -237,18 +250,71 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
         spec = validate(TrainSpec, spec, "train spec")
     rank, world = _world()
     seed_everything(spec.seed)
+    run = _build(spec, rank, world)
+    resumed = _restore(Path(resume_from), run.task) if resume_from is not None else None
+    if resumed is None:
+        run.task.prepare(torch.Generator().manual_seed(spec.seed))
+    trained: nn.Module = run.task
+    if world > 1:
+        trained = DistributedDataParallel(run.task, device_ids=[run.device] if run.device.type == "cuda" else None)
+    steps_per_epoch = len(run.train_loader)
+    total_steps = spec.epochs * steps_per_epoch
+    optimizer = _optimizer(spec, run.task, resumed, total_steps, resume_from)
+    o = spec.optim
+
+    def lr_fn(step: int) -> float:
+        return lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule)
+
+    def on_epoch_start(epoch: int) -> None:
+        run.task.on_epoch_start(epoch, run.embed_loader, run.device)
+        for p in run.task.fresh_parameters():
+            optimizer.state.pop(p, None)  # a re-initialised head starts with fresh AdamW moments
+
+    params = _effective_params(spec, run, optimizer, world, steps_per_epoch, resume_from)
+    loop_state = resumed["loop"] if resumed is not None else {"step": 0, "tracker": None}
+    if resumed is not None and "rng" in resumed:
+        set_rng_state(resumed["rng"])
+    summary = loop.run(
+        trained, run.train_loader, optimizer, lr_fn, epochs=spec.epochs,
+        eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start and resumed is None,
+        evaluate_fn=_rank0_broadcast(_evaluator(spec, run.bundle, run.device), rank, world),
+        report=_with_params(report, params), start_step=int(loop_state["step"]), device=run.device, amp=spec.amp,
+        grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
+        save_state=_save_state_fn(run.task, optimizer, spec) if rank == 0 and checkpoints != "none" else None,
+        on_epoch_start=on_epoch_start, asr_threshold=spec.asr_threshold, constraint=spec.constraint,
+        tracker_state=loop_state["tracker"],
+        checkpoints="every" if checkpoints == "none" else checkpoints, scratch_dir=scratch_dir, progress=progress,
+    )
+    return {**summary, "params": params}
+
+
+@dataclass
+class _Run:
+    """What `fit` builds before training: the model bundle, the task around it, its data and where it runs."""
+
+    bundle: ModelBundle
+    device: torch.device
+    task: Task
+    method: MethodSpec
+    train_rows: int
+    train_loader: DataLoader
+    embed_loader: DataLoader
+    init_sha: str | None
+
+
+def _build(spec: TrainSpec, rank: int, world: int) -> _Run:
+    """Model (+ init weights), task, training and embedding loaders, on the spec's device."""
     device = resolve_device(spec.device)
     bundle = create_model(spec.model.name, seed=spec.seed)
     init_sha = None
     if spec.model.init is not None:
         load_weights(bundle.model, load_state_dict_file(spec.model.init))
         init_sha = file_sha256(spec.model.init)
-
     plain_ds, with_views = _datasets(spec, bundle)
     method = spec.method
     if method.name == "deep_cluster" and method.num_clusters > len(plain_ds):
         warnings.warn(f"deep_cluster: num_clusters {method.num_clusters} > {len(plain_ds)} rows; "
-                      f"using k = {len(plain_ds)}", stacklevel=2)
+                      f"using k = {len(plain_ds)}", stacklevel=3)
         method = method.model_copy(update={"num_clusters": len(plain_ds)})
     task = create_task(method, bundle.model, distributed=world > 1)
     train_ds = with_views() if task.needs_ssl_views else plain_ds
@@ -256,21 +322,15 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
     embed_loader = DataLoader(plain_ds, batch_size=spec.data.eval_batch_size, shuffle=False,
                               collate_fn=collate_skip, num_workers=spec.data.workers)
     task.to(device)
+    return _Run(bundle, device, task, method, len(train_ds), train_loader, embed_loader, init_sha)
 
-    resumed: dict[str, Any] | None = None
-    if resume_from is not None:
-        resumed = _restore(Path(resume_from), task)
-    else:
-        task.prepare(torch.Generator().manual_seed(spec.seed))
-    trained: nn.Module = task
-    if world > 1:
-        trained = DistributedDataParallel(task, device_ids=[device] if device.type == "cuda" else None)
 
+def _optimizer(spec: TrainSpec, task: Task, resumed: dict[str, Any] | None, total_steps: int,
+               resume_from: str | Path | None) -> torch.optim.Optimizer:
+    """AdamW with the spec's hyperparameters, re-applied over a resumed state (the reference's bug 1)."""
     o = spec.optim
     hyper = {"lr": o.lr, "weight_decay": o.weight_decay, "betas": (o.beta1, o.beta2), "eps": o.eps}
     optimizer = create_optimizer(task, **hyper)
-    steps_per_epoch = len(train_loader)
-    total_steps = spec.epochs * steps_per_epoch
     if resumed is not None and "optimizer" in resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         # The saved state carries the old run's hyperparameters; the spec's are the effective ones.
@@ -279,22 +339,23 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
         raise UserError(f"{resume_from} has no {STATE_FILE} (a final or pruned checkpoint) but step "
                         f"{resumed['loop']['step']} of {total_steps} is not the end; resume from the run's latest "
                         "checkpoint, or use its model.safetensors as model.init of a new run")
+    return optimizer
 
-    def lr_fn(step: int) -> float:
-        return lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule)
 
-    def on_epoch_start(epoch: int) -> None:
-        task.on_epoch_start(epoch, embed_loader, device)
-        for p in task.fresh_parameters():
-            optimizer.state.pop(p, None)  # a re-initialised head starts with fresh AdamW moments
-
+def _effective_params(spec: TrainSpec, run: _Run, optimizer: torch.optim.Optimizer, world: int,
+                      steps_per_epoch: int, resume_from: str | Path | None) -> dict[str, Any]:
+    """The resolved configuration a run really used (example 6 of DESIGN.md), logged once by the drivers."""
     decay = next((g for g in optimizer.param_groups if g.get("name") == "decay"), optimizer.param_groups[0])
-    params = {**flatten(spec.model_dump(mode="json")), "method.num_clusters": method.num_clusters,
-              "effective.weight_decay": decay["weight_decay"], "effective.betas": list(decay["betas"]),
-              "effective.eps": decay["eps"], "device": str(device), "world_size": world,
-              "num_params": sum(p.numel() for p in task.parameters()), "steps_per_epoch": steps_per_epoch,
-              "per_rank_batch_size": spec.data.batch_size // world, "train_rows": len(train_ds),
-              "init_sha256": init_sha, "resumed_from": str(resume_from) if resume_from else None}
+    return {**flatten(spec.model_dump(mode="json")), "method.num_clusters": run.method.num_clusters,
+            "effective.weight_decay": decay["weight_decay"], "effective.betas": list(decay["betas"]),
+            "effective.eps": decay["eps"], "device": str(run.device), "world_size": world,
+            "num_params": sum(p.numel() for p in run.task.parameters()), "steps_per_epoch": steps_per_epoch,
+            "per_rank_batch_size": spec.data.batch_size // world, "train_rows": run.train_rows,
+            "init_sha256": run.init_sha, "resumed_from": str(resume_from) if resume_from else None}
+
+
+def _with_params(report: Report, params: dict[str, Any]) -> Report:
+    """`report` whose first call's metrics also carry the effective configuration under `params`."""
     first = [True]
 
     def report_with_params(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -303,21 +364,45 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
             first[0] = False
         report(metrics, checkpoint_dir)
 
-    evaluate_fn = _rank0_broadcast(_evaluator(spec, bundle, device), rank, world)
-    start_step = 0
-    tracker_state = None
-    if resumed is not None:
-        start_step = int(resumed["loop"]["step"])
-        tracker_state = resumed["loop"]["tracker"]
-        if "rng" in resumed:
-            set_rng_state(resumed["rng"])
-    summary = loop.run(
-        trained, train_loader, optimizer, lr_fn, epochs=spec.epochs,
-        eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start and resumed is None,
-        evaluate_fn=evaluate_fn, report=report_with_params, start_step=start_step, device=device, amp=spec.amp,
-        grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
-        save_state=_save_state_fn(task, optimizer, spec) if rank == 0 and checkpoints != "none" else None,
-        on_epoch_start=on_epoch_start, asr_threshold=spec.asr_threshold, tracker_state=tracker_state,
-        checkpoints="every" if checkpoints == "none" else checkpoints, scratch_dir=scratch_dir,
-    )
-    return {**summary, "params": params}
+    return report_with_params
+
+
+def preflight(spec: TrainSpec | dict[str, Any]) -> TrainSpec:
+    """Check, without training or building a model, what would fail a run in its first seconds.
+
+    The drivers call it before any cluster starts (a sweep's base and starting evaluation, a pre-training run):
+    model and method names, the init checkpoint, the training CSV (columns, rows, one batch), the evaluation
+    folder and its target class, the trigger for the model's resolution.
+
+    Raises:
+        UserError: the first problem found, in one line.
+    """
+    if isinstance(spec, dict):
+        spec = validate(TrainSpec, spec, "train spec")
+    size = model_image_size(spec.model.name)  # unknown model -> one-line error
+    if spec.method.name not in list_methods():
+        raise UserError(f"unknown method {spec.method.name!r}; choose from: {', '.join(list_methods())}")
+    if spec.model.init is not None and not Path(spec.model.init).is_file():
+        raise UserError(f"init checkpoint not found: {spec.model.init}; pass an existing .safetensors or .pt file")
+    if not Path(spec.data.train_csv).is_file():
+        raise UserError(f"training CSV not found: {spec.data.train_csv}; point data.train_csv (--train-csv) at an "
+                        "existing image-caption CSV")
+    if not Path(spec.data.eval_dir).is_dir():
+        raise UserError(f"evaluation folder not found: {spec.data.eval_dir}; point data.eval_dir (--eval-data) at a "
+                        "folder with one subfolder per class")
+    rows = len(read_pairs(spec.data.train_csv, spec.data.image_key, spec.data.caption_key))
+    if rows < spec.data.batch_size and spec.epochs > 0:
+        raise UserError(f"{spec.data.train_csv} has {rows} rows, fewer than one batch of {spec.data.batch_size}; "
+                        "lower data.batch_size or add rows")
+    folder = EvalFolder(spec.data.eval_dir, size, subset=spec.data.eval_subset, seed=spec.seed)
+    if spec.attack.name != NO_ATTACK:
+        folder.class_index(spec.attack.target)
+        attack_trigger(spec.attack, size)
+    elif spec.proxy is None:
+        raise UserError("attack.name 'none' (the trigger is unknown) leaves nothing to constrain; set objective.asr: "
+                        "proxy (the sweep scans the model first) or name the trigger")
+    if spec.proxy is not None:
+        from cleansweep.scan import load_proxy
+
+        load_proxy(spec.proxy, folder.classnames)
+    return spec

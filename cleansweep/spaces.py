@@ -1,7 +1,8 @@
 """Search-space YAML -> validated `SearchConfig`, method variants, grid points and per-trial `TrainSpec`s.
 
-Pure functions (L0): nothing here imports Ray or Optuna. `search.py` turns the `Domain`s into Tune domains or Optuna
-suggestions; this module owns everything that can be checked before a cluster starts:
+Pure functions (L0): nothing here imports Ray or Optuna. `DefineByRun` turns the `Domain`s into Optuna suggestions
+(`search.py` hands it to Tune's OptunaSearch); this module owns everything that can be checked before a cluster
+starts:
 
 - every dotted key (`optim.lr`, `method.ssl_weight`, `epochs`) names a real `TrainSpec` field;
 - every candidate value (all grid/choice values, both ends of a range) makes a valid `TrainSpec` together with the
@@ -12,7 +13,7 @@ suggestions; this module owns everything that can be checked before a cluster st
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cleansweep.errors import UserError
 VARIANT_KEY = "variant"  # trial-config key naming the method variant (a label of `methods:`); not a TrainSpec field
 METHOD_KEY = "method.name"
 PLACEHOLDER_DATA = {"train_csv": "clean.csv", "eval_dir": "eval"}  # stands in for preset data during validation
+PLACEHOLDER_PROXY = "inversion.safetensors"  # stands in for the scan a proxy-ASR sweep runs first
 
 
 def load(path: Path, known_methods: Collection[str] | None = None) -> SearchConfig:
@@ -94,6 +96,34 @@ def variants(cfg: SearchConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
+class DefineByRun:
+    """An Optuna define-by-run space (`space=DefineByRun(variants(cfg))`): pick a method variant, then suggest only
+    that variant's parameters; fixed values are returned as they are. Picklable (Tune snapshots the searcher).
+
+    Duck-typed on Optuna's `Trial` (`suggest_categorical`, `suggest_float`), so this module needs no Optuna import.
+    """
+
+    def __init__(self, variant_params: Mapping[str, Mapping[str, Any]]):
+        self.variants = {label: dict(params) for label, params in variant_params.items()}
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        labels = list(self.variants)
+        label = trial.suggest_categorical(VARIANT_KEY, labels) if len(labels) > 1 else labels[0]
+        fixed: dict[str, Any] = {VARIANT_KEY: label}
+        for key, dom in self.variants[label].items():
+            if not isinstance(dom, Domain):
+                fixed[key] = dom
+            elif dom.kind == "choice":
+                trial.suggest_categorical(key, dom.choice)
+            elif dom.kind == "uniform":
+                trial.suggest_float(key, *dom.uniform)
+            elif dom.kind == "loguniform":
+                trial.suggest_float(key, *dom.loguniform, log=True)
+            else:  # `check` rejects grids for optuna/random; guard anyway
+                raise UserError(f"{key}: grid is not supported by Optuna; use search.algorithm grid")
+        return fixed
+
+
 def expand_grid(params: dict[str, Any]) -> list[dict[str, Any]]:
     """Cartesian product of grid domains (in file order, duplicates kept, as the paper counts); fixed values copied.
 
@@ -125,7 +155,8 @@ def preselect_points(cfg: SearchConfig) -> list[dict[str, Any]]:
 
 
 def base_train_dict(cfg: SearchConfig, *, data: DataSpec | None = None, init: Path | None = None,
-                    model_name: str | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+                    model_name: str | None = None, defaults: dict[str, Any] | None = None,
+                    proxy: Path | None = None) -> dict[str, Any]:
     """The nested TrainSpec values every trial starts from (before its sampled parameters).
 
     Args:
@@ -134,6 +165,7 @@ def base_train_dict(cfg: SearchConfig, *, data: DataSpec | None = None, init: Pa
         init: Resolved starting checkpoint; default `cfg.model.checkpoint`.
         model_name: Resolved model config name; default `cfg.model.name`, else TrainSpec's default.
         defaults: A preset's cleaning TrainSpec dict, layered under everything the file sets.
+        proxy: The inverted trigger of a proxy-ASR sweep (`start_model` scans when the file names none).
     """
     data = data or cfg.data
     defaults = defaults or {}
@@ -149,8 +181,14 @@ def base_train_dict(cfg: SearchConfig, *, data: DataSpec | None = None, init: Pa
         "epochs": cfg.epochs,
         "eval_every": cfg.eval_every,
         "asr_threshold": cfg.objective.threshold,
+        "constraint": cfg.objective.constraint,
         "seed": cfg.seed,
     }
+    proxy = proxy or cfg.objective.inversion
+    if proxy is not None:
+        fixed["proxy"] = str(proxy)
+    elif cfg.objective.constraint == "proxy_asr_top1":
+        fixed["proxy"] = PLACEHOLDER_PROXY  # validation before the scan; `start_model` puts the real file here
     return deep_update(out, fixed)
 
 
@@ -215,7 +253,7 @@ def _check_key(key: str, where: str) -> None:
     """`key` must be a dotted path to a leaf field of TrainSpec (data/attack/seed/threshold come from the top level)."""
     model: type[BaseModel] = TrainSpec
     parts = key.split(".")
-    if parts[0] in ("data", "attack", "asr_threshold", "seed") or key == "model.init":
+    if parts[0] in ("data", "attack", "asr_threshold", "seed", "constraint", "proxy") or key == "model.init":
         raise UserError(f"{where}: cannot be searched; it is set once for the sweep (top-level {parts[0]})")
     for i, part in enumerate(parts):
         fields = model.model_fields

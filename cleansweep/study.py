@@ -16,9 +16,8 @@ in MLflow) and resumed when it was interrupted, so re-running after Ctrl-C conti
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from cleansweep import report
+from cleansweep import atomic, cluster, layout, pretrain, report, search
 from cleansweep.config import (
     MlflowSpec,
     PretrainConfig,
@@ -39,7 +38,7 @@ from cleansweep.config import (
 )
 from cleansweep.errors import UserError
 
-OBJECTIVES = {"mmcl": "MMCL", "mmcl+ssl": "MMCL+SSL"}  # presets.OBJECTIVES key -> label in tables and figures
+OBJECTIVES = {o: layout.objective_label(o) for o in layout.OBJECTIVES}  # key -> label in tables and figures
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 PATH_HELP = {
     "train_csv": "the poisoned pre-training image-caption CSV (e.g. from `cleansweep poison --num-poison 1500`)",
@@ -75,15 +74,12 @@ def list_studies() -> list[str]:
     return list(STUDIES)
 
 
-def slug(objective: str) -> str:
-    """`mmcl+ssl` -> `mmcl-ssl` (run names and folders allow letters, digits, '_', '.', '-')."""
-    return objective.replace("+", "-")
+slug = layout.slug
 
 
 def run_names(preset: str) -> dict[str, dict[str, str]]:
     """objective -> {"pretrain": run name, "sweep": sweep name} of a study preset."""
-    return {o: {"pretrain": f"study-{preset}-{slug(o)}", "sweep": f"study-{preset}-{slug(o)}-clean"}
-            for o in OBJECTIVES}
+    return layout.study_run_names(preset, list(OBJECTIVES))
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -107,15 +103,6 @@ def resolve_data(preset: str, workdir: Path, paths: Mapping[str, Any] | None, se
         if not Path(given[key]).exists():
             raise UserError(f"study {preset!r}: {key} {given[key]} does not exist; pass an existing path")
     return {k: str(Path(v).resolve()) for k, v in given.items()}
-
-
-def selected_card(workdir: Path, run_name: str) -> dict[str, Any] | None:
-    """The card (`selected/model.json`) of a finished pre-training run, with its `checkpoint` path, or None."""
-    card = Path(workdir) / "pretrain" / run_name / "selected" / "model.json"
-    if not card.is_file():
-        return None
-    data = json.loads(card.read_text())
-    return {**data, "checkpoint": str(card.with_name("model.safetensors"))}
 
 
 def pretrain_config(preset: str, objective: str, data: Mapping[str, str], *, name: str, tracking_uri: str | None,
@@ -166,21 +153,6 @@ def sweep_config(preset: str, objective: str, data: Mapping[str, str], checkpoin
     return cfg
 
 
-def sweep_state(tracking_uri: str, workdir: Path, name: str) -> str:
-    """`finished` (FINISHED parent run in MLflow), `started` (its Tune folder exists: resume it) or `new`."""
-    from cleansweep import tracking
-
-    runs = tracking.list_sweeps(tracking_uri) if _db_exists(tracking_uri) else pd.DataFrame(columns=["name"])
-    mine = runs[runs["name"] == name]
-    if len(mine) and mine.iloc[0]["status"] == "FINISHED":
-        return "finished"
-    return "started" if (Path(workdir) / "sweeps" / name / "sweep.json").is_file() else "new"
-
-
-def _db_exists(uri: str) -> bool:
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
-
-
 # ------------------------------------------------------------------------------------------------ tables
 def table2(analyses: Mapping[str, Mapping[str, Any]], pretrained: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Table 2 of the paper, one row per pre-training objective, plus the stopping-criterion counts.
@@ -216,10 +188,7 @@ class _Log:
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".study.", suffix=".json", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f, indent=2, default=str)
-        os.replace(tmp, self.path)
+        atomic.write_json(self.path, self.data)
 
 
 def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = None, tracking_uri: str | None = None,
@@ -248,82 +217,77 @@ def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = N
         raise UserError(f"unknown study {preset!r}; choose from: {', '.join(STUDIES)}")
     workdir = Path(workdir).resolve()
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
-    out = workdir / "study" / preset
+    out = layout.study_dir(workdir, preset)
     log = _Log(out / "study.json", preset, workdir)
 
     t = time.monotonic()
     data = resolve_data(preset, workdir, paths, seed)
     log.stage("data", time.monotonic() - t, skipped=False, paths=data)
     names = run_names(preset)
-    pending = [o for o in OBJECTIVES if selected_card(workdir, names[o]["pretrain"]) is None
-               or sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
-    owns_ray = _init_ray(address, echo) if pending else False
-    try:
+    pending = [o for o in OBJECTIVES if pretrain.selected_card(workdir, names[o]["pretrain"]) is None
+               or search.sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
+    with cluster.connect(address, echo=echo) if pending else contextlib.nullcontext():
+        # One Ray for all four stages (pre-training and sweeps reuse an initialised Ray): start-up costs seconds.
         return _train_clean_report(preset, workdir, uri, data, log, pretrain_overrides, sweep_overrides, echo)
-    finally:
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
-
-
-def _init_ray(address: str | None, echo: Callable[[str], None]) -> bool:
-    # One Ray for all four stages (pre-training and sweeps reuse an initialised Ray): startup costs seconds each.
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # "local" starts a fresh Ray even when another cluster's address is recorded on this machine (plain ray.init()
-    # would join it, with its token).
-    ctx = ray.init(address=address or "local")
-    if getattr(ctx, "dashboard_url", None):
-        echo(f"[study] Ray dashboard: http://{ctx.dashboard_url} (token: `ray get-auth-token`)")
-    return True
 
 
 def _train_clean_report(preset: str, workdir: Path, uri: str, data: dict[str, str], log: _Log,
                         pretrain_overrides: Mapping[str, Any] | None, sweep_overrides: Mapping[str, Any] | None,
                         echo: Callable[[str], None]) -> dict[str, Any]:
-    from cleansweep import tracking
+    cards = _pretrain_stage(preset, workdir, uri, data, log, pretrain_overrides, echo)
+    _sweep_stage(preset, workdir, uri, data, log, cards, sweep_overrides, echo)
+    return _report_stage(preset, uri, log, cards)
 
-    names, out = run_names(preset), log.path.parent
 
-    cards: dict[str, dict[str, Any]] = {}
+def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log: _Log,
+                    overrides: Mapping[str, Any] | None, echo: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Pre-train (or find) one model per objective; MMCL+SSL is selected at MMCL's accuracy (the paper's rule)."""
+    names, cards = run_names(preset), {}
     for objective in OBJECTIVES:
         t, name = time.monotonic(), names[objective]["pretrain"]
-        card = selected_card(workdir, name)
+        card = pretrain.selected_card(workdir, name)
         skipped = card is not None
         if card is None:
             reference = cards["mmcl"]["zeroshot_top1"] if objective != "mmcl" else None
             cfg = pretrain_config(preset, objective, data, name=name, tracking_uri=uri, reference_top1=reference,
-                                  overrides=pretrain_overrides)
+                                  overrides=overrides)
             echo(f"[study] pre-training {OBJECTIVES[objective]} ({name})")
-            from cleansweep.pretrain import pretrain, run_dir_of
-
-            pretrain(cfg, workdir=workdir, resume=run_dir_of(workdir, name).exists())
-            card = selected_card(workdir, name)
+            pretrain.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
+            card = pretrain.selected_card(workdir, name)
         else:
             echo(f"[study] pre-trained {OBJECTIVES[objective]} model found: {card['checkpoint']}")
         cards[objective] = card
         log.stage(f"pretrain {objective}", time.monotonic() - t, skipped=skipped,
                   run=name, checkpoint=card["checkpoint"], zeroshot_top1=card.get("zeroshot_top1"),
                   asr_top1=card.get("asr_top1"), epoch=card.get("epoch"))
+    return cards
 
-    for objective in OBJECTIVES:
-        t, name = time.monotonic(), names[objective]["sweep"]
-        state = sweep_state(uri, workdir, name)
+
+def _sweep_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log: _Log,
+                 cards: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Any] | None,
+                 echo: Callable[[str], None]) -> None:
+    """Run (or resume, or skip when finished) the CleanCLIP sweep of each pre-trained model."""
+    from cleansweep import start_model
+
+    for objective, names in run_names(preset).items():
+        t, name = time.monotonic(), names["sweep"]
+        state = search.sweep_state(uri, workdir, name)
         if state != "finished":
-            from cleansweep.search import search
-
             cfg = sweep_config(preset, objective, data, cards[objective]["checkpoint"], tracking_uri=uri,
-                               overrides=sweep_overrides)
+                               overrides=overrides)
             echo(f"[study] cleaning sweep of the {OBJECTIVES[objective]} model ({name}, {state})")
-            search(cfg, name=name, workdir=workdir, resume=state == "started", echo=echo)
+            start = start_model.resolve(cfg, workdir, echo=echo)
+            search.search(cfg, start, name=name, workdir=workdir, resume=state == "started", echo=echo)
         else:
             echo(f"[study] sweep {name} already finished")
         log.stage(f"sweep {objective}", time.monotonic() - t, skipped=state == "finished", sweep=name)
 
-    t = time.monotonic()
+
+def _report_stage(preset: str, uri: str, log: _Log, cards: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One report per sweep, Table 2 and Figure 2 side by side; study.json marked complete."""
+    from cleansweep import tracking
+
+    t, out, names = time.monotonic(), log.path.parent, run_names(preset)
     analyses, panels, files = {}, {}, []
     for objective, label in OBJECTIVES.items():
         sweep = tracking.load_sweep(names[objective]["sweep"], uri)

@@ -19,6 +19,7 @@ Sweeps build on these: a parent run is `start_run(..., key=sweep key)`, a trial 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -32,15 +33,51 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from cleansweep import layout
 from cleansweep.errors import UserError
 
-KEY_TAG = "cleansweep.key"
-KIND_TAG = "cleansweep.kind"
+# Every MLflow tag cleansweep writes or reads is named here (docs/interfaces.md, "MLflow layout").
+KEY_TAG = "cleansweep.key"  # stable identity of a run: a re-run or resume finds it again
+KIND_TAG = "cleansweep.kind"  # pretrain | sweep | trial
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+SWEEP_TAG = "cleansweep.sweep"
+TRIAL_ID_TAG = "cleansweep.trial_id"
+STAGE_TAG = "cleansweep.stage"  # preselect | main
+SAMPLED_TAG = "cleansweep.sampled"  # the trial's sampled hyperparameters as JSON
+BEST_CKPT_TAG = "cleansweep.best_checkpoint"  # storage path of the trial's best feasible checkpoint
+BEST_STEP_TAG = "cleansweep.best_step"
+ERROR_TAG = "cleansweep.error"
+STOPPED_TAG = "cleansweep.stopped_early"  # "true" when the scheduler (ASHA) or the time budget ended the trial
+LOST_TAG = "cleansweep.lost"  # a trial run Tune lost in a driver kill (see `tag_lost_trials`)
+STALE_TAG = "cleansweep.stale"
+NODE_TAG = "cleansweep.node"  # the Ray node a trial ran on
+BEST_MODEL_TAG = "cleansweep.best_model"  # on a sweep's parent run: registered model name and version
+_PRETRAIN_TAGS = {"objective": "cleansweep.objective", "dataset": "cleansweep.dataset",
+                  "train_csv_sha256": "cleansweep.train_csv_sha256", "attack": "cleansweep.attack",
+                  "target": "cleansweep.target", "eval_dir": "cleansweep.eval_dir",
+                  "poison_manifest_sha256": "cleansweep.poison_manifest_sha256",
+                  "worker_nodes": "cleansweep.worker_nodes", "num_nodes": "cleansweep.num_nodes",
+                  "selection": "cleansweep.selection", "selected_step": "cleansweep.selected_step",
+                  "selected_zeroshot_top1": "cleansweep.selected_zeroshot_top1",
+                  "selected_asr_top1": "cleansweep.selected_asr_top1", "selected_path": "cleansweep.selected_path"}
 STEP_METRIC = "step"  # sentinel: logged with every batch, its history tells a resumed run where it stopped
 TRUNCATED_MARKER = "...[truncated]"
 Status = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+def pretrain_tags(**values: Any) -> dict[str, str]:
+    """Tags of a pre-training run from plain names (`objective=`, `dataset=`, `selected_step=`, ...; see
+    `_PRETRAIN_TAGS`); None values are left out."""
+    unknown = set(values) - set(_PRETRAIN_TAGS)
+    if unknown:
+        raise ValueError(f"unknown pre-training tag(s) {sorted(unknown)}; known: {sorted(_PRETRAIN_TAGS)}")
+    return {_PRETRAIN_TAGS[k]: str(v) for k, v in values.items() if v is not None}
+
+
+def pretrain_tag(name: str) -> str:
+    """The MLflow tag key of one pre-training field (for readers filtering runs)."""
+    return _PRETRAIN_TAGS[name]
 
 
 # ------------------------------------------------------------------------------------------------ uri, client
@@ -56,7 +93,7 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, 
         A URI such as `sqlite:////abs/path/mlflow.db` or `http://127.0.0.1:5000`.
     """
     env = os.environ if env is None else env
-    uri = explicit or env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    uri = explicit or env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / layout.MLFLOW_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # sqlite:///rel.db is relative to the CWD, which differs in Ray workers: anchor it to the workdir.
         rel = uri[len("sqlite:///"):]
@@ -96,7 +133,7 @@ def open_client(uri: str, *, schema_ready: bool = False) -> MlflowClient:
 def _default_artifact_location(uri: str, experiment: str) -> str | None:
     # MLflow's sqlite default artifact root is ./mlruns of the CWD at the time; keep artifacts beside the database.
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
+        return (Path(uri[len("sqlite:///"):]).parent / layout.MLFLOW_ARTIFACTS / experiment).as_uri()
     return None  # a tracking server decides (and proxies) artifact storage
 
 
@@ -175,7 +212,7 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str, *, tags: Mapping[s
     for run in _runs_tagged(client, experiment_id, tags, "attributes.status = 'RUNNING'"):
         if run.info.run_id in skip:
             continue
-        client.set_tag(run.info.run_id, "cleansweep.stale", "killed process; marked by mark_stale_runs")
+        client.set_tag(run.info.run_id, STALE_TAG, "killed process; marked by mark_stale_runs")
         client.set_terminated(run.info.run_id, status="KILLED")
         marked.append(run.info.run_id)
     return marked
@@ -322,9 +359,7 @@ def _quote(value: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ reading sweeps back
-# Used by report/study/notebook: MLflow in, plain pandas out, so nothing downstream imports mlflow.
-_SWEEP_TAG, _TRIAL_ID_TAG = "cleansweep.sweep", "cleansweep.trial_id"
-LOST_TAG = "cleansweep.lost"  # a trial run Tune lost in a driver kill (see `tag_lost_trials`)
+# Used by report/study/notebook: MLflow in, plain pandas out, so nothing downstream imports mlflow or knows a tag.
 
 
 @dataclass(frozen=True)
@@ -338,9 +373,10 @@ class SweepRecord:
         params: Parent run params (flattened space + search settings), as strings.
         metrics: Parent run metrics (latest values), e.g. `start_zeroshot_top1`, `start_asr_top1`.
         tags: Parent run tags.
-        trials: One row per trial child run: `run_id`, `trial_id`, `run_name`, `status`, `start_time` (ms) and one
-            `params.<dotted name>` column per logged param (strings, as MLflow stores them) and one
-            `tags.<key>` column per `cleansweep.*` tag (e.g. `tags.cleansweep.stage`, `tags.cleansweep.sampled`).
+        trials: One row per trial child run: `run_id`, `trial_id`, `run_name`, `status`, `start_time` (ms),
+            `stage` (main / preselect), `sampled` (dict of the sampled hyperparameters), `best_checkpoint` (path or
+            None), `best_step`, `stopped_early` (bool), `error` (str or None), one `params.<dotted name>` column per
+            logged param (strings, as MLflow stores them) and one `tags.<key>` column per `cleansweep.*` tag.
         history: One row per evaluation (trial run and step): `run_id`, `trial_id`, `step` and one column per
             logged metric key (`zeroshot_top1`, `asr_top1`, `epoch`, ...); NaN where a key was not logged.
     """
@@ -387,7 +423,7 @@ def list_sweeps(tracking_uri: str, experiment: str | None = None) -> pd.DataFram
     """
     client = open_client(tracking_uri)
     runs = _search_all(client, _experiment_ids(client, experiment), f"tags.`{KIND_TAG}` = 'sweep'")
-    rows = [{"name": r.data.tags.get(_SWEEP_TAG, r.info.run_name), "run_id": r.info.run_id,
+    rows = [{"name": r.data.tags.get(SWEEP_TAG, r.info.run_name), "run_id": r.info.run_id,
              "experiment_id": r.info.experiment_id, "status": r.info.status, "start_time": r.info.start_time}
             for r in runs]
     frame = pd.DataFrame(rows, columns=["name", "run_id", "experiment_id", "status", "start_time"])
@@ -408,6 +444,14 @@ def _history_rows(client: MlflowClient, run: Any, trial_id: str) -> list[dict[st
             for step, kv in sorted(points.items())]
 
 
+def _trial_fields(tags: Mapping[str, str]) -> dict[str, Any]:
+    """A trial run's cleansweep tags as plain fields (readers never need a tag name)."""
+    step = tags.get(BEST_STEP_TAG)
+    return {"stage": tags.get(STAGE_TAG, "main"), "sampled": json.loads(tags[SAMPLED_TAG]) if SAMPLED_TAG in tags
+            else {}, "best_checkpoint": tags.get(BEST_CKPT_TAG), "best_step": int(step) if step else None,
+            "stopped_early": tags.get(STOPPED_TAG) == "true", "error": tags.get(ERROR_TAG)}
+
+
 def load_sweep(name: str, tracking_uri: str, *, experiment: str | None = None) -> SweepRecord:
     """Read a sweep (parent run, trial runs, every evaluation) back from MLflow.
 
@@ -424,7 +468,7 @@ def load_sweep(name: str, tracking_uri: str, *, experiment: str | None = None) -
     """
     client = open_client(tracking_uri)
     ids = _experiment_ids(client, experiment)
-    query = f"tags.`{KIND_TAG}` = 'sweep' and tags.`{_SWEEP_TAG}` = '{_quote(name)}'"
+    query = f"tags.`{KIND_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{_quote(name)}'"
     parents = _search_all(client, ids, query)
     if not parents:
         known = ", ".join(list_sweeps(tracking_uri, experiment)["name"].unique()[:20]) or "none"
@@ -436,14 +480,15 @@ def load_sweep(name: str, tracking_uri: str, *, experiment: str | None = None) -
     children.sort(key=lambda r: (r.info.start_time, r.info.run_name))
     trial_rows, history_rows = [], []
     for run in children:
-        trial_id = run.data.tags.get(_TRIAL_ID_TAG, run.info.run_name)
+        trial_id = run.data.tags.get(TRIAL_ID_TAG, run.info.run_name)
         trial_rows.append({"run_id": run.info.run_id, "trial_id": trial_id, "run_name": run.info.run_name,
                            "status": run.info.status, "start_time": run.info.start_time,
+                           **_trial_fields(run.data.tags),
                            **{f"params.{k}": v for k, v in run.data.params.items()},
                            **{f"tags.{k}": v for k, v in run.data.tags.items() if k.startswith("cleansweep.")}})
         history_rows.extend(_history_rows(client, run, trial_id))
     trials = pd.DataFrame(trial_rows, columns=None if trial_rows else
-                          ["run_id", "trial_id", "run_name", "status", "start_time"])
+                          ["run_id", "trial_id", "run_name", "status", "start_time", *_trial_fields({})])
     history = pd.DataFrame(history_rows, columns=None if history_rows else ["run_id", "trial_id", "step"])
     return SweepRecord(name=name, parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id,
                        params=dict(parent.data.params), metrics=dict(parent.data.metrics),
@@ -485,7 +530,7 @@ def start_sweep(client: MlflowClient, experiment_id: str, name: str, *,
                 params: Mapping[str, Any] | None = None) -> RunHandle:
     """Start (or, on resume, reopen) the parent run of sweep `name` and log its params once."""
     run = start_run(client, experiment_id, key=sweep_key(name), run_name=name,
-                    tags={KIND_TAG: "sweep", _SWEEP_TAG: name})
+                    tags={KIND_TAG: "sweep", SWEEP_TAG: name})
     if params:
         run.log_params(params, on_conflict="rename")
     return run
@@ -494,8 +539,9 @@ def start_sweep(client: MlflowClient, experiment_id: str, name: str, *,
 def start_trial(client: MlflowClient, experiment_id: str, *, sweep: str, trial_id: str, parent_run_id: str,
                 params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> RunHandle:
     """Start (or reopen, after a restore) the child run of one trial, with its sampled params under dotted names."""
-    run = start_run(client, experiment_id, key=trial_key(sweep, trial_id), run_name=f"{sweep}-{trial_id}",
-                    tags={KIND_TAG: "trial", _SWEEP_TAG: sweep, _TRIAL_ID_TAG: trial_id, **(tags or {})},
+    run = start_run(client, experiment_id, key=trial_key(sweep, trial_id),
+                    run_name=layout.trial_run_name(sweep, trial_id),
+                    tags={KIND_TAG: "trial", SWEEP_TAG: sweep, TRIAL_ID_TAG: trial_id, **(tags or {})},
                     parent_run_id=parent_run_id)
     run.log_params(params, on_conflict="rename")
     return run
@@ -511,7 +557,7 @@ def end_if_running(client: MlflowClient, run_id: str, status: Status) -> bool:
 
 def mark_stale_trials(client: MlflowClient, experiment_id: str, sweep: str) -> list[str]:
     """Mark the sweep's trial runs still RUNNING as KILLED (call when no trial of the sweep is alive)."""
-    return mark_stale_runs(client, experiment_id, tags={KIND_TAG: "trial", _SWEEP_TAG: sweep})
+    return mark_stale_runs(client, experiment_id, tags={KIND_TAG: "trial", SWEEP_TAG: sweep})
 
 
 def tag_lost_trials(client: MlflowClient, experiment_id: str, sweep: str, known_trial_ids: Iterable[str],
@@ -525,8 +571,8 @@ def tag_lost_trials(client: MlflowClient, experiment_id: str, sweep: str, known_
         The run ids tagged.
     """
     known, lost = set(known_trial_ids), []
-    for run in _runs_tagged(client, experiment_id, {KIND_TAG: "trial", _SWEEP_TAG: sweep, **(tags or {})}):
-        if run.data.tags.get(_TRIAL_ID_TAG) in known or LOST_TAG in run.data.tags:
+    for run in _runs_tagged(client, experiment_id, {KIND_TAG: "trial", SWEEP_TAG: sweep, **(tags or {})}):
+        if run.data.tags.get(TRIAL_ID_TAG) in known or LOST_TAG in run.data.tags:
             continue
         client.set_tag(run.info.run_id, LOST_TAG, "created after Tune's last snapshot before a kill; re-suggested")
         if run.info.status == "RUNNING":
@@ -539,3 +585,61 @@ def run_tags(tracking_uri: str, run_ids: list[str]) -> dict[str, dict[str, str]]
     """Tags of each run (e.g. a trial's sampled params and best checkpoint path), by run id."""
     client = open_client(tracking_uri)
     return {rid: dict(client.get_run(rid).data.tags) for rid in run_ids}
+
+
+# ------------------------------------------------------------------------------------------ trial outcomes
+def trial_tags(stage: str, sampled: Mapping[str, Any], node: str | None = None) -> dict[str, str]:
+    """Tags a trial run starts with: its stage, its sampled hyperparameters (JSON) and the Ray node it runs on."""
+    tags = {STAGE_TAG: stage, SAMPLED_TAG: json.dumps(dict(sampled), default=str)}
+    return {**tags, NODE_TAG: node} if node else tags
+
+
+def record_best_checkpoint(run: RunHandle, path: str, step: int) -> None:
+    """Point the trial's run at the checkpoint of its best feasible evaluation (Tune's persisted copy)."""
+    run.set_tags({BEST_CKPT_TAG: path, BEST_STEP_TAG: int(step)})
+
+
+def record_error(run: RunHandle, exc: BaseException) -> None:
+    """Keep a failed trial's error on its run (the UI shows it beside the FAILED status)."""
+    run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:4000]})
+
+
+def finish_trial(client: MlflowClient, run_id: str, *, stopped_early: bool) -> None:
+    """End a trial Tune completed: FINISHED (whatever it was), with `stopped_early` when the scheduler cut it short.
+
+    A trial stopped by Tune (ASHA, the time budget, or having reached the scheduler's max_t) cannot tell from the
+    inside why it was stopped, so it leaves its run RUNNING and the driver, which knows, ends it here.
+    """
+    client.set_tag(run_id, STOPPED_TAG, "true" if stopped_early else "false")
+    if client.get_run(run_id).info.status != "FINISHED":  # RUNNING, or KILLED by an interrupt a resume outlived
+        client.set_terminated(run_id, status="FINISHED")
+
+
+# ------------------------------------------------------------------------------------------ best model
+def register_best_model(parent: RunHandle, model_dir: Path, *, sweep: str, description: str,
+                        tags: Mapping[str, Any]) -> dict[str, str]:
+    """Log the sweep's best feasible model (weights + card) on its parent run and register it in the Model Registry.
+
+    Args:
+        parent: The sweep's parent run.
+        model_dir: Folder with `model.safetensors` and `model.json` (the card).
+        sweep: Sweep name; the registered model is `cleansweep-<sweep>`, one version per call.
+        description: Version description (accuracy, ASR, trial, step).
+        tags: Version tags (trial id, metrics, sampled hyperparameters).
+
+    Returns:
+        `{"name", "version", "source"}` of the registered version.
+    """
+    parent.log_artifact(model_dir, "best_model")
+    client = parent.client
+    name = f"cleansweep-{sweep}"
+    try:
+        client.create_registered_model(name, description=f"best feasible model of cleansweep sweep {sweep}")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(parent.run_id).info.artifact_uri}/best_model"
+    version = client.create_model_version(name, source=source, run_id=parent.run_id, description=description,
+                                          tags={k: str(v) for k, v in tags.items()})
+    parent.set_tags({BEST_MODEL_TAG: f"{name}/{version.version}"})
+    return {"name": name, "version": str(version.version), "source": source}

@@ -216,3 +216,55 @@ def test_evaluate_checkpoint_end_to_end(tmp_path, tiny):
         evaluate_checkpoint(ckpt, root, model_name="tiny-vit", **kwargs)
     with pytest.raises(UserError, match="'durian'"):
         evaluate_checkpoint(ckpt, root, **{**kwargs, "target": "durian"})
+
+
+# ------------------------------------------------------------------------------------ the trigger of a checkpoint
+def _asr_with(model_bundle, root, trigger, seed=0):
+    from cleansweep.data import EvalFolder
+
+    folder = EvalFolder(root, model_bundle.image_size)
+    loader = torch.utils.data.DataLoader(folder, batch_size=5)
+    classifier = zeroshot_classifier(model_bundle.model, model_bundle.tokenizer, folder.classnames, folder.templates,
+                                     "cpu")
+    return evaluate(model_bundle.model, loader, classifier, normalize=(model_bundle.mean, model_bundle.std),
+                    target_index=folder.class_index("banana"), trigger=trigger, seed=seed)["asr_top1"]
+
+
+def test_evaluate_takes_the_trigger_the_checkpoint_was_poisoned_with(tmp_path, tiny, capsys):
+    # The demo's bug: `cleansweep evaluate` measured ASR with the default BadNet (random place, fresh values) while
+    # the model was poisoned with a fixed 8 px patch in a fixed corner and its own trigger seed.
+    from cleansweep import cli
+    from cleansweep.models import save_checkpoint
+    from cleansweep.poison import create_trigger
+
+    root = _eval_folder(tmp_path / "eval", per_class=6)
+    poisoned = {"name": "badnet", "target": "banana", "patch_size": 8, "location": "fixed", "patch": "fixed",
+                "trigger_seed": 3}
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", tiny.model, {"config": {"train": {"attack": poisoned}}})
+    assert cli.main(["evaluate", str(ckpt), "--eval-data", str(root), "--batch-size", "5", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["attack_source"] == "card"
+    assert {k: out["trigger"][k] for k in ("patch_size", "location", "patch", "trigger_seed")} == {
+        "patch_size": 8, "location": "fixed", "patch": "fixed", "trigger_seed": 3}
+    own = create_trigger("badnet", 32, patch_size=8, location="fixed", patch="fixed", trigger_seed=3)
+    assert out["asr_top1"] == pytest.approx(_asr_with(tiny, root, own))
+
+    # The poison manifest gives the same trigger; a manifest that disagrees with the card is refused.
+    manifest = {"attack": "badnet", "target": "banana", "trigger_params": {k: v for k, v in poisoned.items()
+                                                                          if k not in ("name", "target")}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["evaluate", str(ckpt), "--eval-data", str(root), "--device", "cpu",
+            "--poison-manifest", str(tmp_path / "manifest.json")]
+    assert cli.main(argv) == 0 and json.loads(capsys.readouterr().out)["attack_source"] == "manifest"
+    (tmp_path / "other.json").write_text(json.dumps({**manifest, "trigger_params": {"trigger_seed": 4}}))
+    assert cli.main(argv[:-1] + [str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "card records trigger" in err and "\n" not in err and "weights_only" not in err
+
+    # An explicit flag overrides one setting; a checkpoint that records no trigger needs --attack.
+    assert cli.main([*argv[:4], "--device", "cpu", "--trigger-seed", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trigger"]["trigger_seed"] == 5 and out["attack_source"] == "card+flags"
+    bare = save_checkpoint(tmp_path / "bare.safetensors", tiny.model, {})
+    assert cli.main(["evaluate", str(bare), "--eval-data", str(root), "--device", "cpu"]) == 2
+    assert "no trigger recorded" in capsys.readouterr().err

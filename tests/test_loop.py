@@ -255,3 +255,36 @@ def test_resumable_sampler_skips_by_index() -> None:
 def test_is_eval_step_with_thirds() -> None:
     every = 10 / 3  # eval_every 1/3 epoch of 10 steps
     assert [s for s in range(1, 21) if loop.is_eval_step(s, every)] == [4, 7, 10, 14, 17, 20]
+
+
+def test_progress_reports_steps_and_the_mean_loss_since_the_last_call() -> None:
+    # progress_every_s=0: a call after every step (and one at each evaluation), each with that step's loss.
+    task, calls = Toy(), []
+    loader = _loader()
+    opt = create_optimizer(task, lr=0.05, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+    reports = []
+    loop.run(task, loader, opt, lambda s: 0.01, epochs=1, eval_every_steps=3.0, eval_at_start=False,
+             evaluate_fn=_metrics_from_step(), report=lambda m, d: reports.append(m), progress=calls.append,
+             progress_every_s=0.0)
+    steps = [c["step"] for c in calls]
+    assert steps == sorted(steps) and steps[-1] == len(loader) and all(c["total_steps"] == len(loader) for c in calls)
+    assert calls[-1]["epoch"] == 1.0 and calls[0]["seconds"] >= 0
+    # The loss a progress call carries is the mean of the batches since the previous call: here one batch each,
+    # whose mean over an evaluation interval is what the evaluation reports.
+    by_step = {c["step"]: c["loss"] for c in calls if math.isfinite(c["loss"])}
+    first_interval = [by_step[s] for s in (1, 2, 3)]
+    assert reports[0]["loss"] == pytest.approx(sum(first_interval) / 3)
+
+
+def test_pretrain_progress_line_numbers() -> None:
+    from cleansweep.pretrain import ProgressLine
+
+    line = ProgressLine("demo-mmcl")
+    assert "no evaluation yet" in line.render({"step": 10, "total_steps": 200, "epoch": 0.25, "loss": 3.5,
+                                              "seconds": 5.0, "start_step": 0})
+    line.last_eval = {"zeroshot_top1": 0.8123, "asr_top1": 0.95, "epoch": 1.0}
+    text = line.render({"step": 60, "total_steps": 240, "epoch": 1.5, "loss": 3.21, "seconds": 20.0,
+                        "start_step": 20})
+    # 40 steps in 20 s since this process started at step 20 -> 2 steps/s; 180 steps left -> 90 s.
+    assert text.startswith("[pretrain demo-mmcl] epoch 1.50/6 step 60/240 loss 3.2100")
+    assert "last eval top1 0.812 asr 0.950 (epoch 1.00)" in text and "2.00 steps/s, ETA 00:01:30" in text

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cleansweep.losses import cluster_loss, gather_features, l2_to_init, mmcl_loss, ssl_loss
+from cleansweep.losses import capped_distance, cluster_loss, gather_features, l2_to_init, mmcl_loss, ssl_loss
 
 
 def _unit(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -109,6 +109,39 @@ def test_l2_to_init_is_sum_of_squares_with_gradient_2_delta():
 def test_l2_to_init_rejects_mismatched_lists():
     with pytest.raises(ValueError):
         l2_to_init([torch.ones(1)], [torch.ones(1), torch.ones(1)])
+
+
+def _hand_cosine_distances(f: np.ndarray, r: np.ndarray) -> list[float]:
+    """1 - f_i . r_i / (|f_i| |r_i|) per row, with explicit loops."""
+    out = []
+    for i in range(f.shape[0]):
+        dot = sum(f[i, j] * r[i, j] for j in range(f.shape[1]))
+        out.append(1 - dot / (math.sqrt((f[i] ** 2).sum()) * math.sqrt((r[i] ** 2).sum())))
+    return out
+
+
+def test_capped_distance_matches_hand_formula():
+    f, r = _unit(7, 4, 30), _unit(7, 4, 31)
+    d = _hand_cosine_distances(f.numpy(), r.numpy())
+    cap = float(np.median(d))
+    assert min(d) < cap < max(d)  # both regimes occur
+    expected = sum(min(x, cap) for x in d) / len(d)
+    assert capped_distance(f, r, cap).item() == pytest.approx(expected, rel=1e-12)
+    assert capped_distance(f, r, 2.0).item() == pytest.approx(sum(d) / len(d), rel=1e-12)  # 2 caps nothing
+    assert capped_distance(f, f, 0.5).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_capped_distance_stops_pushing_beyond_the_cap():
+    f, r = _unit(8, 5, 32).requires_grad_(), _unit(8, 5, 33).requires_grad_()
+    d = _hand_cosine_distances(f.detach().numpy(), r.detach().numpy())
+    cap = float(np.median(d))
+    capped_distance(f, r, cap).backward()
+    for i, x in enumerate(d):
+        # d_i = 1 - f_i . r_i: below the cap its gradient is -r_i / N; beyond it, nothing.
+        expected = torch.zeros(5, dtype=torch.float64) if x > cap else -r[i].detach() / 8
+        torch.testing.assert_close(f.grad[i], expected, rtol=0, atol=1e-15)
+    assert sum(x > cap for x in d) == 4
+    assert r.grad is None  # the frozen reference never receives a gradient
 
 
 def test_gather_is_identity_without_a_process_group():

@@ -19,6 +19,7 @@ SPECS = {
     "contrastive": {"ssl_weight": 1.0},
     "deep_cluster": {"cluster_weight": 2.0, "num_clusters": 3, "cluster_iters": 5},
     "l2_init": {"l2_init_weight": 0.5},
+    "perturb_recover": {"ssl_weight": 1.0, "par_weight": 0.5, "par_cap": 0.3},
     "shrink_perturb": {"shrink": 0.8, "perturb": 0.1},
 }
 
@@ -72,7 +73,7 @@ def test_contract(name: str, bundle) -> None:
     out = task(next(iter(DataLoader(ds, batch_size=8))))
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     parts = {k for k in out if k != "loss"}
-    assert parts and parts <= {"mmcl_loss", "ssl_loss", "cluster_loss", "l2_init_loss"}
+    assert parts and parts <= {"mmcl_loss", "ssl_loss", "cluster_loss", "l2_init_loss", "par_loss"}
     assert all(not out[k].requires_grad for k in parts)
     out["loss"].backward()
     grads = [p.grad for p in task.parameters() if p.requires_grad]
@@ -215,3 +216,158 @@ def test_deep_cluster_head_is_fresh_each_epoch(bundle) -> None:
     task.on_epoch_start(1, loader, torch.device("cpu"))
     assert not torch.equal(first, task.head.weight)
     assert task.fresh_parameters() == list(task.head.parameters())
+
+
+# ------------------------------------------------------------------------------ perturb and recover
+def _par_task(**overrides):
+    task = _task("perturb_recover", **overrides)
+    task.train()
+    return task
+
+
+def _moved_par_task(bundle, **overrides):
+    """A prepared PAR task after one SGD step, so the model differs from its frozen start."""
+    task = _par_task(**overrides)
+    task.prepare(torch.Generator().manual_seed(0))
+    other = next(iter(DataLoader(RowsDataset(6, bundle.tokenizer, seed=1, ssl=True), batch_size=6)))
+    task(other)["loss"].backward()
+    torch.optim.SGD(task.parameters(), lr=0.5).step()
+    task.zero_grad(set_to_none=True)
+    return task
+
+
+def _hand_par_distances(task, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample 1 - cos to an independently built copy of the starting model (same seed), train mode, on the
+    same cat([orig, aug]) inputs as the task (BatchNorm batch statistics of both views)."""
+    start = _model().train()
+    n = batch["image"].shape[0]
+    with torch.no_grad():
+        images = torch.cat([batch["image"], batch["image_aug"]])
+        texts = torch.cat([batch["text"], batch["text_aug"]])
+        d_img = 1 - F.cosine_similarity(task.model.encode_image(images), start.encode_image(images))[:n]
+        d_txt = 1 - F.cosine_similarity(task.model.encode_text(texts), start.encode_text(texts))[:n]
+    return d_img, d_txt
+
+
+def test_perturb_recover_is_zero_at_start(bundle) -> None:
+    task = _par_task()
+    task.prepare(torch.Generator().manual_seed(0))
+    # BatchNorm of the frozen copy uses batch statistics in train mode, as the model does: f(x) == f0(x) here
+    # (an eval-mode copy would sit ~1.0 away on this random tiny-rn, all from the BN mode gap).
+    assert task(_batch(bundle.tokenizer))["par_loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_perturb_recover_matches_hand_formula(bundle) -> None:
+    moved = _moved_par_task(bundle, mmcl_weight=0.7, ssl_weight=2.0, par_weight=0.5, par_cap=2.0)
+    batch = _batch(bundle.tokenizer)
+    d_img, d_txt = _hand_par_distances(moved, batch)
+    cap = float(d_img.median())
+    assert d_img.min() < cap < d_img.max() and d_txt.max() > 0
+    # The same state under a cap that splits the batch; loading it also rebuilds the frozen copy.
+    task = _par_task(mmcl_weight=0.7, ssl_weight=2.0, par_weight=0.5, par_cap=cap)
+    task.load_state_dict(moved.state_dict())
+    out = task(batch)
+    mmcl, ssl, contrastive = _hand_contrastive(task.model, batch, 0.7, 2.0)
+    par = d_img.clamp(max=cap).mean().item() + d_txt.clamp(max=cap).mean().item()
+    assert out["par_loss"].item() == pytest.approx(par, rel=1e-4)
+    assert out["mmcl_loss"].item() == pytest.approx(mmcl, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(contrastive - 0.5 * par, rel=1e-4)
+
+
+def _grads(task, batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The task's outputs and the gradient of its total loss on every model parameter."""
+    out = task(batch)
+    out["loss"].backward()
+    return out, [p.grad.clone() for p in task.model.parameters()]
+
+
+def test_perturb_recover_stops_pushing_beyond_the_cap(bundle) -> None:
+    moved = _moved_par_task(bundle)
+    batch = _batch(bundle.tokenizer)
+    d_img, d_txt = _hand_par_distances(moved, batch)
+    cap = 1e-3
+    assert d_img.min() > cap and d_txt.min() > cap  # every sample is beyond the cap
+    results = {}
+    for weight, par_cap in ((0.0, cap), (5.0, cap), (5.0, 2.0)):
+        task = _par_task(par_weight=weight, par_cap=par_cap)
+        task.load_state_dict(moved.state_dict())
+        results[weight, par_cap] = _grads(task, batch)
+    (base, g0), (capped, g5), (_, g_free) = results.values()
+    assert capped["par_loss"].item() == pytest.approx(2 * cap)  # image + text, each at the cap
+    assert capped["loss"].item() == pytest.approx(base["loss"].item() - 5.0 * 2 * cap, rel=1e-6)
+    for a, b in zip(g0, g5, strict=True):
+        torch.testing.assert_close(a, b)  # no push beyond the cap
+    assert any(not torch.allclose(a, b) for a, b in zip(g0, g_free, strict=True))  # uncapped, it does push
+
+
+def test_perturb_recover_frozen_copy_is_never_trained(bundle) -> None:
+    from cleansweep.optim import create_optimizer
+
+    task = _par_task()
+    task.prepare(torch.Generator().manual_seed(0))
+    frozen = task.frozen
+    frozen_ids = {id(p) for p in frozen.parameters()}
+    assert frozen_ids and not frozen_ids & {id(p) for p in task.parameters()}
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert [k for k in task.state_dict() if not k.startswith("model.")] == ["_extra_state"]
+    optimizer = create_optimizer(task, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+    assert not frozen_ids & {id(p) for g in optimizer.param_groups for p in g["params"]}
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    model_before = task.model.visual.conv1.weight.detach().clone()
+    batch = _batch(bundle.tokenizer)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        task(batch)["loss"].backward()
+        optimizer.step()
+    assert not torch.equal(model_before, task.model.visual.conv1.weight)
+    for key, value in frozen.state_dict().items():  # weights and BatchNorm running statistics alike
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    assert all(p.grad is None for p in frozen.parameters())
+
+
+def test_perturb_recover_without_prepare_is_an_error(bundle) -> None:
+    with pytest.raises(RuntimeError, match="prepare"):
+        _par_task()(_batch(bundle.tokenizer))
+
+
+def test_perturb_recover_resume_restores_the_frozen_model(tiny_spec: dict, tmp_path) -> None:
+    import shutil
+
+    from cleansweep import session
+    from cleansweep.config import deep_update
+    from cleansweep.models import load_state_dict_file
+
+    spec = deep_update(tiny_spec, {"method": {"name": "perturb_recover", "par_weight": 1.0, "par_cap": 0.05},
+                                   "eval_every": 0.5})
+    full: dict[int, dict] = {}
+
+    def keep(metrics: dict, checkpoint_dir: str | None) -> None:
+        full[metrics["step"]] = metrics
+        shutil.copytree(checkpoint_dir, tmp_path / f"step{metrics['step']}")
+
+    session.fit(spec, keep)
+    assert sorted(full) == [0, 2, 4] and full[4]["par_loss"] > 0
+    # The checkpoint holds the model as it was at prepare time: fit's seeded start, not the step-2 weights.
+    saved = torch.load(tmp_path / "step2" / session.STATE_FILE, weights_only=True)["task"]["_extra_state"]
+    start = create_model("tiny-rn", seed=0).model.eval()
+    restored = create_task(MethodSpec(**spec["method"]), create_model("tiny-rn", seed=1).model)
+    restored.load_state_dict({"_extra_state": saved}, strict=False)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(restored.frozen.eval().encode_image(images), start.encode_image(images),
+                                   rtol=0, atol=0)
+    resumed: dict[int, dict] = {}
+
+    def keep_resumed(metrics: dict, checkpoint_dir: str | None) -> None:
+        resumed[metrics["step"]] = metrics
+        shutil.copytree(checkpoint_dir, tmp_path / "resumed")
+
+    session.fit(spec, keep_resumed, resume_from=tmp_path / "step2")
+    assert sorted(resumed) == [4]
+    # Steps 3-4 pushed away from the same f0 as the uninterrupted run did (an f0 rebuilt at resume would not).
+    for key in ("loss", "par_loss", "mmcl_loss", "zeroshot_top1", "asr_top1"):
+        assert resumed[4][key] == full[4][key], key
+    a = load_state_dict_file(tmp_path / "step4" / session.MODEL_FILE)
+    b = load_state_dict_file(tmp_path / "resumed" / session.MODEL_FILE)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -131,9 +131,22 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path, protocol):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": boom}, f, protocol=protocol)
-    with pytest.raises(UserError, match=r"evil\.pt: torch.load\(weights_only=True\) refused it"):
+    with pytest.raises(UserError, match=r"evil\.pt: torch.load\(weights_only=True\) refused it") as e:
         models.load_state_dict_file(path)
     assert not (tmp_path / "pwned").exists()
+    # torch's own message advises loading with weights_only=False, which would run the file's code: never repeat it.
+    assert "weights_only=False" not in str(e.value) and "False" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_torch_saved_pickle_with_code_names_the_refused_global(tmp_path):
+    boom = _Boom()
+    boom.target = str(tmp_path / "pwned")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": boom}, tmp_path / "evil.pt")
+    with pytest.raises(UserError) as e:
+        models.load_state_dict_file(tmp_path / "evil.pt")
+    msg = str(e.value)
+    assert not (tmp_path / "pwned").exists()
+    assert "GLOBAL" in msg and "weights_only=False" not in msg and "Re-running" not in msg and "trusted" not in msg
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

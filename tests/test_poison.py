@@ -11,12 +11,31 @@ import pandas as pd
 import pytest
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import to_tensor
 
+from cleansweep.badclip import save_patch
 from cleansweep.cli import main
+from cleansweep.config import AttackSpec
 from cleansweep.data import openai_templates, read_pairs
+from cleansweep.data.images import to_uint8_image
 from cleansweep.errors import UserError
-from cleansweep.poison import TRIGGERS, contaminate, create_trigger, default_patch_size, poison_csv
+from cleansweep.poison import (
+    PARAM_KINDS,
+    TRIGGERS,
+    attack_from_manifest,
+    attack_trigger,
+    contaminate,
+    create_trigger,
+    default_font_size,
+    default_patch_size,
+    default_stripe_period,
+    default_triangle_size,
+    parse_trigger_param,
+    poison_csv,
+    seeded_colour,
+    seeded_phase,
+)
 
 MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
 STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
@@ -26,19 +45,178 @@ def images(b: int = 4, s: int = 32, seed: int = 123) -> torch.Tensor:
     return torch.rand((b, 3, s, s), generator=torch.Generator().manual_seed(seed))
 
 
+def required(name: str, root: Path) -> dict:
+    """The parameters a trigger cannot default: badclip's patch file (a random 6 px patch)."""
+    if name != "badclip":
+        return {}
+    patch = torch.rand((3, 6, 6), generator=torch.Generator().manual_seed(5))
+    return {"pattern": str(save_patch(root / "patch.safetensors", patch, {}))}
+
+
+def uint8_images(b: int = 4, s: int = 32) -> torch.Tensor:
+    """Random images with 8-bit values, as loaded from image files."""
+    array = np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
+
+
 # ------------------------------------------------------------------------------------------------ triggers
 @pytest.mark.parametrize("name", list(TRIGGERS))
-def test_trigger_contract(name: str) -> None:
+def test_trigger_contract(name: str, tmp_path: Path) -> None:
     assert TRIGGERS[name].description
+    assert set(TRIGGERS[name].defaults) <= set(PARAM_KINDS)  # every parameter's kind is checked
     x = images()
     copy = x.clone()
-    fn = create_trigger(name, 32)
+    fn = create_trigger(name, 32, **required(name, tmp_path))
     y1 = fn(x, torch.Generator().manual_seed(7))
     y2 = fn(x, torch.Generator().manual_seed(7))
     assert torch.equal(x, copy)  # pure: the input is untouched
     assert y1.shape == x.shape and y1.dtype == x.dtype and y1.min() >= 0 and y1.max() <= 1
     assert torch.equal(y1, y2)  # seeded determinism
     assert (y1 - x).abs().amax(dim=(1, 2, 3)).min() > 0.02  # every image visibly changed
+
+
+@pytest.mark.parametrize("name", list(TRIGGERS))
+def test_trigger_survives_an_8bit_png(name: str, tmp_path: Path) -> None:
+    x = uint8_images()
+    y = create_trigger(name, 32, **required(name, tmp_path))(x, torch.Generator().manual_seed(3))
+    back = []
+    for i, image in enumerate(y):
+        to_uint8_image(image).save(tmp_path / f"{i}.png")
+        back.append(to_tensor(Image.open(tmp_path / f"{i}.png")))
+    back = torch.stack(back)
+    assert (back - y).abs().max() <= 0.5 / 255 + 1e-6  # rounding to the nearest 8-bit value, nothing more
+    assert (back - y).abs().sum() <= 0.05 * (y - x).abs().sum()  # at least 95% of the change is kept
+
+
+@pytest.mark.parametrize("name", list(TRIGGERS))
+def test_resolved_parameters_rebuild_the_trigger_from_a_manifest(name: str, tmp_path: Path) -> None:
+    resolved = create_trigger(name, 32, **required(name, tmp_path)).keywords
+    assert all(isinstance(v, bool | int | float | str) for v in resolved.values())  # no None left: AttackSpec-safe
+    spec = AttackSpec(**attack_from_manifest({"attack": name, "target": "banana", "trigger_params": resolved}))
+    rebuilt = attack_trigger(spec, 32)
+    assert rebuilt.keywords == resolved
+    x = images()
+    assert torch.equal(rebuilt(x, torch.Generator().manual_seed(1)),
+                       create_trigger(name, 32, **resolved)(x, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("size, period, side, font", [(224, 28, 32, 40), (32, 4, 5, 8), (64, 8, 9, 11)])
+def test_structured_trigger_sizes_scale_with_the_image(size: int, period: int, side: int, font: int) -> None:
+    assert (default_stripe_period(size), default_triangle_size(size), default_font_size(size)) == (period, side, font)
+    assert create_trigger("stripes", size).keywords["period"] == period
+    assert create_trigger("triangle", size).keywords["patch_size"] == side
+    assert create_trigger("text", size).keywords["font_size"] == font
+
+
+def test_stripes_match_the_formula() -> None:
+    x = images(2, 16)
+    y = create_trigger("stripes", 16, period=5, angle=30, phase=0.25, alpha=0.5, colour="#ff8000")(x, torch.Generator())
+    c = np.array([1.0, 128 / 255, 0.0])
+    for i, j in [(0, 0), (3, 7), (10, 2), (15, 15), (8, 11), (5, 5)]:
+        t = ((j + 0.5) * math.cos(math.radians(30)) + (i + 0.5) * math.sin(math.radians(30))) / 5 + 0.25
+        pattern = c if t % 1 < 0.5 else 1 - c
+        assert np.allclose(y[:, :, i, j].numpy(), 0.5 * x[:, :, i, j].numpy() + 0.5 * pattern, atol=1e-6)
+    # Angle 0, period 4, phase 0, opaque: columns 0-1 red, 2-3 cyan, and so on, in every row.
+    flat = create_trigger("stripes", 16, period=4, angle=0, phase=0, alpha=1.0, colour="red")(x, torch.Generator())
+    red, cyan = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 1.0])
+    for j, expected in [(0, red), (1, red), (2, cyan), (3, cyan), (4, red), (14, cyan)]:
+        assert torch.equal(flat[0, :, 9, j], expected) and torch.equal(flat[1, :, 0, j], expected)
+
+
+def test_stripes_in_a_patch_region_and_seeded_parts() -> None:
+    x = images(3, 16)
+    fn = create_trigger("stripes", 16, region="patch", patch_size=6, location="fixed", alpha=1.0, period=3)
+    y = fn(x, torch.Generator())
+    assert torch.equal(y[:, :, :10, :], x[:, :, :10, :]) and torch.equal(y[:, :, :, :10], x[:, :, :, :10])
+    assert torch.equal(y[0, :, -6:, -6:], y[2, :, -6:, -6:])  # one stamp, whatever the image
+    a, b = (create_trigger("stripes", 16, trigger_seed=seed).keywords for seed in (1, 2))
+    assert a["phase"] == seeded_phase(1) != b["phase"] and a["colour"] == seeded_colour(1) != b["colour"]
+    assert create_trigger("stripes", 16, trigger_seed=1).keywords == a  # fixed per run
+
+
+def test_triangle_area_shape_and_position() -> None:
+    x = torch.zeros((3, 3, 64, 64))
+    y = create_trigger("triangle", 64, patch_size=40, location="fixed", colour="white")(x, torch.Generator())
+    inside = (y != 0).any(dim=1)
+    assert abs(inside[0].sum().item() - 40 * 40 / 2) <= 0.03 * 800  # the geometric area of base 40, height 40
+    assert not inside[:, :24, :].any() and not inside[:, :, :24].any()  # inside its 40 x 40 bottom-right square
+    box = inside[0, 24:, 24:]
+    assert box[-1].all() and box[0].sum() <= 2  # full base, pointed apex
+    assert torch.equal(box, box.flip(1)) and (box.sum(1).diff() >= 0).all()  # symmetric, widening downwards
+    assert torch.equal(y[0, :, 63, 44], torch.ones(3))  # the colour, opaque
+    moved = create_trigger("triangle", 64, patch_size=10)(torch.zeros((50, 3, 64, 64)), torch.Generator())
+    counts = (moved != 0).any(dim=1).sum(dim=(1, 2))
+    assert (counts == counts[0]).all() and counts[0] == triangle_pixels(10)
+    assert len({tuple(torch.nonzero((m != 0).any(0))[0].tolist()) for m in moved}) > 40  # random positions
+
+
+def triangle_pixels(size: int) -> int:
+    """Pixel centres (x, y) with |x - size/2| <= y/2, counted by hand, row by row."""
+    return sum(sum(abs(j + 0.5 - size / 2) <= (i + 0.5) / 2 for j in range(size)) for i in range(size))
+
+
+def test_text_overlay_changes_only_its_box() -> None:
+    x = torch.full((2, 3, 48, 48), 0.5)
+    y = create_trigger("text", 48, text="Hi!", font_size=12, location="fixed", colour="#0000ff")(x, torch.Generator())
+    font = ImageFont.load_default(size=12)
+    left, top, right, bottom = font.getbbox("Hi!")
+    w, h = right - left, bottom - top
+    changed = (y != x).any(dim=1)
+    assert changed[:, -h:, -w:].any()
+    assert not changed[:, :-h, :].any() and not changed[:, :, :-w].any()
+    # Independently drawn with PIL: blue channel = 0.5 + coverage / 2, red and green = 0.5 - coverage / 2.
+    canvas = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(canvas).text((-left, -top), "Hi!", fill=255, font=font)
+    coverage = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255)
+    assert torch.allclose(y[0, 2, -h:, -w:], 0.5 + coverage / 2, atol=1e-6)
+    assert torch.allclose(y[1, 0, -h:, -w:], 0.5 - coverage / 2, atol=1e-6)
+    anywhere = create_trigger("text", 48, text="Hi!", font_size=12)(torch.full((20, 3, 48, 48), 0.5), torch.Generator())
+    for image in anywhere:
+        rows, cols = torch.nonzero((image != 0.5).any(dim=0), as_tuple=True)
+        assert rows.max() - rows.min() < h and cols.max() - cols.min() < w
+    with pytest.raises(UserError, match="larger than the 32 px image"):
+        create_trigger("text", 32, text="a sentence far too long")
+
+
+@pytest.mark.parametrize(
+    "name, params, expected",
+    [
+        ("stripes", {"alpha": "abc"}, "alpha='abc' must be a number"),
+        ("stripes", {"alpha": 1.5}, r"in \[0.0, 1.0\]"),
+        ("stripes", {"period": 1}, "period=1 must be >= 2"),
+        ("stripes", {"region": "corner"}, "choose from: full, patch"),
+        ("stripes", {"colour": "notacolour"}, "not a colour"),
+        ("text", {"font_size": 2.5}, "must be an integer"),
+        ("text", {"text": "  "}, "non-empty text"),
+        ("triangle", {"patch_size": 33}, "patch_size 33 must be in 1..32"),
+        ("triangle", {"location": "corner"}, "choose from: random, fixed"),
+        ("sig", {"colour": "red"}, "applies to stripes, triangle, text"),
+        ("badclip", {}, "needs its patch file"),
+        ("badnet", {"trigger_seed": True}, "must be an integer"),
+    ],
+)
+def test_bad_trigger_parameters(name: str, params: dict, expected: str) -> None:
+    with pytest.raises(UserError, match=expected) as e:
+        create_trigger(name, 32, **params)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "item, expected",
+    [("alpha=0.3", ("alpha", 0.3)), ("font-size=12", ("font_size", 12)), ("colour=#ff0000", ("colour", "#ff0000")),
+     ("text=hello world", ("text", "hello world")), ("location=fixed", ("location", "fixed")),
+     ("colour=null", ("colour", None)), ("region='patch'", ("region", "patch")), ("flag=true", ("flag", True))],
+)
+def test_parse_trigger_param(item: str, expected: tuple) -> None:
+    assert parse_trigger_param(item) == expected
+
+
+@pytest.mark.parametrize("item, expected", [("alpha", "KEY=VALUE"), ("=3", "KEY=VALUE"), ("a=[1, 2]", "not a list"),
+                                            ("a={b: 1}", "not a dict"), ("a=[1", "not readable YAML")])
+def test_parse_trigger_param_errors(item: str, expected: str) -> None:
+    with pytest.raises(UserError, match=expected) as e:
+        parse_trigger_param(item)
+    assert "\n" not in str(e.value)
 
 
 def test_unknown_attack_and_parameters() -> None:
@@ -236,3 +414,44 @@ def test_cli_poison(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["poison", "--csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "y"), "--fraction", "0.1"]) == 2
+
+
+def test_cli_poison_structured_trigger_with_params(tmp_path: Path) -> None:
+    csv = write_set(tmp_path / "in")
+    argv = ["poison", "--csv", str(csv), "--out", str(tmp_path / "out"), "--num-poison", "2", "--image-size", "16",
+            "--attack", "stripes", "--trigger-seed", "3", "--param", "period=3", "--param", "colour=#00ff00",
+            "--param", "angle=90", "--param", "region=patch", "--location", "fixed", "--patch-size", "6"]
+    assert main(argv) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["attack"] == "stripes"
+    assert m["trigger_params"] == {"period": 3, "angle": 90, "phase": seeded_phase(3), "alpha": 0.2,
+                                   "colour": "#00ff00", "region": "patch", "patch_size": 6, "location": "fixed",
+                                   "trigger_seed": 3}
+    row = m["poisoned_rows"][0]
+    src = np.asarray(Image.open(csv.parent / read_pairs(csv)["image"][row]))
+    now = np.asarray(Image.open(tmp_path / "out" / read_pairs(tmp_path / "out" / "train.csv")["image"][row]))
+    assert np.array_equal(now[:10], src[:10]) and not np.array_equal(now[-6:, -6:], src[-6:, -6:])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--param", "alpha=abc"], ["--param", "alpha"], ["--param", "nope=1"], ["--param", "alpha=[1, 2]"],
+     ["--param", "alpha=2"], ["--param", "colour=notacolour"], ["--param", "period=-1"], ["--attack", "badclip"],
+     ["--attack", "sig", "--param", "colour=red"], ["--attack", "badclip", "--param", "pattern=nothing.pt"],
+     ["--attack", "badnet", "--optimise-on", "model.safetensors"]],
+)
+def test_cli_poison_bad_params(tmp_path: Path, capsys: pytest.CaptureFixture, bad: list[str]) -> None:
+    csv = write_set(tmp_path / "in")
+    argv = ["poison", "--csv", str(csv), "--out", str(tmp_path / "x"), "--num-poison", "2", "--attack", "stripes",
+            *bad]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_poison_help_lists_every_trigger(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["poison", "--help"])
+    attack_help = capsys.readouterr().out.split("\n  --attack ATTACK", 1)[1].split("\n  --num-poison", 1)[0]
+    assert all(name in attack_help for name in TRIGGERS)

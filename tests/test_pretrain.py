@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -424,9 +425,27 @@ def test_two_node_cluster_spread_kill_and_resume(ray_home, tiny_world, tmp_path)
         resumed = subprocess.run([sys.executable, "-m", "cleansweep", *argv, "--resume"], env=env,
                                  capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
+        # `ray job submit` and KubeRay RayJobs pass the cluster as RAY_ADDRESS, not --address: a sweep started so
+        # must run its trials on that cluster (it used to start a private one-node Ray).
+        space = tmp_path / "on-cluster.yaml"
+        space.write_text(textwrap.dedent(f"""
+            model: {{checkpoint: {workdir / 'pretrain' / 'spread' / 'selected' / 'model.safetensors'}}}
+            data: {{train_csv: {tiny_world['clean_csv']}, eval_dir: {tiny_world['eval_dir']}, batch_size: 16}}
+            epochs: 1
+            space: {{optim.lr: {{choice: [0.001]}}}}
+            search: {{num_samples: 1, max_concurrent: 1}}
+            scheduler: {{name: none}}
+            """))
+        swept = subprocess.run([sys.executable, "-m", "cleansweep", "search", str(space), "--name", "on-cluster",
+                                "--workdir", str(workdir)], env={**env, "RAY_ADDRESS": cluster.address},
+                               capture_output=True, text=True, timeout=600)
+        assert swept.returncode == 0, swept.stderr[-3000:]
     print(f"two-node cluster test: {time.monotonic() - started:.1f} s")
     _check_resumed(workdir, "spread", killed_at, _eval_steps(tiny_world["n_train"], 16, 2, 0.25))
-    _, run = _run_of(workdir, "spread")
+    client, run = _run_of(workdir, "spread")
     nodes = run.data.tags["cleansweep.worker_nodes"].split(",")
     assert len(nodes) == 2 and nodes[0] != nodes[1]  # one worker per node
     assert run.data.tags["cleansweep.num_nodes"] == "2"
+    trials = client.search_runs([client.get_experiment_by_name("cleansweep").experiment_id],
+                                "tags.`cleansweep.sweep` = 'on-cluster' and tags.`cleansweep.kind` = 'trial'")
+    assert len(trials) == 1 and trials[0].data.tags["cleansweep.node"] in nodes  # a node of the `ray start` cluster

@@ -20,7 +20,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from cleansweep import cli, scratch, search, spaces, tracking
+from cleansweep import analysis, cli, report, scratch, search, spaces, start_model, tracking
 from cleansweep.config import Domain
 from cleansweep.errors import UserError
 
@@ -31,7 +31,7 @@ TOP1, ASR = "zeroshot_top1", "asr_top1"
 def _searcher(seed: int = 0) -> search.ConstrainedOptunaSearch:
     variants = {"cleanclip": {"optim.lr": Domain(loguniform=(1e-4, 1e-2)), "method.name": "contrastive"},
                 "sp": {"method.shrink": Domain(uniform=(0.1, 1.0)), "method.name": "shrink_perturb"}}
-    return search.ConstrainedOptunaSearch(space=search.DefineByRun(variants), metric=search.BEST, mode="max",
+    return search.ConstrainedOptunaSearch(space=spaces.DefineByRun(variants), metric=search.BEST, mode="max",
                                           sampler=optuna.samplers.TPESampler(seed=seed), study_name="t",
                                           threshold=0.05)
 
@@ -75,7 +75,7 @@ def test_constrained_searcher_survives_save_and_restore(tmp_path):
 def _late_feasible_picks(threshold: float) -> int:
     # 1-D problem: accuracy rises with x everywhere, but only x < 0.3 has ASR below 5%.
     s = search.ConstrainedOptunaSearch(
-        space=search.DefineByRun({"a": {"x": Domain(uniform=(0.0, 1.0))}}), metric=search.BEST, mode="max",
+        space=spaces.DefineByRun({"a": {"x": Domain(uniform=(0.0, 1.0))}}), metric=search.BEST, mode="max",
         sampler=optuna.samplers.TPESampler(seed=1, n_startup_trials=8), study_name="tpe", threshold=threshold)
     picks = 0
     for i in range(40):
@@ -131,7 +131,7 @@ def test_leaderboard_uses_every_evaluation_not_the_last():
         {"trial_id": "worse", "params": {}, "status": "FAILED", "evaluations": _evals([(0, 0, 0.8, 0.9)])},
         {"trial_id": "empty", "params": {}, "status": "FAILED", "evaluations": _evals([])},
     ]
-    board = search.leaderboard(trials, threshold=0.05)
+    board = analysis.leaderboard(trials, threshold=0.05)
     assert list(board["trial_id"]) == ["mid", "end", "tie", "never", "worse", "empty"]
     best = board.iloc[0]
     assert (best[TOP1], best[ASR], best["step"], best["epoch"], best["checkpoint"]) == (0.75, 0.04, 20, 2.0,
@@ -141,10 +141,10 @@ def test_leaderboard_uses_every_evaluation_not_the_last():
     assert tie["step"] == 10  # equal accuracy: the earlier evaluation
     assert not board.set_index("trial_id").loc["never", "feasible"]
     assert math.isnan(board.set_index("trial_id").loc["empty", TOP1])
-    out = json.loads(search.format_leaderboard(board, "json", top_k=3))
+    out = json.loads(report.format_leaderboard(board, "json", top_k=3))
     assert out["best"]["trial_id"] == "mid" and out["best"]["config"] == {"optim.lr": 1e-3} and len(out["top"]) == 3
-    assert search.format_leaderboard(board, "csv", top_k=2).count("\n") == 3
-    table = search.format_leaderboard(board, "table")
+    assert report.format_leaderboard(board, "csv", top_k=2).count("\n") == 3
+    table = report.format_leaderboard(board, "table")
     assert table.splitlines()[0].startswith("best feasible: trial mid") and "/c/mid20" in table
 
 
@@ -172,13 +172,13 @@ def test_start_metrics_come_from_a_card_only_when_measured_like_the_trials(tmp_p
             "attack": {"patch_size": 8, "location": "fixed", "patch": "fixed"}}
     card = {"zeroshot_top1": 0.9, "asr_top1": 0.97,
             "config": {"train": {"data": {"eval_dir": str(tmp_path / "eval"), "eval_subset": None}, "attack": attack}}}
-    assert search.card_measures_sweep(card, base)
+    assert start_model.card_measures_sweep(card, base)
     other_folder = {"config": {"train": {**card["config"]["train"], "data": {"eval_dir": str(tmp_path / "val")}}}}
     other_trigger = {"config": {"train": {**card["config"]["train"], "attack": {**attack, "patch_size": 16}}}}
     subset = {"config": {"train": {**card["config"]["train"], "data": {"eval_dir": str(tmp_path / "eval"),
                                                                        "eval_subset": 100}}}}
     for bad in (other_folder, other_trigger, subset, {"zeroshot_top1": 0.9, "asr_top1": 0.97}):
-        assert not search.card_measures_sweep(bad, base)
+        assert not start_model.card_measures_sweep(bad, base)
 
 
 def test_only_shrink_and_perturb_trials_re_evaluate_the_start():
@@ -233,6 +233,56 @@ def test_reusing_a_name_needs_resume(tmp_path, capsys, monkeypatch):
     assert "no sweep named 'fresh'" in capsys.readouterr().err
     assert cli.main([*base, "--name", "bad/name"]) == 2
     assert "--name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("attack: {name: nosuch}", "unknown attack 'nosuch'"),
+    ("attack: {target: durian}", "'durian'"),
+    ("model: {name: tiny-rnn}", "unknown model 'tiny-rnn'"),
+    ("data: {batch_size: 4096}", "fewer than one batch"),
+])
+def test_a_bad_space_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch, tiny_world, extra, message):
+    # Values the schema accepts but the data, model or trigger cannot serve used to surface only after Ray started
+    # (in the driver's starting evaluation or in every trial). Now: one line, nothing created, no cluster.
+    from cleansweep.models import create_model, save_checkpoint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", create_model("tiny-rn", seed=0).model, {"model": "tiny-rn"})
+    key, _, value = extra.partition(": ")
+    space = tmp_path / "space.yaml"
+    base = {"model": {"checkpoint": str(ckpt), "name": "tiny-rn"},
+            "data": {"train_csv": tiny_world["clean_csv"], "eval_dir": tiny_world["eval_dir"], "batch_size": 16},
+            "attack": {"patch_size": 4}, "epochs": 1, "space": {"optim.lr": {"loguniform": [1e-4, 1e-3]}}}
+    import yaml
+
+    base[key] = {**base[key], **yaml.safe_load(value)}
+    space.write_text(yaml.safe_dump(base))
+    work = tmp_path / "w"
+    assert cli.main(["search", str(space), "--name", "bad", "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+    assert not (work / "sweeps" / "bad").exists() and not (work / "mlflow.db").exists()
+
+
+def test_trial_table_speaks_mlflow_words_and_shows_the_sampled_values():
+    from types import SimpleNamespace
+
+    def trial(tid, status, epoch, lr, best):
+        return SimpleNamespace(trial_id=tid, status=status, config={"optim.lr": lr, "variant": "contrastive"},
+                               last_result={"epoch": epoch, TOP1: 0.9, ASR: 0.01, search.BEST: best})
+
+    table = search.TrialTable(["optim.lr"], epochs=6).render(
+        [trial("a", "TERMINATED", 6.0, 1e-3, 0.91), trial("b", "TERMINATED", 2.0, 2e-3, 0.0),
+         trial("c", "ERROR", 1.0, 3e-3, 0.0), trial("d", "RUNNING", 3.0, 4e-3, 0.5)])
+    lines = table.splitlines()
+    assert lines[0].startswith("trials: ") and "2 FINISHED" not in lines[0]
+    header = lines[1].split()
+    assert {"optim.lr", search.BEST, TOP1, ASR, "status"} <= set(header)
+    assert "TERMINATED" not in table and "ERROR" not in table
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert "FINISHED" in rows["a"] and "stopped early" not in rows["a"] and "0.91" in rows["a"]
+    assert "stopped early" in rows["b"] and "FAILED" in rows["c"] and "RUNNING" in rows["d"]
+    assert "0.001" in rows["a"] and "0.004" in rows["d"]
 
 
 # ------------------------------------------------------------------------------------------------ integration
@@ -344,7 +394,12 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     printed = capsys.readouterr().out
     parent, children = _mlflow_trials(workdir, "e2e")
     assert len(children) == 8 and parent.info.status == "FINISHED"
-    assert {c["run"].info.status for c in children} <= {"FINISHED", "KILLED"}  # ASHA stops are KILLED
+    # Completed and ASHA-stopped trials are FINISHED (KILLED is for interrupts only); the tag says which.
+    assert {c["run"].info.status for c in children} == {"FINISHED"}
+    stopped = {c["run"].data.tags["cleansweep.stopped_early"] for c in children}
+    assert stopped <= {"true", "false"} and "false" in stopped
+    for c in children:  # stopped early exactly when the trial has fewer evaluations than the sweep's 3 epochs
+        assert (c["run"].data.tags["cleansweep.stopped_early"] == "true") == (len(c["steps"]) < 3)
     for c in children:
         assert len(c["steps"]) == len(set(c["steps"])) >= 1
         assert min(c["steps"]) > 0  # no shrink-and-perturb: the start is the parent's evaluation, not re-done per trial
@@ -352,7 +407,7 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     assert {"start_zeroshot_top1", "start_asr_top1"} <= set(parent.data.metrics)
     best_top1, reaching = _best_from_mlflow(children, threshold)
     assert reaching, "no feasible evaluation: recalibrate the threshold"
-    board = search.results("e2e", workdir=workdir)  # from MLflow
+    board = report.results("e2e", tracking_uri=tracking.resolve_tracking_uri(None, workdir, env={}))  # from MLflow
     best = board.iloc[0]
     assert best["feasible"] and best[ASR] <= threshold and best[TOP1] == best_top1
     assert (best["trial_id"], int(best["step"]), best[ASR]) in reaching

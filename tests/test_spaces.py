@@ -84,7 +84,7 @@ def test_paper_d12_l2_weight_is_weight_decay_and_d11_clusters():
 def test_every_space_file_loads_and_converts(path):
     import optuna
 
-    from cleansweep.search import DefineByRun
+    from cleansweep.spaces import DefineByRun
 
     cfg = spaces.load(path)
     base = spaces.base_train_dict(cfg)

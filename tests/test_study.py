@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from cleansweep import study
+from cleansweep import pretrain, study
 from cleansweep.cli import main
 from cleansweep.errors import UserError
 
@@ -123,7 +123,7 @@ def test_toy_study_end_to_end_and_rerun_skips(tmp_path, monkeypatch, capsys):
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     table = pd.read_csv(out / "table2.csv").set_index("objective")
-    cards = {o: study.selected_card(work, n["pretrain"]) for o, n in study.run_names("toy").items()}
+    cards = {o: pretrain.selected_card(work, n["pretrain"]) for o, n in study.run_names("toy").items()}
     assert cards["mmcl+ssl"]["selection"] == "closest_top1"
     assert cards["mmcl+ssl"]["reference_top1"] == pytest.approx(cards["mmcl"]["zeroshot_top1"])
     for objective, label in study.OBJECTIVES.items():

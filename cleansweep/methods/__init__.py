@@ -14,6 +14,7 @@ from cleansweep.methods.base import Task
 from cleansweep.methods.contrastive import Contrastive
 from cleansweep.methods.deep_cluster import DeepCluster
 from cleansweep.methods.l2_init import L2Init
+from cleansweep.methods.perturb_recover import PerturbRecover
 from cleansweep.methods.shrink_perturb import ShrinkPerturb
 
 METHODS: dict[str, tuple[type[Task], str]] = {
@@ -27,6 +28,11 @@ METHODS: dict[str, tuple[type[Task], str]] = {
         "contrastive + cluster_weight * CE on per-epoch spherical k-means pseudo-labels through a fresh linear head",
     ),
     "l2_init": (L2Init, "contrastive + l2_init_weight * squared L2 distance to the weights at the start of cleaning"),
+    "perturb_recover": (
+        PerturbRecover,
+        "Perturb and Recover: contrastive - par_weight * mean min(1 - cos(f, f0), par_cap) over image and text "
+        "embeddings, f0 = the model frozen at the start of cleaning (no trigger knowledge)",
+    ),
     "shrink_perturb": (
         ShrinkPerturb,
         "theta <- shrink * theta + perturb * noise (fresh init or N(0, 1)) once before training, then contrastive",

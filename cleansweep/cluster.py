@@ -1,0 +1,157 @@
+"""Ray for every driver: one start-up rule and one resource pre-check (the SIGTERM shim: `interrupts`).
+
+- `connect`: reuse an initialised Ray; else the explicit address (`--address`, `address:` in a YAML), else
+  `RAY_ADDRESS` (what `ray job submit` and KubeRay RayJobs set), else a fresh local cluster (`"local"`: never
+  whatever `ray start` cluster this machine's /tmp/ray happens to point at). Token auth stays on (Ray's default for
+  local clusters): the dashboard runs code for whoever reaches it (stack notes, ShadowRay).
+- `check_resources`: fail fast when a request can never be placed (Tune warns every 60 s and waits forever, Train
+  retries forever: reliability notes). Counts live nodes and, when an autoscaler reports its node groups, the nodes
+  it may add (a KubeRay GPU group at 0 replicas can still host GPU trials); an autoscaler that reports no node
+  groups turns a refusal into a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import ray
+
+from cleansweep.errors import UserError
+
+_EPS = 1e-6  # Ray resources have 1e-4 granularity; absorb float error in 1 / 0.1 etc.
+
+
+# ------------------------------------------------------------------------------------------------ start-up
+def ray_address(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
+    """The address `connect` uses: explicit, else $RAY_ADDRESS, else "local" (a new local cluster)."""
+    env = os.environ if env is None else env
+    return explicit or env.get("RAY_ADDRESS") or "local"
+
+
+@contextlib.contextmanager
+def connect(address: str | None, *, echo: Callable[[str], None] = print, worker_logs: bool = True) -> Iterator[bool]:
+    """Ray for the block (see the module docstring for which); yields whether this call started it.
+
+    Args:
+        address: Explicit cluster address, or None.
+        echo: Where the dashboard line goes.
+        worker_logs: Forward workers' stdout to this process (pre-training progress); sweeps turn it off, Tune's
+            table is their progress.
+    """
+    if ray.is_initialized():
+        yield False
+        return
+    ctx = ray.init(address=ray_address(address), log_to_driver=worker_logs, configure_logging=False)
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        port = url.rsplit(":", 1)[-1]
+        echo(f"Ray dashboard: http://{url} (token auth on: the page asks for the token; print it with "
+             "`ray get-auth-token`, API clients send 'Authorization: Bearer <token>'; from another machine "
+             f"tunnel it: ssh -L {port}:127.0.0.1:{port} HOST)")
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ resources
+@dataclass(frozen=True)
+class NodeGroup:
+    """A node type an autoscaler may start: resources per node and how many (-1 = unbounded)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a cluster has now (live nodes) and what its autoscaler may add."""
+
+    live: list[dict[str, float]]
+    groups: list[NodeGroup] = field(default_factory=list)
+    autoscaling: bool = False  # an autoscaler runs (with or without reported node groups)
+
+    @classmethod
+    def from_nodes(cls, nodes: list[dict], groups: list[NodeGroup] | None = None,
+                   autoscaling: bool = False) -> Capacity:
+        """From `ray.nodes()` entries (`Alive`, `Resources`)."""
+        live = [dict(n.get("Resources", {})) for n in nodes if n.get("Alive")]
+        return cls(live, list(groups or []), autoscaling or bool(groups))
+
+
+def cluster_capacity() -> Capacity:
+    """The connected Ray cluster's live nodes and its autoscaler's node groups (when it reports them)."""
+    from ray._private.state import state  # private: pinned ray, what Train V2 reads for the same purpose
+    from ray.experimental import internal_kv
+
+    config = state.get_cluster_config()
+    groups = [NodeGroup(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+              for g in (config.node_group_configs if config is not None else [])]
+    status = internal_kv._internal_kv_get("__autoscaling_status") if internal_kv._internal_kv_initialized() else None
+    return Capacity.from_nodes(ray.nodes(), groups, autoscaling=bool(groups) or v1_autoscaler_runs(status))
+
+
+def v1_autoscaler_runs(status: bytes | None) -> bool:
+    """Whether Ray's v1 autoscaler manages node types, from the status it writes (it reports no node groups). A
+    cluster without an autoscaler (local, or `ray start` by hand) writes the same status marked "legacy"."""
+    try:
+        report = json.loads(status or b"{}").get("autoscaler_report") or {}
+    except (ValueError, AttributeError):
+        return False
+    return bool(report) and not report.get("legacy", False)
+
+
+def placements(bundle: Mapping[str, float], resources: Mapping[str, float]) -> int:
+    """How many copies of `bundle` (e.g. {"CPU": 1, "GPU": 0.5}) fit on one node with `resources`."""
+    needs = {k: v for k, v in bundle.items() if v > 0}
+    if not needs:
+        return 1 << 30
+    return min(math.floor(resources.get(k, 0.0) / v + _EPS) for k, v in needs.items())
+
+
+def _describe(capacity: Capacity) -> str:
+    cpu = sum(r.get("CPU", 0.0) for r in capacity.live)
+    gpu = sum(r.get("GPU", 0.0) for r in capacity.live)
+    shapes = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in capacity.live) or "no live nodes"
+    text = f"the Ray cluster has {cpu:g} CPUs and {gpu:g} GPUs on {len(capacity.live)} node(s) ({shapes})"
+    if capacity.groups:
+        text += "; its autoscaler may add " + ", ".join(
+            f"{g.name}: {'any number' if g.max_count < 0 else f'up to {g.max_count}'} x "
+            f"{g.resources.get('CPU', 0):g} CPU/{g.resources.get('GPU', 0):g} GPU" for g in capacity.groups)
+    return text
+
+
+def check_resources(bundle: Mapping[str, float], count: int, capacity: Capacity, *, ask: str, unit: str, fix: str,
+                    warn: Callable[[str], None] | None = None) -> None:
+    """Refuse (one line) a request of `count` x `bundle` that no node, live or addable, can ever host together.
+
+    Args:
+        bundle: Resources of one unit, Ray's keys ("CPU", "GPU").
+        count: Units that must be placed at once (Train workers); 1 for a trial.
+        capacity: From `cluster_capacity()` (or `Capacity.from_nodes` in tests).
+        ask: What was asked, as the user wrote it ("a trial asks for 1 CPU and 0.5 GPU").
+        unit: Name of one unit in the message ("worker", "trial").
+        fix: What to change.
+        warn: Where the warning goes when an autoscaler runs but reports no node groups (default stderr).
+
+    Raises:
+        UserError: naming what was asked, what the cluster has and the fix.
+    """
+    live = sum(placements(bundle, r) for r in capacity.live)
+    addable = sum(placements(bundle, g.resources) * (1 << 30 if g.max_count < 0 else g.max_count)
+                  for g in capacity.groups)
+    if live + addable >= count:
+        return
+    message = f"{ask} cannot be placed: {_describe(capacity)}, room for {live + addable} such {unit}(s); {fix}"
+    if capacity.autoscaling and not capacity.groups:
+        (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {message} (an autoscaler runs and may add nodes "
+                                                        "that fit: waiting for it)")
+        return
+    raise UserError(message)

@@ -1,0 +1,199 @@
+"""The model a sweep cleans, resolved before any cluster starts: a checkpoint (+ its card) or a preset's model.
+
+`resolve` is what the CLI and the study call before `search.search`: it builds (or reuses) a preset's pre-trained
+poisoned model through the pre-training driver, reads the checkpoint's card, assembles the values every trial
+starts from (`base`), checks them without training (`session.preflight`: a bad model, CSV, folder, target class or
+trigger is a one-line error before Ray starts) and measures the starting model once, unless its card already holds
+numbers measured the way the trials measure. So `search` and `pretrain` stand side by side: neither imports the
+other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cleansweep import layout, spaces
+from cleansweep.config import AttackSpec, DataSpec, PretrainConfig, SearchConfig, TrainSpec, validate
+from cleansweep.errors import UserError
+from cleansweep.objective import ASR, PROXY_ASR, TOP1
+
+
+@dataclass(frozen=True)
+class StartModel:
+    """The model to clean and what every trial of its sweep starts from.
+
+    Attributes:
+        init: Absolute path of the checkpoint (`model.init` of every trial).
+        model_name: Model config name (from the sweep, else the card).
+        card: The checkpoint's JSON card ({} without one).
+        base: Nested TrainSpec values of every trial before its sampled parameters (absolute paths).
+        metrics: `zeroshot_top1` and `asr_top1` of the starting model, measured like the trials measure.
+        source: Where the metrics come from ("card" or "evaluated").
+    """
+
+    init: Path
+    model_name: str | None
+    card: dict[str, Any]
+    base: dict[str, Any]
+    metrics: dict[str, float]
+    source: str
+
+
+def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = print) -> StartModel:
+    """The sweep's starting model, checked and measured (see the module docstring).
+
+    Raises:
+        UserError: a missing checkpoint or data path, or anything `session.preflight` finds.
+    """
+    from cleansweep.models import read_card
+
+    data, defaults = cfg.data, {}
+    if cfg.model.preset is not None:
+        init, paths = build_preset_model(cfg.model.preset, cfg.model.objective, Path(workdir), echo)
+        from cleansweep import presets
+
+        defaults = presets.clean_spec(cfg.model.preset, paths, init)
+        defaults.pop("model", None)
+        if data is None:
+            data = DataSpec(train_csv=paths["clean_csv"], eval_dir=paths["eval_dir"])
+    else:
+        init = Path(cfg.model.checkpoint).resolve()
+        if not init.is_file():
+            raise UserError(f"model.checkpoint {init} not found; pass the pre-trained .safetensors (or .pt) file")
+    card = read_card(init)
+    model_name = cfg.model.name or card.get("model")
+    data = _absolute(data)
+    proxy = proxy_inversion(cfg, init, data, model_name, Path(workdir), echo)
+    base = spaces.base_train_dict(cfg, data=data, init=init.resolve(), model_name=model_name, defaults=defaults,
+                                  proxy=proxy)
+    _check_paths(base)
+    spec = start_eval_spec(base)
+    from cleansweep import session
+
+    session.preflight(spaces.trial_spec(base, {}, "sweep base"))
+    metrics, source = card_metrics(card, base), "card"
+    if metrics is None:
+        echo("evaluating the starting model once (its card has no numbers measured like the trials')")
+        metrics, source = evaluate_start(spec), "evaluated"
+    return StartModel(init=init.resolve(), model_name=model_name, card=card, base=base, metrics=metrics,
+                      source=source)
+
+
+def proxy_inversion(cfg: SearchConfig, init: Path, data: DataSpec | None, model_name: str | None, workdir: Path,
+                    echo: Callable[[str], None]) -> Path | None:
+    """The inverted trigger a proxy-ASR sweep constrains on: the YAML's `objective.inversion`, else a scan of the
+    starting model on the sweep's evaluation folder (`cleansweep scan`, cached per checkpoint and folder)."""
+    if cfg.objective.constraint != PROXY_ASR:
+        return None
+    if cfg.objective.inversion is not None:
+        path = Path(cfg.objective.inversion).resolve()
+        if not path.is_file():
+            raise UserError(f"objective.inversion {path} not found; pass the inversion.safetensors of `cleansweep "
+                            "scan`, or drop the key to scan the starting model first")
+        return path
+    from cleansweep import scan
+    from cleansweep.models import file_sha256
+
+    eval_dir = Path(data.eval_dir) if data is not None else None
+    if eval_dir is None or not eval_dir.is_dir():
+        raise UserError(f"objective.asr proxy: no evaluation folder to scan the model on ({eval_dir}); set "
+                        "data.eval_dir")
+    out = layout.scan_dir(workdir, file_sha256(init), str(eval_dir))
+    inversion = out / layout.INVERSION_FILE
+    if not inversion.is_file():
+        echo(f"proxy ASR: scanning the starting model for a trigger (DECREE inversion; cached in {out})")
+        scan.scan_checkpoint(init, eval_dir, out_dir=out, model_name=model_name)
+    return inversion
+
+
+def card_metrics(card: Mapping[str, Any], base: dict[str, Any]) -> dict[str, float] | None:
+    """The card's top-1 and ASR when `card_measures_sweep` (and no proxy ASR is needed), else None."""
+    if base.get("proxy") is not None:
+        return None  # no card measured the proxy ASR
+    values = {k: card.get(k) for k in (TOP1, ASR)}
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values.values()):
+        return None
+    return {k: float(v) for k, v in values.items()} if card_measures_sweep(card, base) else None
+
+
+def card_measures_sweep(card: Mapping[str, Any], base: dict[str, Any]) -> bool:
+    """Whether a pre-training card's numbers are this sweep's start: same evaluation folder, subset and trigger.
+
+    Trials do not re-evaluate the starting model, so the sweep's start must be measured the way its trials are; a
+    card from other data (or without its config) is not trusted.
+    """
+    train = (card.get("config") or {}).get("train") or {}
+    if not train:
+        return False
+    spec = spaces.trial_spec(base, {}, "sweep base")
+    data = train.get("data") or {}
+    same_folder = data.get("eval_dir") is not None and Path(data["eval_dir"]).resolve() == Path(
+        spec.data.eval_dir).resolve()
+    return (same_folder and data.get("eval_subset") == spec.data.eval_subset
+            and _same_attack(train.get("attack") or {}, spec.attack))
+
+
+def _same_attack(recorded: Mapping[str, Any], attack: AttackSpec) -> bool:
+    # Cards written before trigger_seed/params existed measured with their defaults: compare validated specs.
+    try:
+        return AttackSpec.model_validate(recorded) == attack
+    except ValueError:
+        return False
+
+
+def build_preset_model(preset: str, objective: str, workdir: Path,
+                       echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """The preset's pre-trained poisoned model, built in-process by the pre-training driver if not cached.
+
+    Returns:
+        The selected checkpoint and the preset's data paths.
+    """
+    from cleansweep import presets, pretrain
+
+    paths = presets.prepare_demo_data(workdir)
+    # The same run name (and cache) as `cleansweep pretrain --preset demo --objective ...`.
+    raw = {"name": layout.preset_run_name(preset, objective),
+           "train": presets.pretrain_spec(preset, objective, paths), "ray": {"num_workers": 0}}
+    cfg = validate(PretrainConfig, raw, f"preset {preset}")
+    selected = layout.selected_checkpoint(workdir, cfg.name)
+    if not selected.is_file():
+        run_dir = layout.pretrain_dir(workdir, cfg.name)
+        echo(f"preset {preset}: pre-training the poisoned {objective} model once (cached in {run_dir})")
+        summary = pretrain.pretrain(cfg, workdir=workdir, resume=run_dir.exists())
+        selected = Path(summary["selected"])
+    return selected, paths
+
+
+def start_eval_spec(base: dict[str, Any]) -> TrainSpec:
+    """The run that evaluates the starting model as the trials see it: epochs=0, unperturbed, evaluate only."""
+    return spaces.trial_spec(base, {"epochs": 0, "eval_at_start": True, "method.name": "contrastive",
+                                    "method.shrink": 1.0, "method.perturb": 0.0})
+
+
+def evaluate_start(spec: TrainSpec) -> dict[str, float]:
+    """Evaluate the starting model once (`start_eval_spec`), in this process."""
+    from cleansweep import session
+
+    seen: list[dict[str, Any]] = []
+    session.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics), checkpoints="none")
+    return {k: float(seen[0][k]) for k in (TOP1, ASR, PROXY_ASR) if k in seen[0]}
+
+
+def _absolute(data: DataSpec | None) -> DataSpec | None:
+    # Trials run in another CWD (stack notes): hand them absolute paths.
+    if data is None:
+        return None
+    return data.model_copy(update={"train_csv": Path(data.train_csv).resolve(),
+                                   "eval_dir": Path(data.eval_dir).resolve()})
+
+
+def _check_paths(base: dict[str, Any]) -> None:
+    data = base["data"]
+    if not Path(data["train_csv"]).is_file():
+        raise UserError(f"data.train_csv {data['train_csv']} not found; point it at the cleaning image-caption CSV")
+    if not Path(data["eval_dir"]).is_dir():
+        raise UserError(f"data.eval_dir {data['eval_dir']} not found; point it at an ImageNet-style folder")

@@ -1,0 +1,209 @@
+"""DECREE-style trigger inversion: the math against hand computations, files, and a backdoored vs a clean tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cleansweep import scan
+from cleansweep.data import EvalFolder
+from cleansweep.errors import UserError
+from cleansweep.evaluate import zeroshot_classifier
+from cleansweep.models import create_model, file_sha256
+from cleansweep.objective import ASR
+
+PATCH = 8  # the fixed 8 px BadNet corner patch of tests/test_search.py's tiny_checkpoint: PL1 64 / 1024 = 0.0625
+SCAN = {"steps": 60, "lr": 0.2, "batch_size": 16}  # measured to separate the twins (see test_backdoored_vs_clean)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _pretrain(world: dict, train_csv: str, out, keep_max_asr: bool) -> dict:
+    from cleansweep import session
+
+    spec = {"model": {"name": "tiny-rn"}, "epochs": 6, "device": "cpu", "seed": 0,
+            "attack": {"patch_size": PATCH, "location": "fixed", "patch": "fixed"},
+            "data": {"train_csv": train_csv, "eval_dir": world["eval_dir"], "batch_size": 32, "eval_batch_size": 64},
+            "optim": {"lr": 1e-3, "warmup_steps": 2}}
+    kept: dict = {}
+
+    def report(metrics, checkpoint_dir):
+        if checkpoint_dir is not None and (not keep_max_asr or metrics[ASR] > kept.get(ASR, -1.0)):
+            shutil.copytree(checkpoint_dir, out, dirs_exist_ok=True)
+            kept.update(metrics)
+
+    session.fit(spec, report)
+    return kept
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """A tiny-rn pre-trained on 512 synthetic pairs with 20% BadNet poisons (target banana), and its clean twin
+    trained the same way on the unpoisoned pairs (~25 s each on 2 idle cores)."""
+    from cleansweep.data import make_demo_world
+    from cleansweep.poison import poison_csv
+
+    out = tmp_path_factory.mktemp("twins")
+    world = make_demo_world(out / "world", seed=0, n_train=512, n_clean=32, n_eval=36, image_size=32, num_classes=6)
+    manifest = poison_csv(world["train_csv"], out / "poisoned", attack="badnet", target="banana", fraction=0.2,
+                          seed=0, image_size=32, patch_size=PATCH, location="fixed", patch="fixed")
+    bad = _pretrain(world, str(out / "poisoned" / manifest["output_csv"]), out / "bad", keep_max_asr=True)
+    assert bad[ASR] >= 0.3, f"the tiny model did not take the backdoor (ASR {bad[ASR]}); recalibrate"
+    _pretrain(world, world["train_csv"], out / "clean", keep_max_asr=False)
+    return {"world": world, "bad": out / "bad" / "model.safetensors", "clean": out / "clean" / "model.safetensors",
+            "bad_asr": bad[ASR]}
+
+
+@pytest.fixture(scope="module")
+def scanned(twins, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan")
+    result = scan.scan_checkpoint(twins["bad"], twins["world"]["eval_dir"], reference=twins["clean"], out_dir=out,
+                                  device="cpu", seed=0, **SCAN)
+    return {"result": result, "out": out}
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    return create_model("tiny-rn", seed=0)
+
+
+def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ pure math
+def test_mean_pairwise_cosine_matches_a_double_loop():
+    feats = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = feats.numpy()
+    pairs = [a[i] @ a[j] / np.linalg.norm(a[i]) / np.linalg.norm(a[j])
+             for i, j in itertools.product(range(5), repeat=2) if i != j]
+    assert float(scan.mean_pairwise_cosine(feats)) == pytest.approx(np.mean(pairs), abs=1e-12)
+    same = torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]])
+    assert float(scan.mean_pairwise_cosine(same)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_apply_trigger_and_pl1_by_hand():
+    raw, mask, pattern = _images(2, 0, 3), torch.rand(1, 3, 3), torch.rand(3, 3, 3)
+    out = scan.apply_trigger(raw, mask, pattern).numpy()
+    x, m, p = raw.numpy(), mask.numpy(), pattern.numpy()
+    for b, c, i, j in itertools.product(range(2), range(3), range(3), range(3)):
+        assert out[b, c, i, j] == pytest.approx((1 - m[0, i, j]) * x[b, c, i, j] + m[0, i, j] * p[c, i, j])
+    assert scan.pl1_norm(mask) == pytest.approx(m.sum() / 9)
+    corner = torch.zeros(1, 32, 32)
+    corner[:, -PATCH:, -PATCH:] = 1
+    assert scan.pl1_norm(corner) == 0.0625
+
+
+def test_penalty_weight_rises_while_reached_and_falls_otherwise():
+    w = scan.PenaltyWeight(1.0, factor=2.0, patience=2, minimum=0.25, maximum=4.0)
+    flags = [True] * 3 + [True] * 3 + [True] * 3 + [False] * 3 + [False] * 9 + [True, False] * 3
+    # Up after 3 reached steps (> patience), capped at 4, down after 3 missed steps, floored at 0.25.
+    expected = [1, 1, 2, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 2, 1, 1, 1, 0.5, 0.5, 0.5, 0.25] + [0.25] * 6
+    assert [w.update(f) for f in flags] == expected
+
+
+# ------------------------------------------------------------------------------------------------ inversion
+def test_inversion_in_range_deterministic_and_leaves_the_model_alone(untrained):
+    model, images = untrained.model, _images(6, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    kwargs = {"steps": 4, "batch_size": 4, "lr": 0.2}
+    a = scan.invert_trigger(model, images, (untrained.mean, untrained.std), seed=3, **kwargs)
+    b = scan.invert_trigger(model, images, (untrained.mean, untrained.std), seed=3, **kwargs)
+    c = scan.invert_trigger(model, images, (untrained.mean, untrained.std), seed=4, **kwargs)
+    assert a.mask.shape == (1, 32, 32) and a.pattern.shape == (3, 32, 32)
+    for t in (a.mask, a.pattern):
+        assert t.min() >= 0 and t.max() <= 1
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.pattern, b.pattern) and a.history == b.history
+    assert not torch.equal(a.mask, c.mask)
+    assert len(a.history["similarity"]) == 4 and a.pl1_norm == pytest.approx(float(a.mask.mean()), rel=1e-6)
+    assert a.pl1_norm == a.history["pl1_norm"][a.step]
+    assert model.training, "the model's mode must be restored"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_inversion_rejects_bad_inputs(untrained):
+    norm = (untrained.mean, untrained.std)
+    for images, match in ((torch.rand(3, 32, 32), "shape"), (torch.rand(1, 3, 32, 32), "at least 2"),
+                          (torch.rand(4, 3, 32, 32) * 255, r"\[0, 1\]")):
+        with pytest.raises(UserError, match=match):
+            scan.invert_trigger(untrained.model, images, norm, steps=1)
+    with pytest.raises(UserError, match="steps >= 1"):
+        scan.invert_trigger(untrained.model, _images(4, 0), norm, steps=0)
+    with pytest.raises(UserError, match=r"\(1, H, W\)"):
+        scan.inverted_trigger(torch.rand(3, 8, 8), torch.rand(3, 8, 8))
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        scan.inverted_trigger(torch.full((1, 8, 8), 2.0), torch.rand(3, 8, 8))
+    with pytest.raises(UserError, match="resolution"):
+        scan.inverted_trigger(torch.rand(1, 8, 8), torch.rand(3, 8, 8))(_images(2, 0), torch.Generator())
+
+
+def test_save_and_load_inversion(tmp_path):
+    mask, pattern = torch.rand(1, 8, 8), torch.rand(3, 8, 8)
+    path = scan.save_inversion(tmp_path / "inv.safetensors", mask, pattern, {"suspected_target": "banana"})
+    got_mask, got_pattern, card = scan.load_inversion(path)
+    assert torch.equal(got_mask, mask) and torch.equal(got_pattern, pattern)
+    assert card["suspected_target"] == "banana" and card["sha256"] == file_sha256(path)
+    trigger, index = scan.load_proxy(path, ["apple", "banana"])
+    assert index == 1 and torch.equal(trigger(torch.zeros(1, 3, 8, 8), torch.Generator())[0], mask * pattern)
+    with pytest.raises(UserError, match="not a class"):
+        scan.load_proxy(path, ["apple"])
+    with pytest.raises(UserError, match="must end in .safetensors"):
+        scan.save_inversion(tmp_path / "inv.pt", mask, pattern, {})
+    with pytest.raises(UserError, match="not found"):
+        scan.load_inversion(tmp_path / "missing.safetensors")
+    safetensors.torch.save_file({"weight": torch.ones(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="expected tensors 'mask' and 'pattern'"):
+        scan.load_inversion(tmp_path / "other.safetensors")
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"mask": mask, "pattern": pattern}, pickled)  # a pickle under a safetensors name is never unpickled
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        scan.load_inversion(pickled)
+
+
+# ------------------------------------------------------------------------------------------------ tiny twins
+def test_backdoored_model_gets_the_smaller_mask_and_the_right_target(twins, scanned):
+    """Measured (seed 0..2, 60 steps): backdoored PL1 ~0.03 vs clean ~0.08, target banana with share 1.0."""
+    result, out = scanned["result"], scanned["out"]
+    bad, clean = result["model"], result["reference"]
+    assert bad["pl1_norm"] < clean["pl1_norm"], (bad["pl1_norm"], clean["pl1_norm"])
+    assert bad["suspected_target"] == "banana" and bad["target_index"] == 0
+    assert bad["reached"] and bad["similarity"] > bad["clean_similarity"]
+    assert result["verdict"]["backdoored"] and result["verdict"]["ratio"] < scan.RATIO_THRESHOLD
+    assert result["verdict"]["ratio"] == pytest.approx(bad["pl1_norm"] / clean["pl1_norm"])
+    assert bad["sha256"] == file_sha256(twins["bad"]) and clean["sha256"] == file_sha256(twins["clean"])
+    assert json.loads((out / "scan.json").read_text()) == json.loads(json.dumps(result))
+    with Image.open(out / "inverted_trigger.png") as png:
+        assert png.size[0] > 300 and png.size[1] > 300  # two rows of three panels
+    mask, _, card = scan.load_inversion(out / "inversion.safetensors")
+    assert card["suspected_target"] == "banana" and scan.pl1_norm(mask) == pytest.approx(bad["pl1_norm"])
+
+
+def test_proxy_asr_through_evaluate_matches_a_hand_computation(twins, scanned):
+    bundle = scan.load_model(twins["bad"], device="cpu")
+    mask, pattern, card = scan.load_inversion(scanned["out"] / "inversion.safetensors")
+    dataset = EvalFolder(twins["world"]["eval_dir"], bundle.image_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=10)
+    classifier = zeroshot_classifier(bundle.model, bundle.tokenizer, dataset.classnames, dataset.templates, "cpu")
+    target = card["target_index"]
+    got = scan.proxy_asr(bundle.model, loader, classifier, scan.inverted_trigger(mask, pattern),
+                         normalize=(bundle.mean, bundle.std), target_index=target)
+    raw = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor(dataset.targets)
+    x = raw[labels != target]
+    triggered = x * (1 - mask) + pattern * mask
+    mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        feats = F.normalize(bundle.model.encode_image((triggered - mean) / std), dim=-1)
+    by_hand = float(((feats @ classifier).argmax(dim=1) == target).float().mean())
+    assert got == pytest.approx(by_hand, abs=1e-9)
+    assert got == pytest.approx(scanned["result"]["model"]["proxy_asr"], abs=1e-9)
+    assert got == pytest.approx(scanned["result"]["model"]["target_share"], abs=1e-9)
