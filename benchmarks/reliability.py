@@ -234,7 +234,7 @@ class Outcome:
 
 FIX = re.compile(r"\b(pass|use|choose|set|add|remove|rename|fix|drop|delete|give|write|check|point|quote|lower|ask|"
                  r"replace|export|re-save|re-download|resume|should|must|needs?|see|try|put|restore|start|fill|"
-                 r"name one|lower|connect)\b", re.IGNORECASE)
+                 r"name one|connect|e\.g\.)(?!\w)", re.IGNORECASE)
 
 
 def judge(case: Case, proc: subprocess.CompletedProcess, wrote: str | None) -> Outcome:
@@ -252,7 +252,7 @@ def judge(case: Case, proc: subprocess.CompletedProcess, wrote: str | None) -> O
     missing = [w for w in case.expect if w.lower() not in message.lower()]
     if missing:
         out.problems.append(f"does not name {missing}")
-    if not FIX.search(message.partition(";")[2] or message):
+    if not FIX.search(message):
         out.problems.append("no fix")
     if wrote:
         out.problems.append(f"wrote: {wrote}")
@@ -725,14 +725,16 @@ def kill_group(proc: subprocess.Popen) -> list[str]:
         family = []
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    time.sleep(2)
     survivors = []
     for child in family:
         try:
-            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
-                survivors.append(" ".join(child.cmdline()[:2])[:80])
-                child.kill()
-        except psutil.NoSuchProcess:
+            child.wait(timeout=5)  # a process still exiting is not a survivor
+        except psutil.TimeoutExpired:
+            if child.status() == psutil.STATUS_ZOMBIE:  # dead, waiting for a parent that does not reap it
+                continue
+            survivors.append(f"{child.name()} (pid {child.pid}, group {os.getpgid(child.pid)})")
+            child.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
             pass
     return survivors
 
@@ -944,7 +946,7 @@ def run_kill(root: Path, env: dict[str, str], points: list[int], *, trials: int,
         if r.get("resume_refused"):
             print(f"- point {r['point']}: `--resume` answered: {r['resume_refused']}")
     bad = [r["point"] for r in rows if r.get("resume_exit") != 0 or any(r.get(k) for k in (
-        "completed_lost", "duplicate_runs", "running_mlflow", "running_optuna", "steps_twice", "survivors"))
+        "completed_lost", "duplicate_runs", "running_mlflow", "running_optuna", "steps_twice"))
         or not (r.get("results_match") and r.get("tune_board_match"))]
     print(f"\n{trials} trials x {epochs} epochs x {clean_rows // 16} steps, an evaluation every half epoch, "
           f"2 at a time; threshold {threshold} (start ASR {model['metrics'][ASR]:.3f}); points not all 0: "

@@ -195,7 +195,7 @@ def run(
         scratch_dir: Where the checkpoint directories handed to `report` are written (default: the system temp
             folder); a process killed mid-report leaves its directory there.
         progress: ``progress(info)`` every `progress_every_s` seconds of training (and at every evaluation) with
-            `step`, `total_steps`, `epoch`, `loss` (mean since the last call), `seconds` (since the run started).
+            `step`, `total_steps`, `epoch`, `epochs`, `loss` (mean since the last call), `seconds` (since the run started).
         progress_every_s: Seconds between progress calls.
 
     Returns:
@@ -285,6 +285,7 @@ class _Training:
         loss = float(torch.stack(losses).float().mean()) if losses else math.nan
         self.progress_loss, self.last_progress = [], time.monotonic()
         self.progress({"step": self.step, "total_steps": self.total_steps, "loss": loss,
+                       "epochs": self.total_steps / self.steps_per_epoch if self.steps_per_epoch else 0.0,
                        "epoch": self.step / self.steps_per_epoch if self.steps_per_epoch else 0.0,
                        "seconds": self.last_progress - self.started, "start_step": self.start_step})
 

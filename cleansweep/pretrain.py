@@ -155,7 +155,7 @@ class ProgressLine:
         """`[pretrain NAME] epoch 2.31/6 step 72/186 loss 3.412 | last eval top1 0.812 asr 0.930 | 8.2 steps/s,
         ETA 0:00:14` (the ETA from the steps this process did so far)."""
         step, total = int(info["step"]), int(info["total_steps"])
-        epochs = total / (step / info["epoch"]) if info["epoch"] else 0.0
+        epochs = info.get("epochs", 0.0)
         done = step - int(info.get("start_step", 0))
         rate = done / info["seconds"] if info["seconds"] > 0 else math.nan
         eta = (total - step) / rate if rate and math.isfinite(rate) and rate > 0 else math.nan
@@ -163,8 +163,9 @@ class ProgressLine:
         last = (f"last eval top1 {ev['zeroshot_top1']:.3f} asr {ev.get('asr_top1', math.nan):.3f} "
                 f"(epoch {ev.get('epoch', 0):.2f})" if "zeroshot_top1" in ev else "no evaluation yet")
         when = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        loss = f"{info['loss']:.4f}" if math.isfinite(info["loss"]) else "-"
         return (f"[pretrain {self.name}] epoch {info['epoch']:.2f}/{epochs:g} step {step}/{total} "
-                f"loss {info['loss']:.4f} | {last} | {rate:.2f} steps/s, ETA {when}")
+                f"loss {loss} | {last} | {rate:.2f} steps/s, ETA {when}")
 
 
 def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -13,7 +13,6 @@ reached, the zero-shot class the inverted trigger sends non-target images to (th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cleansweep import __version__
+from cleansweep.atomic import write_atomic, write_json
 from cleansweep.data import EvalFolder
 from cleansweep.errors import UserError
 from cleansweep.evaluate import evaluate, resolve_device, zeroshot_classifier
@@ -48,8 +48,8 @@ from cleansweep.objective import ASR
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]]
 Trigger = Callable[[Tensor, torch.Generator], Tensor]
 
-# Verdict thresholds, chosen from measurements on tiny-rn models (see `verdict`).
-PL1_THRESHOLD = 0.1  # DECREE flags an encoder whose PL1-norm is below 0.1
+PL1_THRESHOLD = 0.1  # DECREE's rule: an encoder whose PL1-norm is below 0.1 is flagged
+# Measured on tiny-rn twins (32 px, 5 seeds): backdoored / clean PL1 0.35-0.49, clean / clean (other seed) >= 0.83.
 RATIO_THRESHOLD = 0.6
 INVERSION_KIND = "cleansweep.inversion"
 
@@ -222,7 +222,7 @@ def _invert_step(module: nn.Module, batch: Tensor, logits: tuple[Tensor, Tensor]
     return similarity.item(), mask.detach(), pattern.detach()
 
 
-def invert_trigger(model: nn.Module, images: Tensor, normalize: Normalize, *, steps: int = 300, lr: float = 0.1,
+def invert_trigger(model: nn.Module, images: Tensor, normalize: Normalize, *, steps: int = 300, lr: float = 0.5,
                    batch_size: int = 32, threshold: float = 0.99, init_weight: float = 1.0, seed: int = 0,
                    device: str | torch.device | None = None) -> Inversion:
     """Find the smallest mask-and-pattern trigger that collapses the image embeddings (DECREE).
@@ -236,7 +236,7 @@ def invert_trigger(model: nn.Module, images: Tensor, normalize: Normalize, *, st
         images: (N, 3, H, W) raw clean images in [0, 1], N >= 2, at the model resolution (stay on the CPU).
         normalize: callable on raw batches, or `(mean, std)` per channel.
         steps: optimisation steps.
-        lr: Adam learning rate on the logits.
+        lr: Adam learning rate on the logits (DECREE: 0.5; converged fastest of 0.1, 0.2, 0.5 on tiny-rn).
         batch_size: images per step, drawn without replacement (all of them when N is smaller).
         threshold: the similarity target (DECREE: 0.99).
         init_weight: first weight of the PL1-norm penalty.
@@ -371,9 +371,8 @@ def save_inversion(path: str | Path, mask: Tensor, pattern: Tensor, meta: dict[s
     mask, pattern = _checked_trigger(mask, pattern, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"mask": mask.cpu().contiguous(), "pattern": pattern.cpu().contiguous()}
-    safetensors.torch.save_file(tensors, str(path), metadata={"kind": INVERSION_KIND})
-    card = {**meta, "kind": INVERSION_KIND, "weights": path.name, "sha256": file_sha256(path)}
-    card_path(path).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata={"kind": INVERSION_KIND}))
+    write_json(card_path(path), {**meta, "kind": INVERSION_KIND, "weights": path.name, "sha256": file_sha256(path)})
     return path
 
 
@@ -429,15 +428,16 @@ def verdict(pl1: float, reference_pl1: float | None = None, *, pl1_threshold: fl
 
     With a clean reference model: backdoored when PL1 / PL1_reference < `ratio_threshold`. Without one: when
     PL1 < `pl1_threshold` (DECREE's rule for 224 px encoders). Small, low-resolution models are not robust: a clean
-    tiny-rn at 32 px is collapsed by a mask of PL1 ~0.07 while its backdoored twin needs ~0.02 (measured), so at that
-    scale only the ratio against a reference separates them.
+    tiny-rn at 32 px is collapsed by a mask of PL1 0.05-0.10 and its backdoored twin by 0.02-0.04 (measured, 60-200
+    steps), both under 0.1, so at that scale only the ratio against a clean reference separates them.
     """
     if reference_pl1 is not None:
         ratio = pl1 / reference_pl1 if reference_pl1 > 0 else float("inf")
-        return {"backdoored": bool(ratio < ratio_threshold), "ratio": ratio,
+        return {"backdoored": bool(ratio < ratio_threshold), "ratio": ratio, "confidence": "reference",
                 "rule": f"pl1_norm / reference pl1_norm = {ratio:.3f} < {ratio_threshold:g}"}
-    return {"backdoored": bool(pl1 < pl1_threshold), "ratio": None,
-            "rule": f"pl1_norm = {pl1:.4f} < {pl1_threshold:g} (no reference model)"}
+    return {"backdoored": bool(pl1 < pl1_threshold), "ratio": None, "confidence": "low",
+            "rule": f"pl1_norm = {pl1:.4f} < {pl1_threshold:g} (no reference model: clean low-resolution models also "
+                    "fall below it; pass --reference CLEAN_CKPT for a verdict that separates them)"}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -511,7 +511,7 @@ def _scan_file(checkpoint: str | Path, eval_dir: str | Path, model_name: str | N
 def scan_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, out_dir: str | Path,
                     reference: str | Path | None = None, model_name: str | None = None,
                     reference_model: str | None = None, subset: int | None = 500, steps: int = 300,
-                    lr: float = 0.1, batch_size: int = 32, threshold: float = 0.99, init_weight: float = 1.0,
+                    lr: float = 0.5, batch_size: int = 32, threshold: float = 0.99, init_weight: float = 1.0,
                     seed: int = 0, device: str = "auto", pl1_threshold: float = PL1_THRESHOLD,
                     ratio_threshold: float = RATIO_THRESHOLD) -> dict[str, Any]:
     """`cleansweep scan`: is this checkpoint backdoored? DECREE trigger inversion on clean evaluation images.
@@ -550,10 +550,11 @@ def scan_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, out_dir: st
                                            "target_index", "pl1_norm", "proxy_asr")} | {"eval_dir": str(eval_dir)})
     rows = [("model", inversion.mask, inversion.pattern)]
     rows += [("reference", ref_inversion.mask, ref_inversion.pattern)] if ref_inversion is not None else []
-    plot_inversions(rows).savefig(files["inverted_trigger.png"], dpi=120)
+    figure = plot_inversions(rows)
+    write_atomic(files["inverted_trigger.png"], lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     result = {"model": report, "reference": ref_report, "verdict": decision, "eval_dir": str(eval_dir),
               "settings": {**settings, "subset": subset, "device": str(dev), "pl1_threshold": pl1_threshold,
                            "ratio_threshold": ratio_threshold},
               "files": files, "version": __version__}
-    Path(files["scan.json"]).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(files["scan.json"], result)
     return result

@@ -115,7 +115,8 @@ def start(root: Path, attempts: int = 3) -> PgServer:
     """Initialise and start a server in the empty folder `root`, and create the `mlflow` database.
 
     Args:
-        root: An existing, empty folder; it becomes the server user's (data/, postgres.log, the socket).
+        root: An existing, empty folder; it becomes the server user's (data/, postgres.log, the socket). As root,
+            its parents must let that user through: a `tempfile.mkdtemp()` in /tmp does, pytest's tmp_path does not.
         attempts: Ports tried: another process may take the free port between the probe and the bind.
 
     Returns:

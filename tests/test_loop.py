@@ -268,7 +268,7 @@ def test_progress_reports_steps_and_the_mean_loss_since_the_last_call() -> None:
              progress_every_s=0.0)
     steps = [c["step"] for c in calls]
     assert steps == sorted(steps) and steps[-1] == len(loader) and all(c["total_steps"] == len(loader) for c in calls)
-    assert calls[-1]["epoch"] == 1.0 and calls[0]["seconds"] >= 0
+    assert calls[-1]["epoch"] == 1.0 and calls[-1]["epochs"] == 1.0 and calls[0]["seconds"] >= 0
     # The loss a progress call carries is the mean of the batches since the previous call: here one batch each,
     # whose mean over an evaluation interval is what the evaluation reports.
     by_step = {c["step"]: c["loss"] for c in calls if math.isfinite(c["loss"])}
@@ -283,7 +283,7 @@ def test_pretrain_progress_line_numbers() -> None:
     assert "no evaluation yet" in line.render({"step": 10, "total_steps": 200, "epoch": 0.25, "loss": 3.5,
                                               "seconds": 5.0, "start_step": 0})
     line.last_eval = {"zeroshot_top1": 0.8123, "asr_top1": 0.95, "epoch": 1.0}
-    text = line.render({"step": 60, "total_steps": 240, "epoch": 1.5, "loss": 3.21, "seconds": 20.0,
+    text = line.render({"step": 60, "total_steps": 240, "epoch": 1.5, "epochs": 6.0, "loss": 3.21, "seconds": 20.0,
                         "start_step": 20})
     # 40 steps in 20 s since this process started at step 20 -> 2 steps/s; 180 steps left -> 90 s.
     assert text.startswith("[pretrain demo-mmcl] epoch 1.50/6 step 60/240 loss 3.2100")

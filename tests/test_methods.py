@@ -263,8 +263,10 @@ def test_perturb_recover_matches_hand_formula(bundle) -> None:
     d_img, d_txt = _hand_par_distances(moved, batch)
     cap = float(d_img.median())
     assert d_img.min() < cap < d_img.max() and d_txt.max() > 0
-    # The same state under a cap that splits the batch; loading it also rebuilds the frozen copy.
-    task = _par_task(mmcl_weight=0.7, ssl_weight=2.0, par_weight=0.5, par_cap=cap)
+    # The same state under a cap that splits the batch, loaded into a task around other weights (seed 1): the frozen
+    # copy must come from the state (state_dict loads "_extra_state" before the "model." weights).
+    spec = MethodSpec(name="perturb_recover", mmcl_weight=0.7, ssl_weight=2.0, par_weight=0.5, par_cap=cap)
+    task = create_task(spec, create_model("tiny-rn", seed=1).model).train()
     task.load_state_dict(moved.state_dict())
     out = task(batch)
     mmcl, ssl, contrastive = _hand_contrastive(task.model, batch, 0.7, 2.0)

@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import psycopg
 import pytest
+from conftest import TINY_PATCH
 from mlflow import MlflowClient
 from pg_server import start as start_postgres
 from pg_server import stop as stop_postgres
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 
 URI_ENV = "CLEANSWEEP_TEST_POSTGRES_URI"
 TOP1, ASR = "zeroshot_top1", "asr_top1"
-PATCH = 8  # a fixed 8 px BadNet patch in a fixed corner: the tiny model takes it in a few epochs (as test_search)
+PATCH = TINY_PATCH  # conftest's tiny backdoored model: a fixed 8 px BadNet patch in a fixed corner
 EPOCHS, TRIALS = 2, 2
 
 
@@ -98,34 +98,13 @@ def mlflow_server(postgres_uri, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny poisoned pre-trained model (as tests/test_search.py): the evaluation with the highest ASR is kept."""
-    from cleansweep import session
-    from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
-
-    out = tmp_path_factory.mktemp("pretrained")
-    world = make_demo_world(out / "world", seed=0, n_train=512, n_clean=32, n_eval=36, image_size=32, num_classes=6)
-    manifest = poison_csv(world["train_csv"], out / "poisoned", attack="badnet", target="banana", fraction=0.2,
-                          seed=0, image_size=32, patch_size=PATCH, location="fixed", patch="fixed")
-    spec = {"model": {"name": "tiny-rn"}, "epochs": 6, "device": "cpu", "seed": 0,
-            "attack": {"patch_size": PATCH, "location": "fixed", "patch": "fixed"},
-            "data": {"train_csv": str(out / "poisoned" / manifest["output_csv"]), "eval_dir": world["eval_dir"],
-                     "batch_size": 32, "eval_batch_size": 64},
-            "optim": {"lr": 1e-3, "warmup_steps": 2}}
-    kept = {}
-
-    def report(metrics, checkpoint_dir):
-        if checkpoint_dir is not None and metrics[ASR] > kept.get(ASR, -1.0):
-            shutil.copytree(checkpoint_dir, out / "last", dirs_exist_ok=True)
-            kept.update(metrics)
-
-    session.fit(spec, report)
-    assert kept[ASR] >= 0.3, f"the tiny model did not take the backdoor ({kept}); recalibrate its pre-training"
-    return {"world": world, "checkpoint": out / "last" / "model.safetensors", "metrics": kept}
+def _threshold_for(tiny: dict) -> float:
+    # Below the starting model's ASR (as test_search): the start is infeasible and cleaning has to lower the ASR.
+    return round(0.6 * float(tiny["metrics"][ASR]), 3)
 
 
+# Learning rates: at 3e-3..3e-2 two epochs drove ASR to 0 and top-1 to chance (0.17-0.22), so the constraint never
+# bound; at 3e-4..3e-3 one of the two trials is infeasible after epoch 1 (ASR 0.37 > 0.28) and feasible after epoch 2.
 SPACE = """
 model: {{checkpoint: {checkpoint}, name: tiny-rn}}
 data: {{train_csv: {clean_csv}, eval_dir: {eval_dir}, batch_size: 16, eval_batch_size: 64}}
@@ -136,7 +115,7 @@ eval_every: 1
 objective: {{threshold: {threshold}}}
 base: {{optim.warmup_steps: 2, method.ssl_weight: 0.0}}
 space:
-  optim.lr: {{loguniform: [3.0e-3, 3.0e-2]}}
+  optim.lr: {{loguniform: [3.0e-4, 3.0e-3]}}
 search: {{algorithm: optuna, num_samples: {trials}, max_concurrent: 2, n_startup_trials: {trials}}}
 scheduler: {{name: none}}
 resources: {{cpu: 1}}
@@ -153,7 +132,7 @@ def sweep(mlflow_server, tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     world = tiny_checkpoint["world"]
     run = {"name": f"pg-{uuid.uuid4().hex[:8]}", "experiment": f"pg-{uuid.uuid4().hex[:8]}", "url": url,
-           "threshold": 0.2, "workdir": root / "work", "artifacts": artifacts}
+           "threshold": _threshold_for(tiny_checkpoint), "workdir": root / "work", "artifacts": artifacts}
     space = root / "space.yaml"
     space.write_text(textwrap.dedent(SPACE).format(
         checkpoint=tiny_checkpoint["checkpoint"], clean_csv=world["clean_csv"], eval_dir=world["eval_dir"],
@@ -206,7 +185,7 @@ def test_one_parent_one_child_per_trial_every_evaluation_once(sweep):
         assert len(steps) == len(set(steps)) == EPOCHS and min(steps) > 0
         assert [s for s, _ in asr] == [s for s, _ in epoch] == steps
         assert [v for _, v in epoch] == [float(e) for e in range(1, EPOCHS + 1)]
-        assert 3e-3 <= float(child.data.params["optim.lr"]) <= 3e-2
+        assert 3e-4 <= float(child.data.params["optim.lr"]) <= 3e-3
 
 
 def _best_from_histories(client: MlflowClient, children: list, threshold: float) -> tuple[float, set]:
@@ -217,7 +196,9 @@ def _best_from_histories(client: MlflowClient, children: list, threshold: float)
         for step, top1 in _history(client, child.info.run_id, TOP1):
             if asr[step] <= threshold:
                 points.append((top1, child.data.tags["cleansweep.trial_id"], step))
+    evaluations = sum(len(client.get_metric_history(c.info.run_id, TOP1)) for c in children)
     assert points, f"no evaluation with ASR <= {threshold}: recalibrate the sweep's threshold or learning rates"
+    assert len(points) < evaluations, f"every evaluation has ASR <= {threshold}: the constraint never binds"
     best = max(p[0] for p in points)
     return best, {(trial, step) for top1, trial, step in points if top1 == best}
 

@@ -21,7 +21,16 @@ from cleansweep.models import create_model, file_sha256
 from cleansweep.objective import ASR
 
 PATCH = 8  # the fixed 8 px BadNet corner patch of tests/test_search.py's tiny_checkpoint: PL1 64 / 1024 = 0.0625
-SCAN = {"steps": 60, "lr": 0.2, "batch_size": 16}  # measured to separate the twins (see test_backdoored_vs_clean)
+SCAN = {"steps": 60, "lr": 0.5, "batch_size": 16}  # measured to separate the twins (see test_backdoored_vs_clean)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the 2 shared cores two threads spin against other jobs (a step measured 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -171,7 +180,10 @@ def test_save_and_load_inversion(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ tiny twins
 def test_backdoored_model_gets_the_smaller_mask_and_the_right_target(twins, scanned):
-    """Measured (seed 0..2, 60 steps): backdoored PL1 ~0.03 vs clean ~0.08, target banana with share 1.0."""
+    """Measured (seeds 0-4, 60 steps, lr 0.5): backdoored PL1 0.021-0.027 vs clean 0.059-0.069 (ratio <= 0.45),
+    suspected target banana with share 1.0. The inverted mask is not the 8 px corner patch (14% of its mass lies
+    there): the model's true trigger only raises the similarity to 0.87 (its ASR is ~0.5), the inversion finds a
+    smaller, scattered trigger that collapses it further."""
     result, out = scanned["result"], scanned["out"]
     bad, clean = result["model"], result["reference"]
     assert bad["pl1_norm"] < clean["pl1_norm"], (bad["pl1_norm"], clean["pl1_norm"])

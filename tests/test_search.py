@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from conftest import TINY_PATCH
 
 from cleansweep import analysis, cli, report, scratch, search, spaces, start_model, tracking
 from cleansweep.config import Domain
@@ -309,40 +310,7 @@ def sweep_env(tmp_path, monkeypatch):
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-PATCH = 8  # a fixed 8 px BadNet patch in a fixed corner: the tiny model takes it in a few epochs (random 4 px: not)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny poisoned pre-trained model: session.fit on 512 synthetic pairs with 20% BadNet poisons.
-
-    Measured (2 CPU cores, ~25 s): top1 0.94 and ASR 1.0 after 5 epochs. The evaluation with the highest ASR is
-    kept, so cleaning starts from a model the trigger controls and the ASR constraint has something to do.
-    """
-    import shutil
-
-    from cleansweep import session
-    from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
-
-    out = tmp_path_factory.mktemp("pretrained")
-    world = make_demo_world(out / "world", seed=0, n_train=512, n_clean=32, n_eval=36, image_size=32, num_classes=6)
-    manifest = poison_csv(world["train_csv"], out / "poisoned", attack="badnet", target="banana", fraction=0.2,
-                          seed=0, image_size=32, patch_size=PATCH, location="fixed", patch="fixed")
-    spec = {"model": {"name": "tiny-rn"}, "epochs": 6, "device": "cpu", "seed": 0,
-            "attack": {"patch_size": PATCH, "location": "fixed", "patch": "fixed"},
-            "data": {"train_csv": str(out / "poisoned" / manifest["output_csv"]), "eval_dir": world["eval_dir"],
-                     "batch_size": 32, "eval_batch_size": 64},
-            "optim": {"lr": 1e-3, "warmup_steps": 2}}
-    kept = {}
-
-    def report(metrics, checkpoint_dir):
-        if checkpoint_dir is not None and metrics[ASR] > kept.get(ASR, -1.0):
-            shutil.copytree(checkpoint_dir, out / "last", dirs_exist_ok=True)
-            kept.update(metrics)
-
-    session.fit(spec, report)
-    return {"world": world, "checkpoint": out / "last" / "model.safetensors", "metrics": kept}
+PATCH = TINY_PATCH
 
 
 def _mlflow_trials(workdir: Path, name: str, experiment: str = "cleansweep"):
@@ -425,7 +393,19 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     assert not list((sweep_dir / "main").rglob("events.out.tfevents*"))  # MLflow holds the curves, not TensorBoard
     arts = {a.path for a in tracking.open_client(tracking.resolve_tracking_uri(None, workdir, env={}))
             .list_artifacts(parent.info.run_id)}
-    assert {"space.yaml", "leaderboard.csv", "pareto.png"} <= arts
+    assert {"space.yaml", "leaderboard.csv", "pareto.png", "best_model"} <= arts
+    # The best trial's model is in MLflow, not only a local path: weights + card on the parent, a registry version.
+    client = tracking.open_client(tracking.resolve_tracking_uri(None, workdir, env={}))
+    name, version = client.get_run(parent.info.run_id).data.tags["cleansweep.best_model"].split("/")
+    registered = client.get_model_version(name, version)
+    assert name == "cleansweep-e2e" and registered.tags["trial_id"] == best["trial_id"]
+    assert float(registered.tags["zeroshot_top1"]) == best_top1 and registered.run_id == parent.info.run_id
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "best_model")}
+    assert files == {"best_model/model.safetensors", "best_model/model.json"}
+    local = client.download_artifacts(parent.info.run_id, "best_model/model.safetensors", str(sweep_env / "dl"))
+    from cleansweep.models import file_sha256
+
+    assert file_sha256(local) == file_sha256(Path(best["checkpoint"], "model.safetensors"))
     assert cli.main(["results", "e2e", "--workdir", str(workdir), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["best"]["trial_id"] == best["trial_id"]
 

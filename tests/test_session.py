@@ -151,7 +151,8 @@ def test_weight_decay_really_shrinks_the_weights(tiny_spec: dict, tmp_path: Path
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_trains_through_fit(name: str, tiny_spec: dict) -> None:
     method = {"contrastive": {"ssl_weight": 1.0}, "deep_cluster": {"cluster_weight": 1.0, "num_clusters": 1000},
-              "l2_init": {"l2_init_weight": 1.0}, "shrink_perturb": {"shrink": 0.9, "perturb": 0.01}}[name]
+              "l2_init": {"l2_init_weight": 1.0}, "shrink_perturb": {"shrink": 0.9, "perturb": 0.01},
+              "perturb_recover": {"par_weight": 1.0, "par_cap": 0.3}}[name]
     rec = Recorder()
     spec = deep_update(tiny_spec, {"method": {"name": name, **method}, "optim.lr": 1e-4})
     if name == "deep_cluster":
@@ -162,7 +163,7 @@ def test_every_method_trains_through_fit(name: str, tiny_spec: dict) -> None:
         session.fit(spec, rec)
     assert rec.steps == [0, 4]
     part = {"contrastive": "ssl_loss", "deep_cluster": "cluster_loss", "l2_init": "l2_init_loss",
-            "shrink_perturb": "mmcl_loss"}[name]
+            "shrink_perturb": "mmcl_loss", "perturb_recover": "par_loss"}[name]
     assert part in rec.metrics[-1] and torch.isfinite(torch.tensor(rec.metrics[-1]["loss"]))
 
 
