@@ -241,11 +241,11 @@ def judge(case: Case, proc: subprocess.CompletedProcess, wrote: str | None) -> O
     """Apply the criteria: exit 2, one stderr line 'error: ...', no traceback, problem and fix named, nothing
     changed on disk, the case's own check."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    message = lines[0] if lines else ""
+    message = next((line for line in lines if line.startswith("error: ")), lines[0] if lines else "")
     out = Outcome(case, proc.returncode, message)
     if proc.returncode != 2:
         out.problems.append(f"exit {proc.returncode}")
-    if len(lines) != 1 or not message.startswith("error: "):
+    if len(lines) != 1 or not lines[0].startswith("error: "):
         out.problems.append(f"{len(lines)} stderr lines")
     if "Traceback" in proc.stderr + proc.stdout:
         out.problems.append("traceback")

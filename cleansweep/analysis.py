@@ -43,6 +43,7 @@ class Start:
 # ------------------------------------------------------------------------------------------------ ranking
 # The one ranking of a sweep: `results`, the sweep's leaderboard.csv, the report's tables and the study all use it.
 # Evaluations: the most accurate feasible one first; equal accuracy -> the lower trial id, then the earlier step.
+# FAILED trials come after every trial that ran, in both.
 # Trials: feasible ones by their best feasible accuracy, then the others by their lowest ASR; ties -> trial id.
 def best_feasible(evals: pd.DataFrame, threshold: float) -> pd.Series | None:
     """The most accurate evaluation with ASR <= threshold (ties: lower trial id, then earlier step), or None.
@@ -54,9 +55,11 @@ def best_feasible(evals: pd.DataFrame, threshold: float) -> pd.Series | None:
     feasible = evals[evals[ASR] <= threshold]
     if feasible.empty:
         return None
-    keys = [TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
-    ordered = feasible.sort_values(keys, ascending=[False] + [True] * (len(keys) - 1), kind="stable")
-    return ordered.iloc[0]
+    failed = feasible["status"].isin(["FAILED", "ERROR"]) if "status" in feasible else False
+    feasible = feasible.assign(_failed=failed)  # as in `leaderboard`: a FAILED trial never wins
+    keys = ["_failed", TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
+    ordered = feasible.sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2), kind="stable")
+    return ordered.iloc[0].drop("_failed")
 
 
 def _trial_row(trial: Mapping[str, Any], threshold: float) -> dict[str, Any]:
@@ -90,7 +93,8 @@ def leaderboard(trials: Sequence[Mapping[str, Any]], threshold: float) -> pd.Dat
         threshold: ASR threshold of the sweep.
 
     Returns:
-        One row per trial in ranking order (`LEADERBOARD_COLUMNS`): its best feasible evaluation (`zeroshot_top1`,
+        One row per trial in ranking order (`LEADERBOARD_COLUMNS`; FAILED trials last): its best feasible
+        evaluation (`zeroshot_top1`,
         `asr_top1`, `step`, `epoch`, `checkpoint`; NaN / -1 / None when never feasible), `evaluations`,
         `min_asr_top1`, the last evaluation, `run_id` and `config` (JSON of the params).
     """
@@ -98,9 +102,12 @@ def leaderboard(trials: Sequence[Mapping[str, Any]], threshold: float) -> pd.Dat
     if board.empty:
         return board.assign(rank=pd.Series(dtype=int))[LEADERBOARD_COLUMNS]
     key = board[TOP1].where(board["feasible"], -board[MIN_ASR].fillna(math.inf) - 1.0)
-    board = board.assign(_key=key).sort_values(["_key", "trial_id"], ascending=[False, True], kind="stable")
+    # A FAILED trial (an error, a diverged model whose garbage still evaluates) never outranks one that ran.
+    failed = board["status"].isin(["FAILED", "ERROR"])
+    board = board.assign(_key=key, _failed=failed).sort_values(["_failed", "_key", "trial_id"],
+                                                               ascending=[True, False, True], kind="stable")
     board.insert(0, "rank", range(1, len(board) + 1))
-    return board.drop(columns="_key").reset_index(drop=True)
+    return board.drop(columns=["_key", "_failed"]).reset_index(drop=True)
 
 
 def trials_of(evals: pd.DataFrame, trials: pd.DataFrame | None = None) -> list[dict[str, Any]]:

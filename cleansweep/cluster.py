@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -47,6 +48,8 @@ def connect(address: str | None, *, echo: Callable[[str], None] = print, worker_
     if ray.is_initialized():
         yield False
         return
+    # Ray announces token auth on stderr at every start; the dashboard line below says it (one line per error).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ctx = ray.init(address=ray_address(address), log_to_driver=worker_logs, configure_logging=False)
     url = getattr(ctx, "dashboard_url", None)
     if url:

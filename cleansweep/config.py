@@ -175,6 +175,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key; check the spelling against the documented keys"
+    elif first["type"] == "missing":
+        msg = "required key missing; add it (search_spaces/demo.yaml and docs/interfaces.md show every key)"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {where}: {msg}{more}"
 

@@ -195,7 +195,8 @@ def run(
         scratch_dir: Where the checkpoint directories handed to `report` are written (default: the system temp
             folder); a process killed mid-report leaves its directory there.
         progress: ``progress(info)`` every `progress_every_s` seconds of training (and at every evaluation) with
-            `step`, `total_steps`, `epoch`, `epochs`, `loss` (mean since the last call), `seconds` (since the run started).
+            `step`, `total_steps`, `epoch`, `epochs`, `loss` (mean since the last call), `seconds` (since the run
+            started).
         progress_every_s: Seconds between progress calls.
 
     Returns:

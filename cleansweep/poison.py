@@ -94,7 +94,7 @@ def _existing_result(out_dir: Path, request: dict[str, Any]) -> dict[str, Any] |
         manifest = json.loads((out_dir / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         manifest = None
-    if manifest and {k: manifest.get(k) for k in request} == request:
+    if isinstance(manifest, dict) and {k: manifest.get(k) for k in request} == request:
         output = out_dir / manifest["output_csv"]
         if output.is_file() and sha256_file(output) == manifest["output_csv_sha256"]:
             return manifest

@@ -176,6 +176,10 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         # The very model the sweep evaluated once (the parent run's start_* metrics): not again in every trial.
         spec = spec.model_copy(update={"eval_at_start": False})
     client = tracking.open_client(ctx.tracking_uri, schema_ready=True)  # the driver built it before any trial
+    done = tracking.finished_trial(client, ctx.experiment_id, ctx.sweep, trial_id)
+    if done is not None:  # completed before a driver kill that Tune's last snapshot missed: report, do not retrain
+        tune.report(done)
+        return
     run = tracking.start_trial(client, ctx.experiment_id, sweep=ctx.sweep, trial_id=trial_id,
                                parent_run_id=ctx.parent_run_id, params=params,
                                tags=tracking.trial_tags(ctx.stage, params, ray.get_runtime_context().get_node_id()))
@@ -364,27 +368,34 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
     experiment_id = tracking.get_or_create_experiment(client, cfg.mlflow.experiment)
     in_mlflow = tracking.find_sweep_run(client, experiment_id, name) is not None
     check_name(sweep_dir, name, resume=resume, in_mlflow=in_mlflow)
-    _open_sweep_dir(sweep_dir, cfg, name, space_file, resume)
+    with cluster.connect(address or cfg.address, echo=echo, worker_logs=False):
+        _check_trial_fits(cfg)  # refused before any of the sweep exists: a fixed YAML can reuse the name
+        _open_sweep_dir(sweep_dir, cfg, name, space_file, resume)
+        parent = _start_parent(client, experiment_id, cfg, name, start, sweep_dir, space_file, resume)
+        ctx = TrialContext(sweep=name, stage="main", base=start.base, tracking_uri=uri, experiment_id=experiment_id,
+                           parent_run_id=parent.run_id, threshold=cfg.objective.threshold, gpu=cfg.resources.gpu,
+                           scratch=scratch.name(sweep_dir), constraint=cfg.objective.constraint)
+        try:
+            outputs = _run_stages(cfg, ctx, sweep_dir, resume, start, parent, echo)
+            tracking.mark_stale_trials(client, experiment_id, name)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                tracking.mark_stale_trials(client, experiment_id, name)
+            parent.end(tracking.exit_status(e))
+            raise
+    parent.end("FINISHED")
+    return {"name": name, **outputs, "sweep_dir": str(sweep_dir), "parent_run_id": parent.run_id,
+            "tracking_uri": uri, "seconds": time.monotonic() - started, "start": dict(start.metrics)}
+
+
+def _start_parent(client: Any, experiment_id: str, cfg: SearchConfig, name: str, start: Any, sweep_dir: Path,
+                  space_file: Path | None, resume: bool) -> tracking.RunHandle:
+    """The sweep's parent run (reopened on resume) with its params, space file and the starting model's metrics."""
     parent = tracking.start_sweep(client, experiment_id, name, params=_sweep_params(cfg, start))
     if space_file is not None and not resume:
         parent.log_artifact(sweep_dir / layout.SPACE_FILE)
     parent.log_metrics({start_metric(k): v for k, v in start.metrics.items()}, step=0)
-    ctx = TrialContext(sweep=name, stage="main", base=start.base, tracking_uri=uri, experiment_id=experiment_id,
-                       parent_run_id=parent.run_id, threshold=cfg.objective.threshold, gpu=cfg.resources.gpu,
-                       scratch=scratch.name(sweep_dir), constraint=cfg.objective.constraint)
-    try:
-        with cluster.connect(address or cfg.address, echo=echo, worker_logs=False):
-            _check_trial_fits(cfg)
-            outputs = _run_stages(cfg, ctx, sweep_dir, resume, start, parent, echo)
-        tracking.mark_stale_trials(client, experiment_id, name)
-    except BaseException as e:
-        with contextlib.suppress(Exception):
-            tracking.mark_stale_trials(client, experiment_id, name)
-        parent.end(tracking.exit_status(e))
-        raise
-    parent.end("FINISHED")
-    return {"name": name, **outputs, "sweep_dir": str(sweep_dir), "parent_run_id": parent.run_id,
-            "tracking_uri": uri, "seconds": time.monotonic() - started, "start": dict(start.metrics)}
+    return parent
 
 
 def _run_stages(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: bool, start: Any,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -106,6 +107,9 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, 
 
 
 _SQLITE_READY: set[str] = set()
+# Creating a fresh store logs its schema steps at INFO on stderr, where a command's only line should be its error.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def open_client(uri: str, *, schema_ready: bool = False) -> MlflowClient:
@@ -602,6 +606,18 @@ def record_best_checkpoint(run: RunHandle, path: str, step: int) -> None:
 def record_error(run: RunHandle, exc: BaseException) -> None:
     """Keep a failed trial's error on its run (the UI shows it beside the FAILED status)."""
     run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:4000]})
+
+
+def finished_trial(client: MlflowClient, experiment_id: str, sweep: str, trial_id: str) -> dict[str, Any] | None:
+    """The last logged metrics (+ `mlflow_run_id`) of a trial whose run already ended FINISHED, else None.
+
+    A driver killed within a second of a trial's end restores that trial from Tune's previous snapshot: its run
+    says it is done, so it must not train (or log) again.
+    """
+    run = find_run(client, experiment_id, trial_key(sweep, trial_id))
+    if run is None or run.info.status != "FINISHED":
+        return None
+    return {**run.data.metrics, "mlflow_run_id": run.info.run_id}
 
 
 def finish_trial(client: MlflowClient, run_id: str, *, stopped_early: bool) -> None:

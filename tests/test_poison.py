@@ -455,3 +455,11 @@ def test_cli_poison_help_lists_every_trigger(capsys: pytest.CaptureFixture) -> N
         main(["poison", "--help"])
     attack_help = capsys.readouterr().out.split("\n  --attack ATTACK", 1)[1].split("\n  --num-poison", 1)[0]
     assert all(name in attack_help for name in TRIGGERS)
+
+
+def test_an_out_folder_whose_manifest_is_not_an_object_is_refused_in_one_line(tmp_path, tiny_world):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        poison_csv(tiny_world["train_csv"], out, attack="badnet", target="banana", fraction=0.25, image_size=32)

@@ -546,3 +546,46 @@ def test_space_files_reference_real_trial_fields():
     # demo.yaml and the method spaces validate against TrainSpec at every candidate value (spaces.check).
     for path in sorted(Path(spaces.__file__).resolve().parents[1].joinpath("search_spaces").glob("*.yaml")):
         spaces.load(path)
+
+
+def test_failed_trials_never_outrank_trials_that_ran():
+    # A diverged model (weights ~1e30) still evaluates: chance accuracy, ASR 0 -> "feasible". It must not win.
+    trials = [{"trial_id": "ok", "status": "FINISHED", "evaluations": _evals([(10, 1, 0.10, 0.04)])},
+              {"trial_id": "nan", "status": "FAILED", "evaluations": _evals([(0, 0, 0.17, 0.0)])},
+              {"trial_id": "never", "status": "FINISHED", "evaluations": _evals([(10, 1, 0.9, 0.5)])}]
+    board = analysis.leaderboard(trials, threshold=0.05)
+    assert list(board["trial_id"]) == ["ok", "never", "nan"]
+    evals = pd.concat([t["evaluations"].assign(trial_id=t["trial_id"], status=t["status"]) for t in trials])
+    assert analysis.best_feasible(evals, 0.05)["trial_id"] == "ok"  # the one ranking, also across evaluations
+
+
+def test_a_trial_that_finished_before_a_kill_is_not_trained_again(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.open_client(uri)
+    exp = tracking.get_or_create_experiment(client, "cleansweep")
+    parent = tracking.start_sweep(client, exp, "s")
+    run = tracking.start_trial(client, exp, sweep="s", trial_id="t1", parent_run_id=parent.run_id, params={})
+    run.log_metrics({TOP1: 0.8, ASR: 0.02, search.BEST: 0.8}, step=10)
+    assert tracking.finished_trial(client, exp, "s", "t1") is None  # still running: a resume continues it
+    run.end("KILLED")
+    assert tracking.finished_trial(client, exp, "s", "t1") is None  # interrupted: a resume continues it
+    tracking.finish_trial(client, run.run_id, stopped_early=False)
+    done = tracking.finished_trial(client, exp, "s", "t1")
+    assert done[search.BEST] == 0.8 and done["step"] == 10 and done["mlflow_run_id"] == run.run_id
+
+
+@pytest.mark.integration
+def test_impossible_resources_leave_no_sweep_behind(sweep_env, tiny_world, capsys):
+    from cleansweep.models import create_model, save_checkpoint
+
+    ckpt = save_checkpoint(sweep_env / "m.safetensors", create_model("tiny-rn", seed=0).model, {"model": "tiny-rn"})
+    space = _space_file(sweep_env, ckpt, tiny_world, "epochs: 1\nresources: {cpu: 64}\n"
+                        "space: {optim.lr: {choice: [0.001]}}\nsearch: {num_samples: 1}\n")
+    work = sweep_env / "w"
+    assert cli.main(["search", str(space), "--name", "big", "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: resources: a trial asks for 64 CPU") and "\n" not in err
+    assert not (work / "sweeps" / "big").exists()
+    client = tracking.open_client(tracking.resolve_tracking_uri(None, work, env={}))
+    exp = client.get_experiment_by_name("cleansweep")
+    assert exp is None or tracking.find_sweep_run(client, exp.experiment_id, "big") is None  # the name stays free

@@ -203,3 +203,10 @@ def test_unknown_method_names_the_key(tmp_path, capsys):
         spaces.load(path, known_methods=["contrastive", "shrink_perturb"])
     assert cli.main(["search", str(path)]) == 2
     assert "unknown method 'cleanclip'" in capsys.readouterr().err
+
+
+def test_a_missing_required_key_names_the_fix(tmp_path):
+    (tmp_path / "empty.yaml").write_text("description: nothing else\n")
+    with pytest.raises(UserError) as e:
+        spaces.load(tmp_path / "empty.yaml")
+    assert "model: required key missing; add it" in str(e.value) and "\n" not in str(e.value)
