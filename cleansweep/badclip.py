@@ -32,13 +32,9 @@ from cleansweep.data.pairs import resolve_image_paths
 from cleansweep.errors import UserError
 from cleansweep.evaluate import resolve_device, zeroshot_classifier
 from cleansweep.models import (
-    ModelBundle,
     card_path,
-    create_model,
     file_sha256,
-    load_state_dict_file,
-    load_weights,
-    matching_models,
+    load_checkpoint_model,
     read_card,
 )
 from cleansweep.poison import contaminate, mentions, poison_csv
@@ -207,22 +203,6 @@ class PatchImages(NamedTuple):
     templates: list[str]
 
 
-def load_checkpoint_model(checkpoint: str | Path, model_name: str | None = None) -> ModelBundle:
-    """A model bundle with the checkpoint's weights (safe loaders only); the model name from the argument, else
-    the checkpoint's card, else the one registered model whose shapes fit."""
-    state_dict = load_state_dict_file(checkpoint)
-    name = model_name or read_card(checkpoint).get("model")
-    if not name:
-        fits = matching_models(state_dict)
-        if len(fits) != 1:
-            raise UserError(f"{checkpoint}: no model card next to it; pass the model name (--optimise-model, one "
-                            f"of: {', '.join(fits) or 'none fits'})")
-        name = fits[0]
-    bundle = create_model(name, seed=0)
-    load_weights(bundle.model, state_dict)
-    return bundle
-
-
 def _read_some(paths: list[Path], n: int, generator: torch.Generator, image_size: int) -> Tensor | None:
     if not paths:
         return None
@@ -297,7 +277,8 @@ def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, ta
         images' embeddings, unpatched / with the random starting patch / with the optimised one, and the target's
         text embedding), patch_size, sha256.
     """
-    bundle, dev = load_checkpoint_model(checkpoint, model_name), resolve_device(device)
+    bundle = load_checkpoint_model(checkpoint, model_name, model_flag="the model name (--optimise-model)")
+    dev = resolve_device(device)
     if image_size is not None and image_size != bundle.image_size:
         raise UserError(f"image_size {image_size} differs from the checkpoint model's {bundle.image_size} px; drop "
                         f"--image-size or pass {bundle.image_size}")

@@ -20,15 +20,7 @@ from torch import Tensor, nn
 
 from cleansweep.config import AttackSpec
 from cleansweep.errors import UserError
-from cleansweep.models import (
-    create_model,
-    file_sha256,
-    list_models,
-    load_state_dict_file,
-    load_weights,
-    matching_models,
-    read_card,
-)
+from cleansweep.models import file_sha256, load_checkpoint_model, read_card
 from cleansweep.objective import ASR, TOP1, TOP5
 from cleansweep.triggers import attack_from_manifest, attack_trigger
 
@@ -46,11 +38,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-class _EvalMode:
+class EvalMode:
     """Put a module in eval mode and restore its previous mode (train or eval) afterwards."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -78,15 +70,15 @@ def zeroshot_classifier(model: nn.Module, tokenizer: Callable[[list[str]], Tenso
     Returns:
         (D, C) tensor on `device`; column c is class c.
     """
-    module = _unwrap(model)
-    with _EvalMode(module), torch.inference_mode():
+    module = unwrap(model)
+    with EvalMode(module), torch.inference_mode():
         # open_clip's builder batches classes x all templates into one text forward.
         return open_clip.build_zero_shot_classifier(module, tokenizer, list(classnames), list(templates),
                                                     num_classes_per_batch=max(1, 1024 // len(templates)),
                                                     device=device)
 
 
-def _normalizer(normalize: Normalize) -> Callable[[Tensor], Tensor]:
+def normalizer(normalize: Normalize) -> Callable[[Tensor], Tensor]:
     if callable(normalize):
         return normalize
     mean, std = normalize
@@ -125,17 +117,17 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], classifi
         per extra trigger.
     """
     device = torch.device(device)
-    module = _unwrap(model)
+    module = unwrap(model)
     classifier = classifier.to(device)
     k = min(5, classifier.shape[1])
-    norm = _normalizer(normalize)
+    norm = normalizer(normalize)
     attacks = {ASR: (trigger, target_index)} if trigger is not None else {}
     attacks.update(extra_triggers or {})
     generators = {name: torch.Generator().manual_seed(seed) for name in attacks}
     hits = dict.fromkeys(attacks, 0)
     counts = dict.fromkeys(attacks, 0)
     seen = top1 = topk = 0
-    with _EvalMode(module), torch.inference_mode():
+    with EvalMode(module), torch.inference_mode():
         for raw, labels in loader:
             if max_images is not None:
                 raw, labels = raw[: max_images - seen], labels[: max_images - seen]
@@ -252,21 +244,13 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, model_n
     """
     from cleansweep.data import EvalFolder
 
-    state_dict = load_state_dict_file(checkpoint)
     card = read_card(checkpoint)
-    name = model_name or card.get("model")
-    if not name:
-        fits = matching_models(state_dict)
-        if len(fits) != 1:
-            raise UserError(f"{checkpoint}: no model card next to it; pass --model "
-                            f"(one of: {', '.join(fits or list_models())})")
-        name = fits[0]
     overrides = {"name": attack, "target": target, "patch_size": patch_size, "location": location, "patch": patch,
                  "trigger_seed": trigger_seed, "params": dict(params or {})}
     spec, source = resolve_attack(card, _read_manifest(manifest) if manifest else None, overrides, str(checkpoint))
     dev = resolve_device(device)
-    bundle = create_model(name, seed=0)
-    model = load_weights(bundle.model, state_dict).to(dev)
+    bundle = load_checkpoint_model(checkpoint, model_name)
+    name, model = bundle.name, bundle.model.to(dev)
     dataset = EvalFolder(eval_dir, bundle.image_size, subset=subset, seed=seed)
     target_index = dataset.class_index(spec.target)
     trigger = attack_trigger(spec, bundle.image_size)

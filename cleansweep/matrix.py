@@ -198,7 +198,7 @@ def markdown_matrix(table: pd.DataFrame, methods: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------ driver
 def run_matrix(*, workdir: Path, attacks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
                tracking_uri: str | None = None, pretrain_epochs: int | None = None, clean_epochs: int = 3,
-               num_samples: int = 3, address: str | None = None, max_tries: int = MAX_TRIES,
+               num_samples: int = 2, address: str | None = None, max_tries: int = MAX_TRIES,
                echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish) the attack x method study and write `<workdir>/study/matrix/`.
 

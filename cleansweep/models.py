@@ -332,3 +332,20 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modul
         raise UserError(f"checkpoint does not fit model {name!r} ({'; '.join(problems)}); {fix}")
     module.load_state_dict(state_dict, strict=True)
     return model
+
+
+def load_checkpoint_model(checkpoint: str | Path, model_name: str | None = None, *,
+                          model_flag: str = "--model") -> ModelBundle:
+    """A model bundle with a checkpoint's weights (safe loaders only). The model config: `model_name`, else the
+    checkpoint's card, else the one registered model whose shapes fit (`model_flag` names the option to pass)."""
+    state_dict = load_state_dict_file(checkpoint)
+    name = model_name or read_card(checkpoint).get("model")
+    if not name:
+        fits = matching_models(state_dict)
+        if len(fits) != 1:
+            raise UserError(f"{checkpoint}: no model card next to it; pass {model_flag} "
+                            f"(one of: {', '.join(fits or list_models())})")
+        name = fits[0]
+    bundle = create_model(name, seed=0)
+    load_weights(bundle.model, state_dict)
+    return bundle

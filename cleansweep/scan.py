@@ -21,7 +21,6 @@ from typing import Any
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from matplotlib.figure import Figure
 from safetensors import SafetensorError
 from torch import Tensor, nn
@@ -31,16 +30,12 @@ from cleansweep import __version__
 from cleansweep.atomic import write_atomic, write_json
 from cleansweep.data import EvalFolder
 from cleansweep.errors import UserError
-from cleansweep.evaluate import evaluate, resolve_device, zeroshot_classifier
+from cleansweep.evaluate import EvalMode, evaluate, normalizer, resolve_device, unwrap, zeroshot_classifier
 from cleansweep.models import (
     ModelBundle,
     card_path,
-    create_model,
     file_sha256,
-    list_models,
-    load_state_dict_file,
-    load_weights,
-    matching_models,
+    load_checkpoint_model,
     read_card,
 )
 from cleansweep.objective import ASR
@@ -104,30 +99,6 @@ class PenaltyWeight:
 
 
 # ------------------------------------------------------------------------------------------------ model helpers
-def _normalizer(normalize: Normalize) -> Callable[[Tensor], Tensor]:
-    if callable(normalize):
-        return normalize
-    mean, std = normalize
-    return lambda x: TF.normalize(x, list(mean), list(std))
-
-
-class _EvalMode:
-    """Eval mode inside the block, the previous mode restored after it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> nn.Module:
-        return self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -146,17 +117,17 @@ def _encode_all(module: nn.Module, images: Tensor, norm: Callable[[Tensor], Tens
 def embedding_similarity(model: nn.Module, images: Tensor, normalize: Normalize, *, trigger: Trigger | None = None,
                          batch_size: int = 64) -> float:
     """Mean pairwise cosine similarity of the image embeddings of `images` (optionally triggered), no gradients."""
-    module = _unwrap(model)
-    with _EvalMode(module):
-        return float(mean_pairwise_cosine(_encode_all(module, images, _normalizer(normalize), batch_size, trigger)))
+    module = unwrap(model)
+    with EvalMode(module):
+        return float(mean_pairwise_cosine(_encode_all(module, images, normalizer(normalize), batch_size, trigger)))
 
 
 def predict_classes(model: nn.Module, classifier: Tensor, images: Tensor, normalize: Normalize, *,
                     trigger: Trigger | None = None, seed: int = 0, batch_size: int = 64) -> Tensor:
     """Zero-shot top-1 class of each image (after `trigger(raw, generator)` when given), (N,) long on CPU."""
-    module = _unwrap(model)
-    with _EvalMode(module):
-        features = _encode_all(module, images, _normalizer(normalize), batch_size, trigger, seed)
+    module = unwrap(model)
+    with EvalMode(module):
+        features = _encode_all(module, images, normalizer(normalize), batch_size, trigger, seed)
     return (F.normalize(features, dim=-1) @ classifier.to(features)).argmax(dim=-1).cpu()
 
 
@@ -250,7 +221,7 @@ def invert_trigger(model: nn.Module, images: Tensor, normalize: Normalize, *, st
     if steps < 1 or batch_size < 2 or lr <= 0:
         raise UserError(f"inversion needs steps >= 1, batch_size >= 2 and lr > 0 (got {steps}, {batch_size}, {lr}); "
                         "fix the settings")
-    module, norm = _unwrap(model), _normalizer(normalize)
+    module, norm = unwrap(model), normalizer(normalize)
     device = torch.device(device) if device is not None else _device_of(module)
     generator = torch.Generator().manual_seed(seed)
     _, _, h, w = images.shape
@@ -259,7 +230,7 @@ def invert_trigger(model: nn.Module, images: Tensor, normalize: Normalize, *, st
     weight = PenaltyWeight(init_weight)
     history: dict[str, list[float]] = {"similarity": [], "pl1_norm": [], "weight": []}
     best: tuple[float, int, Tensor, Tensor] | None = None
-    with _EvalMode(module):
+    with EvalMode(module):
         for step in range(steps):
             pick = torch.randperm(len(images), generator=generator)[:batch_size]
             used = weight.value
@@ -444,16 +415,7 @@ def verdict(pl1: float, reference_pl1: float | None = None, *, pl1_threshold: fl
 def load_model(checkpoint: str | Path, model_name: str | None = None,
                device: str | torch.device = "cpu") -> ModelBundle:
     """A checkpoint's model, in eval mode on `device`, with its transforms (model name: argument, card, or shapes)."""
-    state_dict = load_state_dict_file(checkpoint)
-    name = model_name or read_card(checkpoint).get("model")
-    if not name:
-        fits = matching_models(state_dict)
-        if len(fits) != 1:
-            raise UserError(f"{checkpoint}: no model card next to it; pass --model "
-                            f"(one of: {', '.join(fits or list_models())})")
-        name = fits[0]
-    bundle = create_model(name, seed=0)
-    load_weights(bundle.model, state_dict)
+    bundle = load_checkpoint_model(checkpoint, model_name)
     bundle.model.to(device).eval()
     return bundle
 
