@@ -286,6 +286,10 @@ def drop_resume_state(trial_dir: str | None, *, keep_latest: bool) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ progress
+def _say(line: str) -> None:
+    print(line)  # looked up at call time: the print of the process that unpickled the reporter
+
+
 class TrialTable(tune.ProgressReporter):
     """Tune's live table in cleansweep's words: MLflow's statuses, the sampled hyperparameters, the objective."""
 
@@ -295,6 +299,15 @@ class TrialTable(tune.ProgressReporter):
                  echo: Callable[[str], None] = print):
         self.params, self.epochs, self.every_s, self.echo = params, epochs, every_s, echo
         self._last = -math.inf
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the run config into the sweep folder; `echo` may be a closure or a `print` that Ray Train has
+        # since patched (builtins.print is then another object and pickling it fails), so it stays behind.
+        return {**self.__dict__, "echo": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.echo = state.get("echo") or _say
 
     def should_report(self, trials: list, done: bool = False) -> bool:
         return done or time.monotonic() - self._last >= self.every_s

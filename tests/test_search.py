@@ -286,6 +286,19 @@ def test_trial_table_speaks_mlflow_words_and_shows_the_sampled_values():
     assert "0.001" in rows["a"] and "0.004" in rows["d"]
 
 
+def test_trial_table_pickles_after_ray_train_patched_print(monkeypatch):
+    import builtins
+    import pickle
+
+    lines = []
+    table = search.TrialTable(["optim.lr"], epochs=6, echo=print)
+    # What a Ray Train worker in this process does: builtins.print becomes another function.
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    restored = pickle.loads(pickle.dumps(table))
+    restored.report([], done=True)
+    assert restored.params == ["optim.lr"] and restored.epochs == 6 and lines == ["trials: "]
+
+
 # ------------------------------------------------------------------------------------------------ integration
 @pytest.fixture
 def sweep_env(tmp_path, monkeypatch):
