@@ -30,7 +30,7 @@ TARGET = "banana"
 # Calibrated on the demo world (32 px, tiny-rn, MMCL, 6 epochs): the smallest tried fraction whose backdoor took.
 ATTACKS: dict[str, dict[str, Any]] = {
     "badnet": {"fraction": 0.05, "params": {"patch_size": 8, "location": "fixed", "patch": "fixed"}},
-    "blended": {"fraction": 0.05, "params": {}},
+    "blended": {"fraction": 0.1, "params": {}},
     "sig": {"fraction": 0.05, "params": {}},
     "wanet": {"fraction": 0.1, "params": {}},
     "stripes": {"fraction": 0.05, "params": {}},
