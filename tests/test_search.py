@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -393,6 +394,11 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     assert best["feasible"] and best[ASR] <= threshold and best[TOP1] == best_top1
     assert (best["trial_id"], int(best["step"]), best[ASR]) in reaching
     assert f"best feasible: trial {best['trial_id']}" in printed
+    # Tune's live table in our words: its last print counts every trial FINISHED, with the sampled values.
+    head, header = printed[printed.rindex("trials: "):].splitlines()[:2]
+    counts = {status: int(n) for n, status in re.findall(r"(\d+) ([A-Z][^,]*)", head.removeprefix("trials: "))}
+    assert sum(counts.values()) == 8 and set(counts) <= {"FINISHED", "FINISHED (stopped early)"}, head
+    assert {"optim.lr", "optim.weight_decay", search.BEST, "status"} <= set(header.split())
     sweep_dir = workdir / "sweeps" / "e2e"
     end_board = pd.read_csv(sweep_dir / "leaderboard.csv")  # written at the end from Tune's records
     end = end_board.iloc[0]
