@@ -32,7 +32,7 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "badnet": {"fraction": 0.05, "params": {"patch_size": 8, "location": "fixed", "patch": "fixed"}},
     "blended": {"fraction": 0.1, "params": {}},
     "sig": {"fraction": 0.05, "params": {}},
-    "wanet": {"fraction": 0.1, "params": {}},
+    "wanet": {"fraction": 0.2, "params": {}},
     "stripes": {"fraction": 0.05, "params": {}},
     "triangle": {"fraction": 0.05, "params": {"patch_size": 8, "location": "fixed"}},
     "text": {"fraction": 0.05, "params": {"location": "fixed"}},
