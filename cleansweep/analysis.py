@@ -45,6 +45,11 @@ class Start:
 # Evaluations: the most accurate feasible one first; equal accuracy -> the lower trial id, then the earlier step.
 # FAILED trials come after every trial that ran, in both.
 # Trials: feasible ones by their best feasible accuracy, then the others by their lowest ASR; ties -> trial id.
+def _failed(frame: pd.DataFrame) -> pd.Series | bool:
+    """Which rows belong to a FAILED trial (MLflow's word; Tune's is ERROR); False without a status column."""
+    return frame["status"].isin(["FAILED", "ERROR"]) if "status" in frame else False
+
+
 def best_feasible(evals: pd.DataFrame, threshold: float) -> pd.Series | None:
     """The most accurate evaluation with ASR <= threshold (ties: lower trial id, then earlier step), or None.
 
@@ -55,8 +60,7 @@ def best_feasible(evals: pd.DataFrame, threshold: float) -> pd.Series | None:
     feasible = evals[evals[ASR] <= threshold]
     if feasible.empty:
         return None
-    failed = feasible["status"].isin(["FAILED", "ERROR"]) if "status" in feasible else False
-    feasible = feasible.assign(_failed=failed)  # as in `leaderboard`: a FAILED trial never wins
+    feasible = feasible.assign(_failed=_failed(feasible))  # as in `leaderboard`: a FAILED trial never wins
     keys = ["_failed", TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
     ordered = feasible.sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2), kind="stable")
     return ordered.iloc[0].drop("_failed")
@@ -94,18 +98,16 @@ def leaderboard(trials: Sequence[Mapping[str, Any]], threshold: float) -> pd.Dat
 
     Returns:
         One row per trial in ranking order (`LEADERBOARD_COLUMNS`; FAILED trials last): its best feasible
-        evaluation (`zeroshot_top1`,
-        `asr_top1`, `step`, `epoch`, `checkpoint`; NaN / -1 / None when never feasible), `evaluations`,
-        `min_asr_top1`, the last evaluation, `run_id` and `config` (JSON of the params).
+        evaluation (`zeroshot_top1`, `asr_top1`, `step`, `epoch`, `checkpoint`; NaN / -1 / None when never
+        feasible), `evaluations`, `min_asr_top1`, the last evaluation, `run_id` and `config` (JSON of the params).
     """
     board = pd.DataFrame([_trial_row(t, threshold) for t in trials], columns=LEADERBOARD_COLUMNS[1:])
     if board.empty:
         return board.assign(rank=pd.Series(dtype=int))[LEADERBOARD_COLUMNS]
     key = board[TOP1].where(board["feasible"], -board[MIN_ASR].fillna(math.inf) - 1.0)
     # A FAILED trial (an error, a diverged model whose garbage still evaluates) never outranks one that ran.
-    failed = board["status"].isin(["FAILED", "ERROR"])
-    board = board.assign(_key=key, _failed=failed).sort_values(["_failed", "_key", "trial_id"],
-                                                               ascending=[True, False, True], kind="stable")
+    board = board.assign(_key=key, _failed=_failed(board))
+    board = board.sort_values(["_failed", "_key", "trial_id"], ascending=[True, False, True], kind="stable")
     board.insert(0, "rank", range(1, len(board) + 1))
     return board.drop(columns=["_key", "_failed"]).reset_index(drop=True)
 

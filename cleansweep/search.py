@@ -306,8 +306,7 @@ class TrialTable(tune.ProgressReporter):
         return {**self.__dict__, "echo": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.echo = state.get("echo") or _say
+        self.__dict__.update(state, echo=_say)
 
     def should_report(self, trials: list, done: bool = False) -> bool:
         return done or time.monotonic() - self._last >= self.every_s
