@@ -55,6 +55,20 @@ class AttackSpec(Strict):
     seed: int = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
 
 
+class SweepAttackSpec(AttackSpec):
+    """A sweep's `attack:`. The trigger is the one the checkpoint's card (or `manifest`) records; the fields the file
+    writes go on top of it, and one that contradicts the record is refused unless `override` is true."""
+
+    manifest: Path | None = Field(None, description="Poison manifest (manifest.json of `cleansweep poison`) of the "
+                                  "model's training data: the trigger it records is the one ASR is measured with.")
+    override: bool = Field(False, description="Measure ASR with the fields written here even where they contradict "
+                           "the trigger the card or manifest records.")
+
+    def written(self) -> dict[str, Any]:
+        """The trigger fields the file sets (defaults are not written: they never beat the recorded trigger)."""
+        return self.model_dump(mode="json", include=set(self.model_fields_set) - {"manifest", "override"})
+
+
 class MethodSpec(Strict):
     name: str = Field("contrastive", description="Training/cleaning method (cleansweep.methods.list_methods()).")
     mmcl_weight: float = Field(1.0, ge=0, description="Weight of the multimodal CLIP loss (eq. 1).")
@@ -376,7 +390,7 @@ class SearchConfig(Strict):
     description: str = Field("", description="What this space is for (paper appendix entry, model).")
     model: StartModelSpec
     data: DataSpec | None = Field(None, description="Cleaning + evaluation data; None only with a preset model.")
-    attack: AttackSpec = AttackSpec()
+    attack: SweepAttackSpec = SweepAttackSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
     base: dict[str, Any] = Field(default_factory=dict, description="TrainSpec values for every trial (dotted ok).")
     epochs: int = Field(10, ge=0, description="Cleaning epochs per trial (max_t of ASHA).")

@@ -22,10 +22,11 @@ from cleansweep.config import AttackSpec
 from cleansweep.errors import UserError
 from cleansweep.models import file_sha256, load_checkpoint_model, read_card
 from cleansweep.objective import ASR, TOP1, TOP5
-from cleansweep.triggers import attack_from_manifest, attack_trigger
+from cleansweep.triggers import ATTACK_FIELDS, attack_from_manifest, attack_trigger, resolve_trigger_params
 
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]]
 Trigger = Callable[[Tensor, torch.Generator], Tensor]
+NO_ATTACK = "none"  # attack.name when the trigger is unknown (a sweep constrained on the proxy ASR only)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -160,44 +161,97 @@ def recorded_attack(card: Mapping[str, Any]) -> dict[str, Any] | None:
     return dict(attack) if isinstance(attack, Mapping) else None
 
 
+# How a command's user names the trigger, for messages: `cleansweep evaluate`'s flags or a sweep file's `attack:`.
+_WORDS = {
+    "flags": {"manifest": "--poison-manifest", "given": "flags",
+              "name": "--attack NAME with its --patch-size/--location/--patch/--trigger-seed/--param as poisoned",
+              "mismatch": "pass the manifest the model was poisoned with, or set the trigger with flags (--attack ... "
+                          "--trigger-seed ...) and no --poison-manifest"},
+    "file": {"manifest": "attack.manifest", "given": "file",
+             "name": "attack.name with its patch_size/location/patch/trigger_seed/params as poisoned (or attack.name: "
+                     "none with objective.asr: proxy when the trigger is unknown)",
+             "mismatch": "set attack.manifest to the manifest the model was poisoned with, or drop it"},
+}
+
+
 def resolve_attack(card: Mapping[str, Any], manifest: Mapping[str, Any] | None,
-                   overrides: Mapping[str, Any], where: str = "checkpoint") -> tuple[AttackSpec, str]:
+                   overrides: Mapping[str, Any], where: str = "checkpoint", *, words: str = "flags",
+                   image_size: int | None = None) -> tuple[AttackSpec, str]:
     """The trigger to measure ASR with: recorded (card or poison manifest) plus explicit overrides, never a guess.
+
+    The one rule of every command that measures a checkpoint's ASR (`evaluate`, a sweep's start and trials).
 
     Args:
         card: The checkpoint's card ({} without one).
         manifest: A poison manifest (`cleansweep poison` wrote it), or None.
         overrides: AttackSpec fields given explicitly (`name`, `target`, `patch_size`, `location`, `patch`,
-            `trigger_seed`, `params`); None values are not given.
+            `trigger_seed`, `params`, `seed`); None values are not given.
         where: The checkpoint, for messages.
+        words: "flags" (`cleansweep evaluate`: a flag is an explicit override of one setting) or "file" (a sweep's
+            `attack:`, written once and reused: messages name its keys).
+        image_size: Given, an override that contradicts the recorded trigger (a different name, target or effective
+            parameter at this resolution) is refused; a sweep passes it unless its file says `attack.override: true`.
 
     Returns:
-        The AttackSpec and where it came from ("card", "manifest", "card+flags", "flags", ...).
+        The AttackSpec and where it came from ("card", "manifest", "card+flags", "file", ...).
 
     Raises:
-        UserError: the card and the manifest name different triggers, or nothing records the trigger and no
-            `--attack` was given (the per-run parts of a trigger - fixed patch, position, seed - cannot be guessed).
+        UserError: the card and the manifest name different triggers, an override contradicts them (see
+            `image_size`), or nothing records the trigger and no name was given (the per-run parts of a trigger -
+            fixed patch, position, seed - cannot be guessed).
     """
+    text = _WORDS[words]
     given = {k: v for k, v in overrides.items() if v is not None and v != {}}
     card_attack, manifest_attack = recorded_attack(card), attack_from_manifest(manifest) if manifest else None
     if card_attack and manifest_attack and not _same_trigger(card_attack, manifest_attack):
-        raise UserError(f"{where}: its card records trigger {_describe(card_attack)} but the poison manifest says "
-                        f"{_describe(manifest_attack)}; pass the manifest the model was poisoned with, or set the "
-                        "trigger with flags (--attack ... --trigger-seed ...) and no --poison-manifest")
+        raise UserError(f"{where}: its card records trigger {describe_trigger(card_attack)} but the poison manifest "
+                        f"says {describe_trigger(manifest_attack)}; {text['mismatch']}")
     recorded, source = (manifest_attack, "manifest") if manifest_attack else (card_attack, "card")
     if recorded is None:
         if "name" not in given:
-            raise UserError(f"{where}: no trigger recorded (no card with an attack, no --poison-manifest); pass "
-                            "--poison-manifest MANIFEST.json from `cleansweep poison`, or name the trigger: --attack "
-                            "NAME with its --patch-size/--location/--patch/--trigger-seed/--param as poisoned")
-        recorded, source = {}, "flags"
-    params = {**(recorded.get("params") or {}), **(given.pop("params", None) or {})}
-    values = {**recorded, **given, "params": params}
+            raise UserError(f"{where}: no trigger recorded (no card with an attack, no {text['manifest']}); pass "
+                            f"{text['manifest']} MANIFEST.json from `cleansweep poison`, or name the trigger: "
+                            f"{text['name']}")
+        recorded, source = {}, text["given"]
+    params = {**(recorded.get("params") or {}), **(given.get("params") or {})}
+    values = {**recorded, **{k: v for k, v in given.items() if k != "params"}, "params": params}
     try:
         spec = AttackSpec.model_validate(values)
     except ValueError as e:
         raise UserError(f"{where}: the trigger {values} is not valid ({str(e).splitlines()[-1].strip()})") from None
-    return spec, source if source == "flags" or not given else f"{source}+flags"
+    if image_size is not None and recorded and given:
+        _refuse_contradiction(recorded, spec, image_size, f"{where}: its {source}")
+    return spec, source if source == text["given"] or not given else f"{source}+{text['given']}"
+
+
+def _refuse_contradiction(recorded: Mapping[str, Any], spec: AttackSpec, image_size: int, whose: str) -> None:
+    if spec.name == NO_ATTACK:  # the user says the trigger is unknown (proxy ASR only): nothing to contradict
+        return
+    try:
+        diffs = trigger_differences(AttackSpec.model_validate(recorded), spec, image_size)
+    except ValueError:
+        diffs = ["(the recorded trigger is not a valid attack)"]
+    if diffs:
+        raise UserError(f"{whose} records trigger {describe_trigger(recorded)} but attack: sets {', '.join(diffs)}; "
+                        "drop those keys to measure ASR with the trigger the model was poisoned with, or set "
+                        "attack.override: true to measure with the file's")
+
+
+def trigger_differences(recorded: AttackSpec, other: AttackSpec, image_size: int) -> list[str]:
+    """`key=value (recorded: value)` for each part of the trigger where `other` differs from `recorded`: name, target,
+    every effective parameter at `image_size` (defaults filled in, so writing a default is no difference). The
+    evaluation `seed` is not part of the trigger."""
+    diffs = [f"{k}={getattr(other, k)!r} (recorded: {getattr(recorded, k)!r})" for k in ("name", "target")
+             if getattr(other, k) != getattr(recorded, k)]
+    if other.name != recorded.name:  # parameters of two different triggers do not compare
+        return diffs
+    a, b = _effective_params(recorded, image_size), _effective_params(other, image_size)
+    return diffs + [f"{k}={b.get(k)!r} (recorded: {a.get(k)!r})" for k in sorted(a.keys() | b.keys())
+                    if a.get(k) != b.get(k)]
+
+
+def _effective_params(spec: AttackSpec, image_size: int) -> dict[str, Any]:
+    return resolve_trigger_params(spec.name, image_size, **{k: getattr(spec, k) for k in ATTACK_FIELDS}, **spec.params)
 
 
 def _same_trigger(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -211,7 +265,8 @@ def _same_trigger(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return same_size and all(getattr(x, k) == getattr(y, k) for k in keys)
 
 
-def _describe(attack: Mapping[str, Any]) -> str:
+def describe_trigger(attack: Mapping[str, Any]) -> str:
+    """`name=badnet, target=banana, patch_size=8, ...`: every trigger field that is set (not the evaluation seed)."""
     return ", ".join(f"{k}={v}" for k, v in attack.items() if k != "seed" and v not in (None, {}))
 
 
@@ -247,7 +302,7 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, model_n
     card = read_card(checkpoint)
     overrides = {"name": attack, "target": target, "patch_size": patch_size, "location": location, "patch": patch,
                  "trigger_seed": trigger_seed, "params": dict(params or {})}
-    spec, source = resolve_attack(card, _read_manifest(manifest) if manifest else None, overrides, str(checkpoint))
+    spec, source = resolve_attack(card, read_manifest(manifest) if manifest else None, overrides, str(checkpoint))
     dev = resolve_device(device)
     bundle = load_checkpoint_model(checkpoint, model_name)
     name, model = bundle.name, bundle.model.to(dev)
@@ -263,7 +318,7 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, model_n
             "target": spec.target}
 
 
-def _read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "manifest.json"

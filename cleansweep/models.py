@@ -280,7 +280,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             raise UserError(f"{path}: not a readable safetensors file ({e}); re-save or re-download it") from None
     else:
         obj = _read_torch(path)
-    return _extract_state_dict(obj, path)
+    state_dict = _extract_state_dict(obj, path)
+    _check_finite(state_dict, path)
+    return state_dict
+
+
+def _check_finite(state_dict: Mapping[str, Tensor], path: Path) -> None:
+    # NaN weights evaluate to a plausible-looking number (constant predictions: top-1 = 1/classes, ASR 0) that
+    # reads as "cleaned"; no command may start from, evaluate or resume such a checkpoint.
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (+{len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise UserError(f"{path}: non-finite weights (NaN or inf) in {bad[0]}{more}; a diverged or corrupt model "
+                        "cannot be evaluated or cleaned: pass a checkpoint from before the divergence")
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -339,13 +351,32 @@ def load_checkpoint_model(checkpoint: str | Path, model_name: str | None = None,
     """A model bundle with a checkpoint's weights (safe loaders only). The model config: `model_name`, else the
     checkpoint's card, else the one registered model whose shapes fit (`model_flag` names the option to pass)."""
     state_dict = load_state_dict_file(checkpoint)
-    name = model_name or read_card(checkpoint).get("model")
-    if not name:
-        fits = matching_models(state_dict)
-        if len(fits) != 1:
-            raise UserError(f"{checkpoint}: no model card next to it; pass {model_flag} "
-                            f"(one of: {', '.join(fits or list_models())})")
-        name = fits[0]
-    bundle = create_model(name, seed=0)
+    bundle = create_model(checkpoint_model_name(checkpoint, model_name, state_dict, model_flag=model_flag), seed=0)
     load_weights(bundle.model, state_dict)
     return bundle
+
+
+def checkpoint_model_name(checkpoint: str | Path, model_name: str | None = None,
+                          state_dict: Mapping[str, Tensor] | None = None, *, model_flag: str = "--model") -> str:
+    """The model config of a checkpoint: its card's; a given `model_name` must agree with the card (RN50 and
+    RN50-quickgelu share every key, so a wrong name would load silently with the wrong activation); without a card,
+    `model_name`, else the one registered model whose shapes fit `state_dict` (read from the file when None).
+
+    Raises:
+        UserError: the name contradicts the card, or no card and no name and the shapes fit none or several models.
+    """
+    if model_name:
+        _model_config(model_name)  # a misspelt name is named as such, not as a contradiction
+    card_name = read_card(checkpoint).get("model")
+    if model_name and card_name and model_name != card_name:
+        raise UserError(f"{checkpoint}: {model_flag} {model_name!r} contradicts its card, which says the model is "
+                        f"{card_name!r}; drop {model_flag} (the card's is used) or pass {card_name}")
+    name = model_name or card_name
+    if name:
+        return str(name)
+    fits = matching_models(state_dict if state_dict is not None else load_state_dict_file(checkpoint))
+    if len(fits) != 1:
+        which = f"its weights fit {' and '.join(fits)}" if fits else "its weights fit no registered model"
+        raise UserError(f"{checkpoint}: no model card next to it and {which}; pass {model_flag} "
+                        f"(one of: {', '.join(fits or list_models())})")
+    return fits[0]

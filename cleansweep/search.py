@@ -646,6 +646,7 @@ def _sweep_params(cfg: SearchConfig, start: Any) -> dict[str, Any]:
                    "resources.cpu": cfg.resources.cpu, "resources.gpu": cfg.resources.gpu, "seed": cfg.seed,
                    "model.init": str(start.init), "start_metrics_source": start.source,
                    "description": cfg.description})
+    params.update(start.tracking_params())  # the trigger the start was measured with, and any warning about it
     return params
 
 

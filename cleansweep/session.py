@@ -38,10 +38,11 @@ from cleansweep.augment import eda, ssl_image_transform
 from cleansweep.config import MethodSpec, TrainSpec, validate
 from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip, read_pairs
 from cleansweep.errors import UserError
-from cleansweep.evaluate import evaluate, zeroshot_classifier
+from cleansweep.evaluate import NO_ATTACK, evaluate, zeroshot_classifier
 from cleansweep.methods import Task, create_task, list_methods
 from cleansweep.models import (
     ModelBundle,
+    checkpoint_model_name,
     create_model,
     file_sha256,
     load_state_dict_file,
@@ -54,7 +55,6 @@ from cleansweep.optim import apply_hyperparameters, create_optimizer, lr_at
 from cleansweep.triggers import attack_trigger
 
 MODEL_FILE, STATE_FILE = layout.MODEL_FILE, layout.STATE_FILE  # the checkpoint directory (module docstring)
-NO_ATTACK = "none"  # attack.name of a sweep whose trigger is unknown: only the proxy ASR is measured
 Report = Callable[[dict[str, Any], str | None], None]
 
 
@@ -308,6 +308,7 @@ def _build(spec: TrainSpec, rank: int, world: int) -> _Run:
     bundle = create_model(spec.model.name, seed=spec.seed)
     init_sha = None
     if spec.model.init is not None:
+        checkpoint_model_name(spec.model.init, spec.model.name, model_flag="model.name")  # a card that disagrees
         load_weights(bundle.model, load_state_dict_file(spec.model.init))
         init_sha = file_sha256(spec.model.init)
     plain_ds, with_views = _datasets(spec, bundle)
@@ -384,6 +385,8 @@ def preflight(spec: TrainSpec | dict[str, Any]) -> TrainSpec:
         raise UserError(f"unknown method {spec.method.name!r}; choose from: {', '.join(list_methods())}")
     if spec.model.init is not None and not Path(spec.model.init).is_file():
         raise UserError(f"init checkpoint not found: {spec.model.init}; pass an existing .safetensors or .pt file")
+    if spec.model.init is not None:
+        checkpoint_model_name(spec.model.init, spec.model.name, model_flag="model.name")
     if not Path(spec.data.train_csv).is_file():
         raise UserError(f"training CSV not found: {spec.data.train_csv}; point data.train_csv (--train-csv) at an "
                         "existing image-caption CSV")

@@ -156,7 +156,7 @@ def preselect_points(cfg: SearchConfig) -> list[dict[str, Any]]:
 
 def base_train_dict(cfg: SearchConfig, *, data: DataSpec | None = None, init: Path | None = None,
                     model_name: str | None = None, defaults: dict[str, Any] | None = None,
-                    proxy: Path | None = None) -> dict[str, Any]:
+                    proxy: Path | None = None, attack: dict[str, Any] | None = None) -> dict[str, Any]:
     """The nested TrainSpec values every trial starts from (before its sampled parameters).
 
     Args:
@@ -166,6 +166,8 @@ def base_train_dict(cfg: SearchConfig, *, data: DataSpec | None = None, init: Pa
         model_name: Resolved model config name; default `cfg.model.name`, else TrainSpec's default.
         defaults: A preset's cleaning TrainSpec dict, layered under everything the file sets.
         proxy: The inverted trigger of a proxy-ASR sweep (`start_model` scans when the file names none).
+        attack: The resolved trigger (`start_model`: the card's or manifest's, the file's fields on top); default:
+            only the fields the file writes.
     """
     data = data or cfg.data
     defaults = defaults or {}
@@ -174,7 +176,7 @@ def base_train_dict(cfg: SearchConfig, *, data: DataSpec | None = None, init: Pa
     if model_name or cfg.model.name:
         model["name"] = model_name or cfg.model.name
     out = deep_update(out, {"model": model})
-    attack = cfg.attack.model_dump(mode="json", exclude_unset=True)  # only what the file sets beats a preset
+    attack = attack if attack is not None else cfg.attack.written()  # only what the file sets beats a preset
     fixed = {
         "data": data.model_dump(mode="json", exclude_unset=True) if data is not None else dict(PLACEHOLDER_DATA),
         "attack": attack,

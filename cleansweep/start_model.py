@@ -11,6 +11,7 @@ other.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ class StartModel:
         base: Nested TrainSpec values of every trial before its sampled parameters (absolute paths).
         metrics: `zeroshot_top1` and `asr_top1` of the starting model, measured like the trials measure.
         source: Where the metrics come from ("card" or "evaluated").
+        attack_source: Where the trigger comes from (`evaluate.resolve_attack`: "card", "manifest", "card+file", ...).
+        warning: Set when the starting model already meets the ASR constraint (names the trigger used).
     """
 
     init: Path
@@ -41,15 +44,25 @@ class StartModel:
     base: dict[str, Any]
     metrics: dict[str, float]
     source: str
+    attack_source: str = "file"
+    warning: str | None = None
+
+    def tracking_params(self) -> dict[str, str]:
+        """What the sweep's parent run records about its start: the trigger, where it came from, any warning."""
+        from cleansweep.evaluate import describe_trigger
+
+        out = {"start_trigger": describe_trigger(self.base["attack"]), "start_trigger_source": self.attack_source}
+        return {**out, "start_warning": self.warning} if self.warning else out
 
 
 def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = print) -> StartModel:
     """The sweep's starting model, checked and measured (see the module docstring).
 
     Raises:
-        UserError: a missing checkpoint or data path, or anything `session.preflight` finds.
+        UserError: a missing checkpoint or data path, non-finite weights, a model name or trigger that contradicts
+            the checkpoint's card, or anything `session.preflight` finds.
     """
-    from cleansweep.models import read_card
+    from cleansweep.models import checkpoint_model_name, load_state_dict_file, read_card
 
     data, defaults = cfg.data, {}
     if cfg.model.preset is not None:
@@ -65,11 +78,13 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
         if not init.is_file():
             raise UserError(f"model.checkpoint {init} not found; pass the pre-trained .safetensors (or .pt) file")
     card = read_card(init)
-    model_name = cfg.model.name or card.get("model")
+    # The starting weights are read once here: a non-finite or unrecognisable model is refused before anything runs.
+    model_name = checkpoint_model_name(init, cfg.model.name, load_state_dict_file(init), model_flag="model.name")
+    attack, attack_source = sweep_attack(cfg, card, init, model_name)
     data = _absolute(data)
     proxy = proxy_inversion(cfg, init, data, model_name, Path(workdir), echo)
     base = spaces.base_train_dict(cfg, data=data, init=init.resolve(), model_name=model_name, defaults=defaults,
-                                  proxy=proxy)
+                                  proxy=proxy, attack=attack)
     _check_paths(base)
     spec = start_eval_spec(base)
     from cleansweep import session
@@ -79,8 +94,41 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
     if metrics is None:
         echo("evaluating the starting model once (its card has no numbers measured like the trials')")
         metrics, source = evaluate_start(spec), "evaluated"
+    warning = already_clean_warning(metrics, base, attack_source)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     return StartModel(init=init.resolve(), model_name=model_name, card=card, base=base, metrics=metrics,
-                      source=source)
+                      source=source, attack_source=attack_source, warning=warning)
+
+
+def sweep_attack(cfg: SearchConfig, card: Mapping[str, Any], init: Path, model_name: str) -> tuple[dict[str, Any],
+                                                                                                   str]:
+    """The trigger the sweep measures ASR with, and where it comes from: `evaluate.resolve_attack`'s rule (the card's
+    or `attack.manifest`'s trigger, the fields the file writes on top; a contradiction is refused unless
+    `attack.override: true`), the same rule `cleansweep evaluate` follows."""
+    from cleansweep.evaluate import read_manifest, resolve_attack
+    from cleansweep.models import model_image_size
+
+    manifest = read_manifest(Path(cfg.attack.manifest).resolve()) if cfg.attack.manifest is not None else None
+    spec, source = resolve_attack(card, manifest, cfg.attack.written(), f"model.checkpoint {init}", words="file",
+                                  image_size=None if cfg.attack.override else model_image_size(model_name))
+    return spec.model_dump(mode="json"), source
+
+
+def already_clean_warning(metrics: Mapping[str, float], base: Mapping[str, Any], attack_source: str) -> str | None:
+    """A loud line when the starting model already meets the constraint: every trial would look clean, which is
+    what a sweep measuring the wrong trigger looks like (the issue this guards against: ASR 0.0 for a 0.79 model)."""
+    from cleansweep.evaluate import NO_ATTACK, describe_trigger
+
+    constraint, threshold = base.get("constraint", ASR), float(base.get("asr_threshold", 0.05))
+    value = metrics.get(constraint)
+    if value is None or not math.isfinite(value) or value > threshold:
+        return None
+    trigger = "the inverted trigger of `cleansweep scan`" if constraint == PROXY_ASR or base["attack"].get(
+        "name") == NO_ATTACK else f"trigger {describe_trigger(base['attack'])} (from the {attack_source})"
+    return (f"WARNING: the starting model already meets the constraint before any cleaning: {constraint} "
+            f"{value:.3f} <= threshold {threshold:g}, measured with {trigger}; every trial will look clean. If the "
+            "model is poisoned, this is not its trigger: set attack.manifest to its poison manifest or fix attack:")
 
 
 def proxy_inversion(cfg: SearchConfig, init: Path, data: DataSpec | None, model_name: str | None, workdir: Path,

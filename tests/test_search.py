@@ -211,7 +211,7 @@ def _space_file(tmp_path: Path, checkpoint: Path, world: dict, extra: str = "") 
         model: {{checkpoint: {checkpoint}, name: tiny-rn}}
         data: {{train_csv: {world['clean_csv']}, eval_dir: {world['eval_dir']}, batch_size: 16,
                 eval_batch_size: 64}}
-        attack: {{patch_size: {PATCH}, location: fixed, patch: fixed}}
+        attack: {{name: badnet, patch_size: {PATCH}, location: fixed, patch: fixed}}
         """) + textwrap.dedent(extra))
     return path
 
@@ -254,7 +254,8 @@ def test_a_bad_space_is_refused_before_anything_starts(tmp_path, capsys, monkeyp
     space = tmp_path / "space.yaml"
     base = {"model": {"checkpoint": str(ckpt), "name": "tiny-rn"},
             "data": {"train_csv": tiny_world["clean_csv"], "eval_dir": tiny_world["eval_dir"], "batch_size": 16},
-            "attack": {"patch_size": 4}, "epochs": 1, "space": {"optim.lr": {"loguniform": [1e-4, 1e-3]}}}
+            "attack": {"name": "badnet", "patch_size": 4}, "epochs": 1,
+            "space": {"optim.lr": {"loguniform": [1e-4, 1e-3]}}}
     import yaml
 
     base[key] = {**base[key], **yaml.safe_load(value)}
