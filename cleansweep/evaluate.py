@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -174,8 +174,8 @@ _WORDS = {
 }
 
 
-def resolve_attack(card: Mapping[str, Any], manifest: Mapping[str, Any] | None,
-                   overrides: Mapping[str, Any], where: str = "checkpoint", *, words: str = "flags",
+def resolve_attack(card: Mapping[str, Any], manifest: Mapping[str, Any] | None, overrides: Mapping[str, Any],
+                   where: str = "checkpoint", *, words: Literal["flags", "file"] = "flags",
                    image_size: int | None = None) -> tuple[AttackSpec, str]:
     """The trigger to measure ASR with: recorded (card or poison manifest) plus explicit overrides, never a guess.
 

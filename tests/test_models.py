@@ -227,3 +227,45 @@ def test_file_sha256_is_remembered_only_while_the_file_is_unchanged(tmp_path):
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert models.file_sha256(f) == hashlib.sha256(b"b" * 3000).hexdigest()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_weights_are_refused_in_safetensors_and_pt(tmp_path, tiny, bad):
+    # All-NaN weights evaluated to top-1 1/classes and ASR 0.0: a model that reads as "cleaned".
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    key = "visual.layer2.0.conv1.weight"
+    state[key].view(-1)[3] = bad
+    models.save_checkpoint(tmp_path / "w.safetensors", tiny.model, {})
+    import safetensors.torch
+
+    safetensors.torch.save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        with pytest.raises(UserError, match=rf"{name}: non-finite weights \(NaN or inf\) in {key}; ") as err:
+            models.load_state_dict_file(tmp_path / name)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="non-finite"):  # every command loads through it
+        models.load_checkpoint_model(tmp_path / "w.safetensors")
+    state = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state.items()}
+    safetensors.torch.save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError, match=r"non-finite weights .* \(\+\d+ more tensors\)"):
+        models.load_state_dict_file(tmp_path / "w.safetensors")
+
+
+def test_model_name_comes_from_the_card_and_rn50_twins_are_never_guessed(tmp_path):
+    # RN50 and RN50-quickgelu have the same keys and shapes (zero-storage tensors of those shapes stand in here).
+    state = {k: torch.zeros(()).expand(s) for k, s in models._config_shapes("RN50").items()}
+    assert models.matching_models(state) == ["RN50", "RN50-quickgelu"]
+    path = tmp_path / "openai.safetensors"
+    with pytest.raises(UserError, match="no model card next to it and its weights fit RN50 and RN50-quickgelu; "
+                                        "pass --model"):
+        models.checkpoint_model_name(path, None, state)
+    assert models.checkpoint_model_name(path, "RN50-quickgelu", state) == "RN50-quickgelu"  # no card: the given
+    models.card_path(path).write_text(json.dumps({"model": "RN50-quickgelu"}))
+    assert models.checkpoint_model_name(path, None, state) == "RN50-quickgelu"
+    with pytest.raises(UserError, match="--model 'RN50' contradicts its card, which says the model is "
+                                        "'RN50-quickgelu'; drop --model") as err:
+        models.checkpoint_model_name(path, "RN50", state)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="unknown model 'RN5'"):
+        models.checkpoint_model_name(path, "RN5", state)

@@ -47,6 +47,13 @@ def test_paper_grid_counts(entry):
     assert f"Appendix D.{entry}:" in cfg.description and "Model:" in cfg.description
 
 
+@pytest.mark.parametrize("entry", sorted(PAPER_COUNTS))
+def test_models_poisoned_by_finetuning_openai_clip_are_quickgelu(entry):
+    # D.5/D.6 finetune OpenAI's CLIP (QuickGELU); RN50 has the same keys and would load with GELU, silently.
+    expected = "RN50-quickgelu" if entry in (5, 6) else "RN50"
+    assert spaces.load(SPACES / f"paper_D{entry:02d}.yaml").model.name == expected
+
+
 def test_paper_values_exact_with_duplicates():
     d10 = [p["optim.lr"] for p in spaces.grid_points(spaces.load(SPACES / "paper_D10.yaml"))]
     assert d10 == D10_LR  # order and the duplicated 1e-4, 3e-4 kept
