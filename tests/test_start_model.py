@@ -125,12 +125,15 @@ def test_the_manifest_the_file_names_gives_the_trigger(tmp_path, tiny_world):
 
 def test_a_start_already_under_the_threshold_is_a_loud_warning_naming_the_trigger(tmp_path, tiny_world, recorded,
                                                                                   capsys):
-    start = _resolve(_space(tmp_path, recorded, tiny_world, objective={"threshold": 1.0}), tmp_path / "w")
+    from cleansweep import search
+
+    space = _space(tmp_path, recorded, tiny_world, objective={"threshold": 1.0})
+    start = _resolve(space, tmp_path / "w")
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("WARNING"))
     assert f"asr_top1 {start.metrics[ASR]:.3f} <= threshold 1" in line
     assert "patch_size=8" in line and "trigger_seed=3" in line and "(from the card)" in line
-    params = start.tracking_params()  # the sweep's MLflow parent run logs these
+    params = search._sweep_params(spaces.load(space), start)  # what the sweep's MLflow parent run logs
     assert params["start_warning"] == line and params["start_trigger_source"] == "card"
     assert "location=fixed" in params["start_trigger"]
 
