@@ -149,3 +149,20 @@ def test_a_model_name_that_contradicts_the_card_is_refused(tmp_path, tiny_world,
             "--device", "cpu"]
     assert cli.main(argv) == 2
     assert "--model 'tiny-vit' contradicts its card" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_refused_by_search_and_evaluate(tmp_path, tiny_world, capsys):
+    # Measured before the fix: all-NaN tiny-rn weights evaluated to top-1 0.167 (1/6) and ASR 0.0 on this world.
+    from cleansweep.models import create_model, save_checkpoint
+
+    model = create_model("tiny-rn", seed=0).model
+    with torch.no_grad():
+        model.visual.conv1.weight.fill_(float("nan"))
+    ckpt = save_checkpoint(tmp_path / "nan.safetensors", model, {"attack": POISONED})
+    work = tmp_path / "w"
+    assert cli.main(["search", str(_space(tmp_path, ckpt, tiny_world)), "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nan.safetensors: non-finite weights (NaN or inf) in visual.conv1.weight" in err and "\n" not in err
+    assert not work.exists()
+    assert cli.main(["evaluate", str(ckpt), "--eval-data", str(tiny_world["eval_dir"]), "--device", "cpu"]) == 2
+    assert "non-finite weights" in capsys.readouterr().err
