@@ -19,6 +19,7 @@ MAX_BATCH = 65536
 MAX_COUNT = 10**7  # demo-world images, subsets, steps, epochs, workers: past this a run is a typo, not a plan
 MAX_STEPS = 10**6
 MAX_WORKERS = 1024  # Ray workers or CPUs of one run
+MAX_GRID_POINTS = 100_000  # default of search.max_grid_points: counted before a grid is expanded
 # Decoded pixels of one input image (before resizing to the model resolution): 64 MiP is 192 MiB as 8-bit RGB, a
 # 8192 x 8192 photo. Pillow itself only warns below 2 x 89 MP, and decodes a 144 MP file (1.4 GB).
 MAX_IMAGE_PIXELS_ENV = "CLEANSWEEP_MAX_IMAGE_PIXELS"
