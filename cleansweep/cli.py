@@ -31,6 +31,15 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}; see '{self.prog} --help'")
 
 
+def _store(explicit: str | None, workdir: Path, *, must_exist: bool = False) -> str:
+    """The tracking URI a command uses, refused here (one line, nothing written) when it cannot be used."""
+    from cleansweep import tracking
+
+    uri = tracking.resolve_tracking_uri(explicit, workdir)
+    tracking.check_store(uri, workdir, must_exist=must_exist)
+    return uri
+
+
 # ---------------------------------------------------------------------------------------------------- data
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="materialise datasets (the built-in demo world)")
@@ -317,6 +326,7 @@ def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 -
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     workdir = (args.workdir or default_workdir()).resolve()
     cfg = _pretrain_config(args, workdir)
+    _store(cfg.mlflow.tracking_uri, workdir)
     from cleansweep.pretrain import pretrain
 
     summary = pretrain(cfg, workdir=workdir, resume=args.resume)
@@ -344,10 +354,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cleansweep import report, tracking
+    from cleansweep import report
 
     workdir = (args.workdir or default_workdir()).resolve()
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, workdir)
+    uri = _store(args.tracking_uri, workdir, must_exist=True)
     out = args.out or layout.report_dir(workdir, args.name)
     result = report.report_sweep(args.name, tracking_uri=uri, experiment=args.experiment, out_dir=out,
                                  threshold=args.threshold, log_artifacts=not args.no_log)
@@ -412,11 +422,18 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     from cleansweep import tracking
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, (args.workdir or default_workdir()).resolve())
+    workdir = (args.workdir or default_workdir()).resolve()
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, workdir)
     cmd = mlflow_ui_command(uri, host=args.host, port=args.port)
-    with socket.socket() as s:
-        if s.connect_ex((args.host if args.host != "0.0.0.0" else "127.0.0.1", args.port)) == 0:
-            raise UserError(f"port {args.port} on {args.host} is already in use; pass --port with a free port")
+    tracking.check_store(uri, workdir, must_exist=True)
+    try:
+        with socket.socket() as s:
+            in_use = s.connect_ex((args.host if args.host != "0.0.0.0" else "127.0.0.1", args.port)) == 0
+    except OSError as e:  # an unknown --host name
+        raise UserError(f"--host {args.host}: {e.strerror or type(e).__name__}; pass an address to bind, e.g. "
+                        "127.0.0.1") from None
+    if in_use:
+        raise UserError(f"port {args.port} on {args.host} is already in use; pass --port with a free port")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: MLflow has no login; anyone who reaches port {args.port} can read "
               "and delete runs. Prefer the default 127.0.0.1 and an SSH tunnel.", file=sys.stderr)
@@ -474,6 +491,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     workdir = (args.workdir or default_workdir()).resolve()
     # Everything that can be refused is refused here, before a model is pre-trained or Ray starts.
     search.check_name(search.sweep_location(cfg, name, workdir, args.storage_path), name, resume=args.resume)
+    _store(cfg.mlflow.tracking_uri, workdir)
     start = start_model.resolve(cfg, workdir)
     out = search.search(cfg, start, name=name, workdir=workdir, space_file=args.space,
                         storage_path=args.storage_path, num_samples=args.num_samples, address=args.address,
@@ -500,9 +518,9 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from cleansweep import report, tracking
+    from cleansweep import report
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, (args.workdir or default_workdir()).resolve())
+    uri = _store(args.tracking_uri, (args.workdir or default_workdir()).resolve(), must_exist=True)
     board = report.results(args.name, tracking_uri=uri, experiment=args.experiment)
     print(report.format_leaderboard(board, args.format, args.top_k))
     return 0
@@ -536,6 +554,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from cleansweep import report
     from cleansweep.study import run_study
 
+    _store(args.tracking_uri, (args.workdir or default_workdir()).resolve())
     if args.preset == "matrix":
         return _cmd_matrix(args)
     if args.attacks or args.methods:
