@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -38,6 +39,19 @@ def _store(explicit: str | None, workdir: Path, *, must_exist: bool = False) -> 
     uri = tracking.resolve_tracking_uri(explicit, workdir)
     tracking.check_store(uri, workdir, must_exist=must_exist)
     return uri
+
+
+def _print_json(obj: object) -> None:
+    """Strict JSON on stdout: a NaN (an ASR with no non-target image) is written as null, not as invalid NaN."""
+
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, list | tuple) else value
+
+    print(json.dumps(finite(obj), indent=2, default=str, allow_nan=False))
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -71,7 +85,7 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             raise UserError(f"--knob {item!r}: the value must be a number; e.g. --knob noise=0.1") from None
     info = make_demo_world(args.out, seed=args.seed, **knobs)
-    print(json.dumps(info, indent=2, default=str))
+    _print_json(info)
     return 0
 
 
@@ -141,7 +155,7 @@ def _cmd_poison(args: argparse.Namespace) -> int:
         manifest = fn(args.csv, args.out, attack=attack, image_size=args.image_size or 224, **common, **params)
     summary = {k: v for k, v in manifest.items() if k != "poisoned_rows"}
     summary["num_poisoned"] = len(manifest.get("poisoned_rows", []))
-    print(json.dumps(summary, indent=2, default=str))
+    _print_json(summary)
     return 0
 
 
@@ -180,7 +194,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                   params=dict(parse_trigger_param(item) for item in args.param),
                                   manifest=args.poison_manifest, subset=args.subset, batch_size=args.batch_size,
                                   seed=args.seed, device=args.device)
-    print(json.dumps(metrics, indent=2, default=str))
+    _print_json(metrics)
     return 0
 
 
@@ -210,7 +224,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     result = scan_checkpoint(args.checkpoint, args.eval_data, out_dir=out, reference=args.reference,
                              model_name=args.model, reference_model=args.reference_model,
                              subset=args.subset or None, steps=args.steps, seed=args.seed, device=args.device)
-    print(json.dumps(result, indent=2, default=str))
+    _print_json(result)
     return 0
 
 

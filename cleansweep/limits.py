@@ -45,6 +45,7 @@ def int_in(low: int, high: int, what: str = "") -> Callable[[str], int]:
         return value
 
     parse.__name__ = "integer"
+    parse.bounds = (low, high)  # type: ignore[attr-defined] - read by tests that walk every flag
     return parse
 
 
@@ -64,6 +65,7 @@ def float_in(low: float, high: float = math.inf, *, low_open: bool = False, what
         return value
 
     parse.__name__ = "number"
+    parse.bounds = (low, high)  # type: ignore[attr-defined]
     return parse
 
 

@@ -66,8 +66,8 @@ def _csv_problem(err: Exception) -> str:
         return f"not UTF-8 at byte {err.start}"
     if isinstance(err, OSError):
         return err.strerror or type(err).__name__
-    line = re.search(r"\bline (\d+)", str(err))
-    return f"{type(err).__name__} at line {line.group(1)}" if line else type(err).__name__
+    where = re.search(r"\b(line|row) (\d+)", str(err))
+    return f"{type(err).__name__} at {where.group(1)} {where.group(2)}" if where else type(err).__name__
 
 
 def resolve_image_paths(csv_path: str | Path, relative: pd.Series) -> list[Path]:
