@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Callable
 
 SEED_MAX = 2**32 - 1  # numpy's legacy RandomState (Optuna's samplers) and np.random.seed take 0..2**32-1 only
@@ -20,16 +19,10 @@ MAX_COUNT = 10**7  # demo-world images, subsets, steps, epochs, workers: past th
 MAX_STEPS = 10**6
 MAX_WORKERS = 1024  # Ray workers or CPUs of one run
 MAX_GRID_POINTS = 100_000  # default of search.max_grid_points: counted before a grid is expanded
-# Decoded pixels of one input image (before resizing to the model resolution): 64 MiP is 192 MiB as 8-bit RGB, a
-# 8192 x 8192 photo. Pillow itself only warns below 2 x 89 MP, and decodes a 144 MP file (1.4 GB).
-MAX_IMAGE_PIXELS_ENV = "CLEANSWEEP_MAX_IMAGE_PIXELS"
-DEFAULT_MAX_IMAGE_PIXELS = 64 * 2**20
-
-
-def max_image_pixels() -> int:
-    """The decoded-pixel bound of one image: $CLEANSWEEP_MAX_IMAGE_PIXELS, else 64 Mi pixels."""
-    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "")
-    return int(text) if text.strip().isdigit() and int(text) > 0 else DEFAULT_MAX_IMAGE_PIXELS
+# Decoded pixels of one input image (before resizing to the model resolution), checked on the file's header: 64 Mi
+# pixels is 192 MiB as 8-bit RGB, an 8192 x 8192 photo. Pillow itself only warns below 2 x 89 MP and decodes a
+# 144 MP file (1.4 GB). Read at call time, so a program may change it like PIL.Image.MAX_IMAGE_PIXELS.
+MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 def int_in(low: int, high: int, what: str = "") -> Callable[[str], int]:

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from cleansweep import limits
 from cleansweep.augment import eda
 from cleansweep.cli import main
 from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip, make_demo_world, open_rgb, read_pairs
@@ -288,8 +289,8 @@ def test_an_image_declaring_huge_dimensions_is_refused_before_decoding(tmp_path:
     _png_header_only(tmp_path / "eval" / "a" / "0.png", 12000, 12000)
     with pytest.raises(UserError) as e:
         EvalFolder(tmp_path / "eval", 8)[0]
-    assert "0.png" in one_line_error(e) and "CLEANSWEEP_MAX_IMAGE_PIXELS" in str(e.value)
-    monkeypatch.setenv("CLEANSWEEP_MAX_IMAGE_PIXELS", str(16 * 16 - 1))  # the bound is a setting
+    assert "0.png" in one_line_error(e) and "cleansweep.limits.MAX_IMAGE_PIXELS" in str(e.value)
+    monkeypatch.setattr(limits, "MAX_IMAGE_PIXELS", 16 * 16 - 1)  # the bound is a setting, read at each call
     write_png(tmp_path / "small.png", (1, 2, 3), (16, 16))
     with pytest.raises(BadImage, match="declares 16 x 16 pixels, more than the 255 allowed"):
         open_rgb(tmp_path / "small.png")

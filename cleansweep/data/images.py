@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from cleansweep.limits import MAX_IMAGE_PIXELS_ENV, max_image_pixels
+from cleansweep import limits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -26,11 +26,11 @@ def open_rgb(path: str | Path) -> Image.Image:
     a corrupt image fails now, at a known row, never later inside a transform.
 
     Raises:
-        BadImage: the file is missing, unreadable, not an image, truncated, larger than `max_image_pixels()` (checked
-            on its header, before decoding) or of a bit depth with no known white level (32-bit, float).
+        BadImage: the file is missing, unreadable, not an image, truncated, larger than `limits.MAX_IMAGE_PIXELS`
+            (checked on its header, before decoding) or of a bit depth with no known white level (32-bit, float).
     """
-    limit = max_image_pixels()
-    too_big = f"allowed; shrink it or raise ${MAX_IMAGE_PIXELS_ENV}"
+    limit = limits.MAX_IMAGE_PIXELS
+    too_big = "allowed (cleansweep.limits.MAX_IMAGE_PIXELS): downscale it"
     try:
         with warnings.catch_warnings():
             # Pillow warns from 89 MP and decodes up to 179 MP; our bound, checked on the header before any pixel is
