@@ -493,6 +493,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from cleansweep.methods import list_methods
 
     cfg = spaces.load(args.space, known_methods=list_methods())
+    if args.num_samples is not None:  # grid repeats count toward search.max_grid_points too
+        search_spec = cfg.search.model_copy(update={"num_samples": args.num_samples})
+        spaces.check_grid_size(cfg.model_copy(update={"search": search_spec}), f"{args.space} with --num-samples")
     from cleansweep.config import check_name
 
     name = args.name or cfg.name or args.space.stem

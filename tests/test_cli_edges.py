@@ -248,3 +248,11 @@ def test_trigger_parameters_are_bounded(attack, param, needle, sandbox, capsys):
     line = refused(["poison", "--csv", "a.csv", "--out", "o", "--num-poison", "1", "--attack", attack,
                     "--param", param], sandbox, capsys)
     assert needle in line
+
+
+def test_grid_repeats_from_the_flag_count_toward_the_limit(sandbox, capsys):
+    space = sandbox / "grid.yaml"
+    space.write_text("model: {preset: demo}\nsearch: {algorithm: grid}\n"
+                     "space: {optim.lr: {grid: [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4, 5.0e-4]}}\n")
+    line = refused(["search", str(space), "--num-samples", "20001"], sandbox, capsys)  # 5 x 20001 > 100,000
+    assert "with --num-samples: the grid makes 100,005 trials, more than search.max_grid_points (100,000)" in line
