@@ -22,13 +22,11 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import pandas as pd
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -38,6 +36,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 
 from cleansweep import layout
 from cleansweep.errors import UserError
+from cleansweep.stores import check_sqlite_file, check_store, probe_server  # noqa: F401 - check_store: callers' entry
 
 # Every MLflow tag cleansweep writes or reads is named here (docs/interfaces.md, "MLflow layout").
 KEY_TAG = "cleansweep.key"  # stable identity of a run: a re-run or resume finds it again
@@ -116,75 +115,6 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, 
     return uri
 
 
-_NETWORK_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
-_REACHED: set[tuple[str, int]] = set()
-PROBE_TIMEOUT_S = 3.0
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _server_address(uri: str) -> tuple[str, int] | None:
-    """(host, port) of a tracking URI served over the network (http(s), postgresql+driver, ...), else None."""
-    parts = urlsplit(uri)
-    scheme = parts.scheme.split("+")[0]
-    if scheme not in _NETWORK_PORTS:
-        return None
-    try:
-        port = parts.port or _NETWORK_PORTS[scheme]
-    except ValueError:
-        raise UserError(f"tracking URI {scheme}://{parts.hostname}: its port is not a number in 1..65535; fix it") \
-            from None
-    if not parts.hostname:
-        raise UserError(f"tracking URI {scheme}://... names no host; write e.g. http://127.0.0.1:5000")
-    return parts.hostname, port
-
-
-def probe_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """One TCP connect to a network tracking URI's server, once per process: MLflow's own client retries an
-    unreachable server with back-off for minutes before a long traceback. Credentials in the URI are never shown."""
-    address = _server_address(uri)
-    if address is None or address in _REACHED:
-        return
-    try:
-        socket.create_connection(address, timeout=timeout_s).close()
-    except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
-        raise UserError(f"tracking server {urlsplit(uri).scheme}://{address[0]}:{address[1]} is unreachable "
-                        f"({reason}); start it, or pass another --tracking-uri / MLFLOW_TRACKING_URI") from None
-    _REACHED.add(address)
-
-
-def _check_sqlite_file(db: Path) -> None:
-    if db.is_dir():
-        raise UserError(f"tracking URI sqlite:///{db} is a folder; name a .db file inside it")
-    if db.is_file() and db.stat().st_size > 0:
-        with open(db, "rb") as f:
-            if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                raise UserError(f"{db} is not an SQLite database (an MLflow store); pass --tracking-uri "
-                                "sqlite:///PATH.db naming a new or existing MLflow database")
-
-
-def check_store(uri: str, workdir: Path, *, must_exist: bool = False) -> None:
-    """Refuse, before anything starts and without writing, a store the command cannot use.
-
-    Args:
-        uri: From `resolve_tracking_uri`.
-        workdir: The command's working directory: a sqlite database inside it may be created, elsewhere its folder
-            must already exist (a typo must not create folders).
-        must_exist: For commands that only read (results, report, ui): the database must already be there.
-    """
-    probe_server(uri)
-    if not uri.startswith("sqlite:///"):
-        return
-    db = Path(uri[len("sqlite:///"):])
-    _check_sqlite_file(db)
-    if must_exist and not db.is_file():
-        raise UserError(f"no MLflow database at {db}; run a sweep or pre-training first, or pass --tracking-uri / "
-                        "set CLEANSWEEP_WORKDIR to the folder holding mlflow.db")
-    if not db.parent.is_dir() and not db.parent.resolve().is_relative_to(Path(workdir).resolve()):
-        raise UserError(f"folder {db.parent} of the tracking URI does not exist; create it (mkdir -p) or pass "
-                        "another --tracking-uri")
-
-
 _SQLITE_READY: set[str] = set()
 # Creating a fresh store logs its schema steps at INFO on stderr, where a command's only line should be its error.
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
@@ -203,7 +133,7 @@ def open_client(uri: str, *, schema_ready: bool = False) -> MlflowClient:
     if uri in _SQLITE_READY or schema_ready:  # MLflow keeps one store per URI per process: the schema step is done
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):])
-    _check_sqlite_file(db)  # before the lock file: a refusal writes nothing beside someone's CSV
+    check_sqlite_file(db)  # before the lock file: a refusal writes nothing beside someone's CSV
     db.parent.mkdir(parents=True, exist_ok=True)
     # MLflow creates and migrates a sqlite schema on first use; two processes doing it at once (a sweep and a
     # reader, or `cleansweep ui`) corrupt the alembic version row and crash one of them. Serialise that step.
