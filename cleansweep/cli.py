@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from cleansweep import __version__, interrupts, layout
+from cleansweep import __version__, interrupts, layout, limits
 from cleansweep.errors import UserError
 
 
@@ -31,17 +32,40 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}; see '{self.prog} --help'")
 
 
+def _store(explicit: str | None, workdir: Path, *, must_exist: bool = False) -> str:
+    """The tracking URI a command uses, refused here (one line, nothing written) when it cannot be used."""
+    from cleansweep import tracking
+
+    uri = tracking.resolve_tracking_uri(explicit, workdir)
+    tracking.check_store(uri, workdir, must_exist=must_exist)
+    return uri
+
+
+def _print_json(obj: object) -> None:
+    """Strict JSON on stdout: a NaN (an ASR with no non-target image) is written as null, not as invalid NaN."""
+
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, list | tuple) else value
+
+    print(json.dumps(finite(obj), indent=2, default=str, allow_nan=False))
+
+
 # ---------------------------------------------------------------------------------------------------- data
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="materialise datasets (the built-in demo world)")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     demo = dsub.add_parser("demo", help="write the synthetic demo world (train/clean CSV + eval folder)")
     demo.add_argument("--out", type=Path, required=True, help="output folder")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--n-train", type=int, default=None, help="training pairs (default: the demo preset's)")
-    demo.add_argument("--n-clean", type=int, default=None, help="clean cleaning pairs")
-    demo.add_argument("--n-eval", type=int, default=None, help="evaluation images")
-    demo.add_argument("--image-size", type=int, default=None, help="image side in pixels")
+    demo.add_argument("--seed", type=limits.seed, default=0)
+    demo.add_argument("--n-train", type=limits.count, default=None, help="training pairs (default: the demo preset's)")
+    demo.add_argument("--n-clean", type=limits.count, default=None, help="clean cleaning pairs")
+    demo.add_argument("--n-eval", type=limits.count, default=None, help="evaluation images")
+    demo.add_argument("--image-size", type=limits.int_in(8, limits.MAX_IMAGE_SIDE), default=None,
+                      help="image side in pixels")
     demo.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                       help="difficulty knob (repeatable), e.g. --knob clutter=2 --knob noise=0.1; see world.json")
     demo.set_defaults(func=_cmd_data_demo)
@@ -61,7 +85,7 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             raise UserError(f"--knob {item!r}: the value must be a number; e.g. --knob noise=0.1") from None
     info = make_demo_world(args.out, seed=args.seed, **knobs)
-    print(json.dumps(info, indent=2, default=str))
+    _print_json(info)
     return 0
 
 
@@ -74,22 +98,22 @@ def _add_poison(sub: argparse._SubParsersAction) -> None:
                    help="trigger: badnet (default), blended, sig, wanet, stripes, triangle, text, badclip (the default "
                         "with --optimise-on); parameters: cleansweep.triggers.TRIGGERS[name].defaults")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--num-poison", type=int, help="number of rows to poison")
-    g.add_argument("--fraction", type=float, help="fraction of rows to poison (0..1)")
+    g.add_argument("--num-poison", type=limits.count, help="number of rows to poison")
+    g.add_argument("--fraction", type=limits.float_in(0, 1, low_open=True), help="fraction of rows to poison (0..1)")
     p.add_argument("--target", default="banana", help="target label written into poisoned captions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--seed", type=limits.seed, default=0)
+    p.add_argument("--image-size", type=limits.image_side, default=None,
                    help="resize to this before the trigger: the model resolution (default 224, or the --optimise-on "
                         "model's)")
     p.add_argument("--label-consistent", action="store_true", help="trigger only rows whose caption names the target")
     p.add_argument("--contaminate", action="store_true",
                    help="add N poisoned copies of rows to a clean cleaning set instead of replacing rows")
-    p.add_argument("--patch-size", type=int, default=None,
+    p.add_argument("--patch-size", type=limits.image_side, default=None,
                    help="patch / triangle side (default: the trigger's, e.g. BadNet 16 at 224 px, scaled)")
     p.add_argument("--location", choices=["random", "fixed"], default="random",
                    help="patch, triangle or text position: random or bottom-right")
     p.add_argument("--patch", choices=["fresh", "fixed"], default="fresh", help="BadNet patch: per image or per run")
-    p.add_argument("--trigger-seed", type=int, default=0,
+    p.add_argument("--trigger-seed", type=limits.seed, default=0,
                    help="seed of the trigger's per-run parts (fixed patch, noise, warp, colours, stripe phase)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="any trigger parameter (repeatable; YAML values), e.g. --param alpha=0.3 --param colour=red")
@@ -97,7 +121,7 @@ def _add_poison(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-key", default="caption", help="CSV caption column")
     o = p.add_argument_group("badclip", "optimise the BadCLIP patch on a model first (it is kept in --out)")
     o.add_argument("--optimise-on", type=Path, metavar="CKPT", help="checkpoint (.safetensors/.pt) to optimise on")
-    o.add_argument("--optimise-steps", type=int, default=200, help="optimisation steps")
+    o.add_argument("--optimise-steps", type=limits.steps, default=200, help="optimisation steps")
     o.add_argument("--optimise-images", type=Path, metavar="DIR_or_CSV",
                    help="eval folder or image-caption CSV to optimise on (default: --csv)")
     o.add_argument("--optimise-model", default=None, help="model config of the checkpoint (default: its card's)")
@@ -131,7 +155,7 @@ def _cmd_poison(args: argparse.Namespace) -> int:
         manifest = fn(args.csv, args.out, attack=attack, image_size=args.image_size or 224, **common, **params)
     summary = {k: v for k, v in manifest.items() if k != "poisoned_rows"}
     summary["num_poisoned"] = len(manifest.get("poisoned_rows", []))
-    print(json.dumps(summary, indent=2, default=str))
+    _print_json(summary)
     return 0
 
 
@@ -147,15 +171,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="manifest.json (or its folder) from `cleansweep poison` of the model's training data")
     t.add_argument("--attack", default=None, help="trigger name (cleansweep.triggers.TRIGGERS)")
     t.add_argument("--target", default=None, help="target class of the backdoor (e.g. banana)")
-    t.add_argument("--patch-size", type=int, default=None)
+    t.add_argument("--patch-size", type=limits.image_side, default=None)
     t.add_argument("--location", choices=["random", "fixed"], default=None)
     t.add_argument("--patch", choices=["fresh", "fixed"], default=None)
-    t.add_argument("--trigger-seed", type=int, default=None, help="seed of the trigger's per-run parts")
+    t.add_argument("--trigger-seed", type=limits.seed, default=None, help="seed of the trigger's per-run parts")
     t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="any other trigger parameter (repeatable), e.g. --param alpha=0.2")
-    p.add_argument("--subset", type=int, default=None, help="evaluate a fixed seeded subset of N images")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=limits.count, default=None, help="evaluate a fixed seeded subset of N images")
+    p.add_argument("--batch-size", type=limits.batch, default=256)
+    p.add_argument("--seed", type=limits.seed, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -170,7 +194,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                   params=dict(parse_trigger_param(item) for item in args.param),
                                   manifest=args.poison_manifest, subset=args.subset, batch_size=args.batch_size,
                                   seed=args.seed, device=args.device)
-    print(json.dumps(metrics, indent=2, default=str))
+    _print_json(metrics)
     return 0
 
 
@@ -184,9 +208,10 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <workdir>/scans/<checkpoint>)")
     p.add_argument("--model", default=None, help="model config name (default: from the checkpoint's card)")
     p.add_argument("--reference-model", default=None, help="model config of --reference (default: its card's)")
-    p.add_argument("--subset", type=int, default=500, help="clean images used (a seeded subset; 0 = all)")
-    p.add_argument("--steps", type=int, default=300, help="optimisation steps of the mask and pattern")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=limits.int_in(0, limits.MAX_COUNT), default=500,
+                   help="clean images used (a seeded subset; 0 = all)")
+    p.add_argument("--steps", type=limits.steps, default=300, help="optimisation steps of the mask and pattern")
+    p.add_argument("--seed", type=limits.seed, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
     p.set_defaults(func=_cmd_scan)
@@ -195,14 +220,11 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
 def _cmd_scan(args: argparse.Namespace) -> int:
     from cleansweep.scan import scan_checkpoint
 
-    for flag in ("subset", "steps"):
-        if getattr(args, flag) < (0 if flag == "subset" else 1):
-            raise UserError(f"--{flag} {getattr(args, flag)} is out of range; pass a positive number")
     out = args.out or (args.workdir or default_workdir()).resolve() / "scans" / args.checkpoint.stem
     result = scan_checkpoint(args.checkpoint, args.eval_data, out_dir=out, reference=args.reference,
                              model_name=args.model, reference_model=args.reference_model,
                              subset=args.subset or None, steps=args.steps, seed=args.seed, device=args.device)
-    print(json.dumps(result, indent=2, default=str))
+    _print_json(result)
     return 0
 
 
@@ -231,19 +253,22 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attack", help="trigger for the ASR evaluation: badnet, blended, sig, wanet")
     p.add_argument("--target", help="target class name of the backdoor")
     p.add_argument("--init", type=Path, help="checkpoint to start from (.safetensors or .pt)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size (split across workers)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--eval-every", type=float, help="evaluate every this many epochs (1/3 = the short paper)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int, help="Ray Train workers (0 = run in this process)")
+    p.add_argument("--epochs", type=limits.int_in(0, limits.MAX_STEPS))
+    p.add_argument("--batch-size", type=limits.int_in(2, limits.MAX_BATCH),
+                   help="global batch size (split across workers)")
+    p.add_argument("--lr", type=limits.float_in(0, low_open=True))
+    p.add_argument("--warmup-steps", type=limits.int_in(0, limits.MAX_COUNT))
+    p.add_argument("--eval-every", type=limits.float_in(0, limits.MAX_STEPS, low_open=True),
+                   help="evaluate every this many epochs (1/3 = the short paper)")
+    p.add_argument("--seed", type=limits.seed)
+    p.add_argument("--num-workers", type=limits.int_in(0, limits.MAX_WORKERS),
+                   help="Ray Train workers (0 = run in this process)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per worker")
-    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--cpus-per-worker", type=limits.float_in(0, limits.MAX_WORKERS, low_open=True))
     p.add_argument("--address", help="existing Ray cluster (default: start a local one)")
     p.add_argument("--selection", choices=["best_top1", "closest_top1", "last"],
                    help="checkpoint handed to cleaning: best accuracy, accuracy closest to --reference-top1, last")
-    p.add_argument("--reference-top1", type=float, help="target accuracy for --selection closest_top1")
+    p.add_argument("--reference-top1", type=limits.fraction, help="target accuracy for --selection closest_top1")
     p.add_argument("--resume", action="store_true", help="continue run NAME from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set train.optim.weight_decay=0.2 (repeatable; YAML values)")
@@ -315,6 +340,7 @@ def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 -
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     workdir = (args.workdir or default_workdir()).resolve()
     cfg = _pretrain_config(args, workdir)
+    _store(cfg.mlflow.tracking_uri, workdir)
     from cleansweep.pretrain import pretrain
 
     summary = pretrain(cfg, workdir=workdir, resume=args.resume)
@@ -334,7 +360,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment holding the sweep (default: all)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=limits.fraction, default=None,
                    help="ASR threshold of a successful cleaning, 0..1 (default: the sweep's own, else 0.05)")
     p.add_argument("--no-log", action="store_true", help="do not upload the files to the sweep's parent run")
     p.add_argument("--workdir", type=Path, default=None, help="default: $CLEANSWEEP_WORKDIR or ./cleansweep-runs")
@@ -342,12 +368,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cleansweep import report, tracking
+    from cleansweep import report
 
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        raise UserError(f"--threshold {args.threshold} is not a fraction; pass a value in 0..1 (0.05 = 5% ASR)")
     workdir = (args.workdir or default_workdir()).resolve()
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, workdir)
+    uri = _store(args.tracking_uri, workdir, must_exist=True)
     out = args.out or layout.report_dir(workdir, args.name)
     result = report.report_sweep(args.name, tracking_uri=uri, experiment=args.experiment, out_dir=out,
                                  threshold=args.threshold, log_artifacts=not args.no_log)
@@ -364,7 +388,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ ui
 def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="serve the MLflow UI on the store the sweeps use (Ctrl-C to stop)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=limits.port, default=5000)
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default loopback: MLflow has no login, so tunnel rather than expose it)")
     p.add_argument("--tracking-uri", default=None,
@@ -412,11 +436,18 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     from cleansweep import tracking
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, (args.workdir or default_workdir()).resolve())
+    workdir = (args.workdir or default_workdir()).resolve()
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, workdir)
     cmd = mlflow_ui_command(uri, host=args.host, port=args.port)
-    with socket.socket() as s:
-        if s.connect_ex((args.host if args.host != "0.0.0.0" else "127.0.0.1", args.port)) == 0:
-            raise UserError(f"port {args.port} on {args.host} is already in use; pass --port with a free port")
+    tracking.check_store(uri, workdir, must_exist=True)
+    try:
+        with socket.socket() as s:
+            in_use = s.connect_ex((args.host if args.host != "0.0.0.0" else "127.0.0.1", args.port)) == 0
+    except OSError as e:  # an unknown --host name
+        raise UserError(f"--host {args.host}: {e.strerror or type(e).__name__}; pass an address to bind, e.g. "
+                        "127.0.0.1") from None
+    if in_use:
+        raise UserError(f"port {args.port} on {args.host} is already in use; pass --port with a free port")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: MLflow has no login; anyone who reaches port {args.port} can read "
               "and delete runs. Prefer the default 127.0.0.1 and an SSH tunnel.", file=sys.stderr)
@@ -448,23 +479,23 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
     p.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file stem)")
     p.add_argument("--storage-path", type=Path, default=None, help="Tune storage folder (default: <workdir>/sweeps)")
-    p.add_argument("--num-samples", type=int, default=None, help="trials (optuna/random) or grid repeats")
+    p.add_argument("--num-samples", type=limits.count, default=None, help="trials (optuna/random) or grid repeats")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep of this --name")
     p.add_argument("--workdir", type=Path, default=None, help="cache, sweeps and MLflow database (default: "
                    "$CLEANSWEEP_WORKDIR or ./cleansweep-runs)")
-    p.add_argument("--top-k", type=int, default=10, help="rows of the leaderboard printed at the end")
+    p.add_argument("--top-k", type=limits.count, default=10, help="rows of the leaderboard printed at the end")
     p.set_defaults(func=_cmd_search)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from cleansweep import spaces
-
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples} must be >= 1")
     from cleansweep.methods import list_methods
 
     cfg = spaces.load(args.space, known_methods=list_methods())
+    if args.num_samples is not None:  # grid repeats count toward search.max_grid_points too
+        search_spec = cfg.search.model_copy(update={"num_samples": args.num_samples})
+        spaces.check_grid_size(cfg.model_copy(update={"search": search_spec}), f"{args.space} with --num-samples")
     from cleansweep.config import check_name
 
     name = args.name or cfg.name or args.space.stem
@@ -477,6 +508,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     workdir = (args.workdir or default_workdir()).resolve()
     # Everything that can be refused is refused here, before a model is pre-trained or Ray starts.
     search.check_name(search.sweep_location(cfg, name, workdir, args.storage_path), name, resume=args.resume)
+    _store(cfg.mlflow.tracking_uri, workdir)
     start = start_model.resolve(cfg, workdir)
     out = search.search(cfg, start, name=name, workdir=workdir, space_file=args.space,
                         storage_path=args.storage_path, num_samples=args.num_samples, address=args.address,
@@ -494,7 +526,7 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("results", help="leaderboard of a sweep from MLflow: best feasible trial and the top-k")
     p.add_argument("name", help="sweep name")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--top-k", type=int, default=10, help="rows to show")
+    p.add_argument("--top-k", type=limits.count, default=10, help="rows to show")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment holding the sweep (default: all)")
@@ -503,11 +535,9 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from cleansweep import report, tracking
+    from cleansweep import report
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k {args.top_k} must be >= 1")
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, (args.workdir or default_workdir()).resolve())
+    uri = _store(args.tracking_uri, (args.workdir or default_workdir()).resolve(), must_exist=True)
     board = report.results(args.name, tracking_uri=uri, experiment=args.experiment)
     print(report.format_leaderboard(board, args.format, args.top_k))
     return 0
@@ -526,10 +556,12 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="override the preset's pre-training epochs")
-    p.add_argument("--clean-epochs", type=int, default=None, help="override the cleaning epochs per trial")
-    p.add_argument("--num-samples", type=int, default=None, help="override the trials per sweep (grid: repeats)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in world and its poisoning")
+    p.add_argument("--pretrain-epochs", type=limits.steps, default=None,
+                   help="override the preset's pre-training epochs")
+    p.add_argument("--clean-epochs", type=limits.steps, default=None, help="override the cleaning epochs per trial")
+    p.add_argument("--num-samples", type=limits.count, default=None,
+                   help="override the trials per sweep (grid: repeats)")
+    p.add_argument("--seed", type=limits.seed, default=0, help="seed of the built-in world and its poisoning")
     p.add_argument("--attacks", default=None, help="matrix: comma-separated subset of the attacks (default all)")
     p.add_argument("--methods", default=None, help="matrix: comma-separated subset of the methods (default all)")
     p.set_defaults(func=_cmd_study)
@@ -539,9 +571,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from cleansweep import report
     from cleansweep.study import run_study
 
-    for flag in ("pretrain_epochs", "clean_epochs", "num_samples"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    _store(args.tracking_uri, (args.workdir or default_workdir()).resolve())
     if args.preset == "matrix":
         return _cmd_matrix(args)
     if args.attacks or args.methods:

@@ -6,6 +6,7 @@ silently ignored setting. Inner functions take plain values pulled out of these 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,12 +15,16 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleansweep.errors import UserError
+from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_GRID_POINTS, MAX_STEPS, MAX_WORKERS, SEED_MAX
 
 Scalar = bool | int | float | str
+# A seed numpy, Optuna's samplers and torch all accept: a negative one used to fail only once Ray had started.
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `.inf` / `.nan` in a YAML pass gt/ge bounds (inf > 0) and reach an optimiser or a sampler.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -35,10 +40,11 @@ class DataSpec(Strict):
         "skip", description="Missing/corrupt image: skip and count it, or fail naming the row."
     )
     eval_dir: Path = Field(description="ImageNet-style evaluation folder (one subfolder per class).")
-    eval_subset: int | None = Field(None, ge=1, description="Evaluate on a fixed seeded subset of this many images.")
-    batch_size: int = Field(128, ge=2, description="Global training batch size (split across workers).")
-    eval_batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
-    workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+    eval_subset: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                    description="Evaluate on a fixed seeded subset of this many images.")
+    batch_size: int = Field(128, ge=2, le=MAX_BATCH, description="Global training batch size (split across workers).")
+    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="Evaluation batch size.")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes per training process.")
 
 
 class AttackSpec(Strict):
@@ -74,8 +80,8 @@ class MethodSpec(Strict):
     mmcl_weight: float = Field(1.0, ge=0, description="Weight of the multimodal CLIP loss (eq. 1).")
     ssl_weight: float = Field(0.0, ge=0, description="Weight of the in-modal self-supervised loss (eq. 2).")
     cluster_weight: float = Field(0.0, ge=0, description="Weight of the deep-clustering cross-entropy.")
-    num_clusters: int = Field(1000, ge=2, description="k of the spherical k-means for deep clustering.")
-    cluster_iters: int = Field(20, ge=1, description="k-means iterations per epoch.")
+    num_clusters: int = Field(1000, ge=2, le=MAX_COUNT, description="k of the spherical k-means for deep clustering.")
+    cluster_iters: int = Field(20, ge=1, le=MAX_STEPS, description="k-means iterations per epoch.")
     l2_init_weight: float = Field(0.0, ge=0, description="Weight of the L2 pull toward the initial weights.")
     shrink: float = Field(1.0, ge=0, description="Shrink-and-perturb lambda: theta <- lambda*theta + sigma*noise.")
     perturb: float = Field(0.0, ge=0, description="Shrink-and-perturb sigma (scale of the noise, see perturb_kind).")
@@ -104,7 +110,7 @@ class OptimSpec(Strict):
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(50, ge=0, le=MAX_COUNT, description="Linear warm-up steps.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warm-up.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
 
@@ -117,7 +123,7 @@ class TrainSpec(Strict):
     attack: AttackSpec = AttackSpec()
     method: MethodSpec = MethodSpec()
     optim: OptimSpec = OptimSpec()
-    epochs: int = Field(10, ge=0, description="Training epochs (0 = prepare + evaluate only).")
+    epochs: int = Field(10, ge=0, le=MAX_STEPS, description="Training epochs (0 = prepare + evaluate only).")
     eval_every: float = Field(1.0, gt=0, description="Evaluate every this many epochs (1/3 = the short paper).")
     eval_at_start: bool = Field(True, description="Evaluate before the first step (the starting model).")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="An evaluation is feasible when asr_top1 <= this.")
@@ -126,7 +132,7 @@ class TrainSpec(Strict):
     proxy: Path | None = Field(None, description="Inverted trigger (`cleansweep scan`'s inversion.safetensors): every "
                                "evaluation also reports proxy_asr_top1, the share of non-target images it sends to "
                                "the suspected target.")
-    seed: int = Field(0, description="Seed of initialisation, data order and augmentations.")
+    seed: Seed = Field(0, description="Seed of initialisation, data order and augmentations.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     amp: bool = Field(True, description="Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
     logit_scale_max: float = Field(4.6052, gt=0, description="Clamp logit_scale to [0, this] (ln 100, as CLIP).")
@@ -140,9 +146,9 @@ class TrainSpec(Strict):
 
 class RaySpec(Strict):
     address: str | None = Field(None, description="Existing Ray cluster address; None starts a local one.")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = run in the driver process).")
+    num_workers: int = Field(1, ge=0, le=MAX_WORKERS, description="Ray Train workers (0 = run in the driver process).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_WORKERS, description="CPUs reserved per worker.")
 
 
 class MlflowSpec(Strict):
@@ -155,7 +161,7 @@ class PretrainConfig(Strict):
     train: TrainSpec
     ray: RaySpec = RaySpec()
     mlflow: MlflowSpec = MlflowSpec(experiment="cleansweep-pretrain")
-    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides the selected one.")
+    keep_checkpoints: int = Field(3, ge=1, le=MAX_STEPS, description="Checkpoints kept besides the selected one.")
     selection: Literal["best_top1", "closest_top1", "last"] = Field(
         "best_top1", description="Which evaluation's model to hand to cleaning (the paper's rules)."
     )
@@ -195,17 +201,49 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {where}: {msg}{more}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then an explicit key is an override, not a duplicate
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key {key!r}, first given at line {first_line[key]}",
+                        problem_mark=key_node.start_mark)
+                first_line[key] = line
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's problem without long quoted fragments of the file (a file's contents are never echoed)."""
+    problem = str(getattr(err, "problem", None) or type(err).__name__)
+    return re.sub(r"'[^']{17,}'|\"[^\"]{17,}\"", "'...'", problem)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning every problem into a one-line UserError."""
+    """Read a YAML mapping, turning every problem into a one-line UserError (duplicate keys included)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}; pass the path of an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__)
+        raise UserError(f"{path}: cannot read it ({reason}); pass a YAML text file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}; fix the syntax") from None
+        raise UserError(f"{path}: invalid YAML{where}: {_yaml_problem(e)}; fix the file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -259,7 +297,10 @@ class Domain(Strict):
     @field_validator("choice", "grid", mode="before")
     @classmethod
     def _numbers(cls, v: Any) -> Any:
-        return [_number(x) for x in v] if isinstance(v, list) else v
+        values = [_number(x) for x in v] if isinstance(v, list) else v
+        if isinstance(values, list) and any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ValueError("every value must be finite (no .inf or .nan)")
+        return values
 
     @model_validator(mode="after")
     def _one_kind(self) -> Domain:
@@ -347,10 +388,13 @@ class SearchAlgoSpec(Strict):
     algorithm: Literal["optuna", "grid", "random"] = Field(
         "optuna", description="optuna = constrained TPE; random = Optuna's random sampler; grid = every point."
     )
-    num_samples: int | None = Field(None, ge=1, description="Trials (optuna/random, default 8); grid: repeats.")
-    max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
+    num_samples: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                    description="Trials (optuna/random, default 8); grid: repeats.")
+    max_concurrent: int = Field(2, ge=1, le=MAX_WORKERS, description="Trials running at once.")
     time_budget_s: float | None = Field(None, gt=0, description="Stop starting trials after this many seconds.")
-    n_startup_trials: int = Field(4, ge=1, description="Random trials before TPE models the space.")
+    n_startup_trials: int = Field(4, ge=1, le=MAX_COUNT, description="Random trials before TPE models the space.")
+    max_grid_points: int = Field(MAX_GRID_POINTS, ge=1, description="Refuse a grid (or preselection grid) of more "
+                                 "points than this before expanding it; raise it to run a bigger grid.")
 
 
 class SchedulerSpec(Strict):
@@ -363,8 +407,9 @@ class SchedulerSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    cpu: float = Field(1.0, gt=0, description="CPUs per trial.")
-    gpu: float = Field(0.0, ge=0, description="GPUs per trial (fractions share a GPU; bookkeeping only).")
+    cpu: float = Field(1.0, gt=0, le=MAX_WORKERS, description="CPUs per trial.")
+    gpu: float = Field(0.0, ge=0, le=MAX_WORKERS,
+                       description="GPUs per trial (fractions share a GPU; bookkeeping only).")
 
 
 class PreselectSpec(Strict):
@@ -393,7 +438,7 @@ class SearchConfig(Strict):
     attack: SweepAttackSpec = SweepAttackSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
     base: dict[str, Any] = Field(default_factory=dict, description="TrainSpec values for every trial (dotted ok).")
-    epochs: int = Field(10, ge=0, description="Cleaning epochs per trial (max_t of ASHA).")
+    epochs: int = Field(10, ge=0, le=MAX_STEPS, description="Cleaning epochs per trial (max_t of ASHA).")
     eval_every: float = Field(1.0, gt=0, description="Evaluate (and checkpoint) every this many epochs.")
     space: ParamSpace = Field(default_factory=dict, description="Parameters shared by every method (dotted keys).")
     methods: Annotated[dict[str, dict[str, Any]] | None, BeforeValidator(_method_spaces)] = Field(
@@ -406,7 +451,7 @@ class SearchConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address (CLI --address wins); None = local.")
     storage_path: Path | None = Field(None, description="Where Tune keeps trials (CLI --storage-path wins).")
     mlflow: MlflowSpec = MlflowSpec()
-    seed: int = Field(0, description="Seed of the searcher and of every trial.")
+    seed: Seed = Field(0, description="Seed of the searcher and of every trial.")
 
     @field_validator("name")
     @classmethod

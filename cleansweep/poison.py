@@ -23,6 +23,7 @@ from cleansweep.data.eval_folder import openai_templates
 from cleansweep.data.images import BadImage, open_rgb, raw_transform, to_uint8_image
 from cleansweep.data.pairs import read_pairs, resolve_image_paths
 from cleansweep.errors import UserError
+from cleansweep.limits import MAX_IMAGE_SIDE, SEED_MAX
 from cleansweep.triggers import (  # noqa: F401 - re-exported
     ATTACK_FIELDS,
     PARAM_KINDS,
@@ -125,8 +126,10 @@ def _poison(csv: str | Path, out_dir: str | Path, *, kind: str, attack: str, tar
     csv, out_dir = Path(csv), Path(out_dir)
     if not isinstance(target, str) or not target.strip():
         raise UserError("target must be a non-empty class name, e.g. 'banana'")
-    if image_size < 1:
-        raise UserError(f"image_size {image_size} must be a positive number of pixels")
+    if not 1 <= image_size <= MAX_IMAGE_SIDE:  # triggers are built at this size: 20000 px took > 5 GB
+        raise UserError(f"image_size {image_size} must be 1..{MAX_IMAGE_SIDE} pixels (the model resolution, e.g. 224)")
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed {seed} must be in 0..{SEED_MAX} (numpy's seed range)")
     trigger = create_trigger(attack, image_size, **trigger_params)
     resolved = trigger.keywords
     df = read_pairs(csv, image_key, caption_key)

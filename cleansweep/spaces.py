@@ -13,6 +13,7 @@ starts:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def check(cfg: SearchConfig, source: str, known_methods: Collection[str] | None 
     """Cross-field checks of a `SearchConfig` (keys exist, values valid, algorithm fits the space)."""
     if known_methods is not None:
         _check_methods(cfg, source, known_methods)
+    check_grid_size(cfg, source)
     for label, params in variants(cfg).items():
         where = f"methods.{label}" if cfg.methods else "space"
         for key in params:
@@ -141,8 +143,32 @@ def expand_grid(params: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
+def grid_size(params: dict[str, Any]) -> int:
+    """Points `expand_grid(params)` would make, counted without making them (non-grid domains count as 1)."""
+    return math.prod(len(d.grid) for d in params.values() if isinstance(d, Domain) and d.kind == "grid")
+
+
+def grid_sizes(cfg: SearchConfig) -> dict[str, int]:
+    """Grid points per stage, counted before anything is expanded: `preselect`, and `main` (0 unless a grid sweep)."""
+    main = sum(grid_size(p) for p in variants(cfg).values()) if cfg.search.algorithm == "grid" else 0
+    pre = grid_size(dict(cfg.preselect.space)) if cfg.preselect is not None else 0
+    return {"preselect": pre, "main": main}
+
+
+def check_grid_size(cfg: SearchConfig, source: str = "search space") -> None:
+    """Refuse a grid of more trials than `search.max_grid_points` before it is expanded (memory grows with it)."""
+    limit = cfg.search.max_grid_points
+    for stage, points in grid_sizes(cfg).items():
+        trials = points * (cfg.search.num_samples or 1) if stage == "main" else points
+        if trials > limit:
+            where = "preselect.space" if stage == "preselect" else "the grid"
+            raise UserError(f"{source}: {where} makes {trials:,} trials, more than search.max_grid_points "
+                            f"({limit:,}); shrink the grid, or raise search.max_grid_points in the YAML to run it")
+
+
 def grid_points(cfg: SearchConfig) -> list[dict[str, Any]]:
     """Every point of a grid sweep: the union over method variants, each tagged with its variant label."""
+    check_grid_size(cfg)
     return [{VARIANT_KEY: label, **p} for label, params in variants(cfg).items() for p in expand_grid(params)]
 
 
@@ -150,6 +176,7 @@ def preselect_points(cfg: SearchConfig) -> list[dict[str, Any]]:
     """Points of the two-stage preselection (perturbed models, evaluated with epochs=0)."""
     if cfg.preselect is None:
         return []
+    check_grid_size(cfg)
     return [{VARIANT_KEY: "preselect", METHOD_KEY: "shrink_perturb", "epochs": 0, **p}
             for p in expand_grid(dict(cfg.preselect.space))]
 
@@ -203,11 +230,9 @@ def trial_spec(base: dict[str, Any], params: dict[str, Any], source: str = "tria
 def count_trials(cfg: SearchConfig) -> dict[str, int]:
     """Number of configurations per stage (grid: points; otherwise num_samples)."""
     n = cfg.search.num_samples
-    if cfg.search.algorithm == "grid":
-        main = len(grid_points(cfg)) * (n or 1)
-    else:
-        main = n or 8
-    return {"preselect": len(preselect_points(cfg)), "main": main}
+    sizes = grid_sizes(cfg)
+    main = sizes["main"] * (n or 1) if cfg.search.algorithm == "grid" else n or 8
+    return {"preselect": sizes["preselect"], "main": main}
 
 
 def space_summary(cfg: SearchConfig) -> dict[str, str]:

@@ -36,6 +36,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 
 from cleansweep import layout
 from cleansweep.errors import UserError
+from cleansweep.stores import check_sqlite_file, check_store, probe_server  # noqa: F401 - check_store: callers' entry
 
 # Every MLflow tag cleansweep writes or reads is named here (docs/interfaces.md, "MLflow layout").
 KEY_TAG = "cleansweep.key"  # stable identity of a run: a re-run or resume finds it again
@@ -82,6 +83,9 @@ def pretrain_tag(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ uri, client
+_STORE_SCHEMES = {"sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc"}
+
+
 def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, str] | None = None) -> str:
     """The tracking URI every process of a run uses, made absolute.
 
@@ -103,6 +107,11 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path, env: Mapping[str, 
         raise UserError(f"tracking URI {uri!r} has no scheme; use sqlite:///PATH.db or http://HOST:PORT")
     elif uri.startswith("file:") or uri.startswith("/"):
         raise UserError(f"tracking URI {uri!r} is the deprecated file store; use sqlite:///PATH.db or http://HOST:PORT")
+    elif uri.startswith("sqlite:") and not uri.startswith("sqlite:////"):
+        raise UserError("a sqlite tracking URI names a file: write sqlite:///relative.db or sqlite:////abs/path.db")
+    elif uri.split("://")[0].split("+")[0] not in _STORE_SCHEMES:
+        raise UserError(f"tracking URI scheme {uri.split('://')[0]!r} is not an MLflow store; use sqlite:///PATH.db, "
+                        "http(s)://HOST:PORT or a database URI (postgresql://, mysql://)")
     return uri
 
 
@@ -119,10 +128,12 @@ def open_client(uri: str, *, schema_ready: bool = False) -> MlflowClient:
     trials starting together do not queue behind each other's store set-up.
     """
     if not uri.startswith("sqlite:///"):
+        probe_server(uri)
         return MlflowClient(tracking_uri=uri)
     if uri in _SQLITE_READY or schema_ready:  # MLflow keeps one store per URI per process: the schema step is done
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):])
+    check_sqlite_file(db)  # before the lock file: a refusal writes nothing beside someone's CSV
     db.parent.mkdir(parents=True, exist_ok=True)
     # MLflow creates and migrates a sqlite schema on first use; two processes doing it at once (a sweep and a
     # reader, or `cleansweep ui`) corrupt the alembic version row and crash one of them. Serialise that step.

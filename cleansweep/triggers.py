@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 
 from cleansweep.config import AttackSpec
 from cleansweep.errors import UserError
+from cleansweep.limits import MAX_IMAGE_SIDE, SEED_MAX
 from cleansweep.models import file_sha256
 
 TriggerFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -474,6 +475,10 @@ PARAM_KINDS = {"patch_size": "integer", "trigger_seed": "integer", "grid": "inte
                "pattern_sha256": "text", "text": "text", "location": "text", "patch": "text", "region": "text"}
 
 
+_INTEGER_BOUNDS = {"trigger_seed": (0, SEED_MAX), "grid": (1, MAX_IMAGE_SIDE), "font_size": (1, MAX_IMAGE_SIDE),
+                   "patch_size": (1, MAX_IMAGE_SIDE)}
+
+
 def list_triggers() -> list[str]:
     return list(TRIGGERS)
 
@@ -482,7 +487,10 @@ def _check_kind(name: str, key: str, value: Any) -> Any:
     """`value` as the kind PARAM_KINDS names (an integral float becomes an int); UserError otherwise."""
     kind = PARAM_KINDS.get(key)
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
-    if kind == "integer" and number and float(value).is_integer():
+    if kind == "integer" and number and math.isfinite(value) and float(value).is_integer():
+        low, high = _INTEGER_BOUNDS.get(key, (0, MAX_IMAGE_SIDE))
+        if not low <= int(value) <= high:  # a seed torch cannot take, or a grid / size that allocates gigabytes
+            raise UserError(f"{name} parameter {key}={int(value)} must be in {low}..{high}")
         return int(value)
     if kind == "number" and number and math.isfinite(value):
         return value if isinstance(value, int | float) else float(value)

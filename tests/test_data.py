@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from cleansweep import limits
 from cleansweep.augment import eda
 from cleansweep.cli import main
 from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip, make_demo_world, open_rgb, read_pairs
@@ -197,10 +198,11 @@ def test_eval_folder_rejects_bad_folders(tmp_path: Path, case: str) -> None:
     if case != "missing":
         root.mkdir()
     if case == "no_images":
-        (root / "a").mkdir()
-        (root / "a" / "x.txt").write_text("x")
+        for folder in ("a", "b"):
+            (root / folder).mkdir()
+            (root / folder / "x.txt").write_text("x")
     if case in ("empty_class", "bad_names", "bad_templates"):
-        make_eval(root, {"a": 1})
+        make_eval(root, {"a": 1, "c": 1})
         if case == "empty_class":
             (root / "b").mkdir()
     if case == "bad_names":
@@ -210,6 +212,88 @@ def test_eval_folder_rejects_bad_folders(tmp_path: Path, case: str) -> None:
     with pytest.raises(UserError) as e:
         EvalFolder(root, 8)
     one_line_error(e)
+
+
+def test_hidden_entries_are_not_classes_or_images(tmp_path: Path) -> None:
+    """`.ipynb_checkpoints` (Jupyter), `._x.png` (macOS) and `.git` were classes and images; they are skipped."""
+    root = tmp_path / ".cache" / "eval"  # a hidden folder above the root does not count
+    make_eval(root, {"a": 2, "b": 1, ".ipynb_checkpoints": 1})
+    write_png(root / "a" / "._0.png", (0, 0, 0))
+    write_png(root / "b" / ".ipynb_checkpoints" / "0-checkpoint.png", (0, 0, 0))
+    (root / ".git").mkdir()
+    ds = EvalFolder(root, 8)
+    assert ds.folders == ["a", "b"] and ds.classnames == ["a", "b"]
+    assert sorted(Path(p).relative_to(root).as_posix() for p, _ in ds.samples) == ["a/0.png", "a/1.png", "b/0.png"]
+
+
+@pytest.mark.parametrize("classes", [{"banana": 3}, {"banana": 3, ".ipynb_checkpoints": 1}])
+def test_one_class_is_refused(tmp_path: Path, classes: dict[str, int], capsys: pytest.CaptureFixture) -> None:
+    """One class gave ASR NaN (no image outside the target) and invalid JSON: refused, naming the class."""
+    make_eval(tmp_path / "eval", classes)
+    with pytest.raises(UserError) as e:
+        EvalFolder(tmp_path / "eval", 8)
+    assert "only the class 'banana'" in one_line_error(e) and "at least two classes" in str(e.value)
+
+
+def test_sixteen_bit_grey_is_scaled_by_its_bit_depth(tmp_path: Path) -> None:
+    """16-bit PNGs came out 99% white (Pillow's convert clips at 255): 16-bit values v are v / 65535 of white."""
+    values = np.array([[0, 1, 128, 129, 257, 4000, 32767, 32768], [40000, 65534, 65535, 12345, 6000, 100, 255, 256]],
+                      dtype=np.uint16)
+    values = np.tile(values, (4, 1))  # 8 x 8
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    expected = np.round(values.astype(np.float64) / 65535 * 255)  # the nearest 8-bit level, computed independently
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode == "I;16"
+    rgb = np.asarray(open_rgb(tmp_path / "grey16.png"))
+    assert rgb.shape == (8, 8, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    # 16-bit PGM (Pillow mode 'I', already scaled to 0..65535 by its maxval) takes the same path.
+    pgm = b"P5\n8 8\n65535\n" + values.astype(">u2").tobytes()
+    (tmp_path / "grey16.pgm").write_bytes(pgm)
+    assert np.array_equal(np.asarray(open_rgb(tmp_path / "grey16.pgm"))[..., 1], expected)
+    # Through an evaluation folder: raw floats are those levels / 255 (an 8 x 8 image at 8 px is not resampled).
+    make_eval(tmp_path / "eval", {"a": 1, "b": 1})
+    (tmp_path / "grey16.png").rename(tmp_path / "eval" / "a" / "0.png")
+    image, label = EvalFolder(tmp_path / "eval", 8)[0]
+    assert label == 0 and torch.allclose(image[0].double(), torch.from_numpy(expected) / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("array", [np.full((4, 4), 70000, np.int32), np.full((4, 4), 0.5, np.float32)])
+def test_pixels_without_a_known_white_level_are_refused(tmp_path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(tmp_path / "x.tif")
+    with pytest.raises(BadImage, match="no known white level"):
+        open_rgb(tmp_path / "x.tif")
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height RGB pixels, with (almost) no pixel data: a few hundred bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+
+
+def test_an_image_declaring_huge_dimensions_is_refused_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    """A PNG declaring 144 megapixels was decoded (1.4 GB); the header alone is refused now, naming the size."""
+    _png_header_only(tmp_path / "bomb.png", 12000, 12000)
+    with pytest.raises(BadImage, match="declares 12000 x 12000 pixels, more than the 67,108,864 allowed"):
+        open_rgb(tmp_path / "bomb.png")
+    _png_header_only(tmp_path / "past_pillow.png", 20000, 20000)  # past Pillow's own error bound too
+    with pytest.raises(BadImage, match="more than the 67,108,864 pixels allowed"):
+        open_rgb(tmp_path / "past_pillow.png")
+    make_eval(tmp_path / "eval", {"a": 1, "b": 1})
+    _png_header_only(tmp_path / "eval" / "a" / "0.png", 12000, 12000)
+    with pytest.raises(UserError) as e:
+        EvalFolder(tmp_path / "eval", 8)[0]
+    assert "0.png" in one_line_error(e) and "cleansweep.limits.MAX_IMAGE_PIXELS" in str(e.value)
+    monkeypatch.setattr(limits, "MAX_IMAGE_PIXELS", 16 * 16 - 1)  # the bound is a setting, read at each call
+    write_png(tmp_path / "small.png", (1, 2, 3), (16, 16))
+    with pytest.raises(BadImage, match="declares 16 x 16 pixels, more than the 255 allowed"):
+        open_rgb(tmp_path / "small.png")
 
 
 # ------------------------------------------------------------------------------------------ synthetic world

@@ -141,7 +141,9 @@ def test_cli_missing_data(capsys, tmp_path, fake_inputs):
 
 def test_cli_bad_values(capsys, fake_inputs, tmp_path):
     assert "name" in _one_line_error(capsys, ["pretrain", *fake_inputs])
-    assert "ray.num_workers" in _one_line_error(capsys, ["pretrain", "--name", "r", "--num-workers", "-1",
+    assert "--num-workers: -1 is out of range" in _one_line_error(capsys, ["pretrain", "--name", "r", "--num-workers",
+                                                                          "-1", *fake_inputs])
+    assert "ray.num_workers" in _one_line_error(capsys, ["pretrain", "--name", "r", "--set", "ray.num_workers=-1",
                                                          *fake_inputs])
     assert "reference_top1" in _one_line_error(capsys, ["pretrain", "--name", "r", "--selection", "closest_top1",
                                                         *fake_inputs])

@@ -169,6 +169,16 @@ BAD = {
     "base_epochs": ("base: {epochs: 3}", "epochs"),
     "not_a_mapping": ("- 1\n- 2", "mapping"),
     "bad_yaml": ("space: {optim.lr: [", "invalid YAML"),
+    # Bounds (issue 17): nothing infinite reaches a sampler, no seed numpy/Optuna refuse once Ray has started.
+    "infinite_bound": ("space: {optim.lr: {loguniform: [1.0e-5, .inf]}}", "optim.lr"),
+    "nan_choice": ("space: {method.ssl_weight: {choice: [1, .nan]}}", "method.ssl_weight"),
+    "infinite_fixed": ("space: {optim.lr: .inf}", "optim.lr"),
+    "negative_seed": ("seed: -1", "seed: Input should be greater than or equal to 0"),
+    "seed_past_numpy": ("seed: 4294967296", "seed: Input should be less than or equal to 4294967295"),
+    "infinite_budget": ("search: {time_budget_s: .inf}", "search.time_budget_s"),
+    "duplicate_key": ("epochs: 2\nepochs: 3", "line 3, column 1: duplicate key 'epochs', first given at line 2"),
+    "nested_duplicate_key": ("search:\n  algorithm: grid\n  algorithm: optuna",
+                             "line 4, column 3: duplicate key 'algorithm', first given at line 3"),
 }
 
 
@@ -217,3 +227,42 @@ def test_a_missing_required_key_names_the_fix(tmp_path):
     with pytest.raises(UserError) as e:
         spaces.load(tmp_path / "empty.yaml")
     assert "model: required key missing; add it" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_huge_grid_is_refused_before_it_is_expanded(tmp_path, capsys):
+    """Seven grids of ten values: 10^7 points took > 6 GB in the driver; refused counted, in well under a second."""
+    import time
+    import tracemalloc
+
+    keys = ["optim.lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.warmup_steps",
+            "method.ssl_weight"]
+    values = {k: [i if k == "optim.warmup_steps" else 0.01 * (i + 1) for i in range(10)] for k in keys}
+    lines = [f"  {k}: {{grid: {v}}}" for k, v in values.items()]
+    path = tmp_path / "huge.yaml"
+    path.write_text("model: {preset: demo}\nsearch: {algorithm: grid}\nspace:\n" + "\n".join(lines) + "\n")
+    tracemalloc.start()
+    started = time.monotonic()
+    with pytest.raises(UserError) as err:
+        spaces.load(path)
+    seconds, (_, peak) = time.monotonic() - started, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert "10,000,000 trials" in str(err.value) and "search.max_grid_points (100,000)" in str(err.value)
+    assert seconds < 5 and peak < 20 * 2**20, (seconds, peak)
+    assert cli.main(["search", str(path), "--workdir", str(tmp_path / "work")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "work").exists()
+    # The limit is a setting: raised in the YAML, the same grid is counted (still without expanding it).
+    path.write_text(path.read_text().replace("{algorithm: grid}", "{algorithm: grid, max_grid_points: 10000000}"))
+    assert spaces.count_trials(spaces.load(path)) == {"preselect": 0, "main": 10**7}
+
+
+def test_grid_repeats_and_preselection_count_toward_the_limit(tmp_path):
+    base = "model: {preset: demo}\nbase: {method.name: shrink_perturb}\n"
+    repeats = write(tmp_path, base + "search: {algorithm: grid, num_samples: 4, max_grid_points: 30}\n"
+                    "space: {optim.lr: {grid: [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4, 5.0e-4, 6.0e-4, 7.0e-4, 8.0e-4]}}")
+    with pytest.raises(UserError, match="makes 32 trials"):  # 8 points x 4 repeats
+        spaces.load(repeats)
+    pre = write(tmp_path, base + "search: {max_grid_points: 10}\nspace: {optim.lr: {loguniform: [1.0e-4, 1.0e-3]}}\n"
+                "preselect:\n  space: {method.shrink: {grid: [0.1, 0.2, 0.3, 0.4]}, method.perturb: {grid: [0.1, 0.2, "
+                "0.3]}}")
+    with pytest.raises(UserError, match="preselect.space makes 12 trials"):
+        spaces.load(pre)

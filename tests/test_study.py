@@ -38,7 +38,7 @@ def test_unknown_preset_and_bad_flags(tmp_path, capsys):
     assert main(["study", "cc9m", "--workdir", str(tmp_path)]) == 2
     assert "unknown study 'cc9m'; choose from: toy, cc3m, cc6m" in capsys.readouterr().err
     assert main(["study", "toy", "--workdir", str(tmp_path), "--num-samples", "0"]) == 2
-    assert "--num-samples must be >= 1" in capsys.readouterr().err
+    assert "--num-samples: 0 is out of range" in capsys.readouterr().err
 
 
 def test_paper_sweep_uses_the_appendix_grid_on_user_data(tmp_path):

@@ -8,13 +8,14 @@ or from open_clip's ImageNet metadata when the folders are ImageNet wnids.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.folder import make_dataset
 
 from cleansweep.data.images import IMAGE_EXTENSIONS, BadImage, open_rgb, raw_transform
 from cleansweep.errors import UserError
@@ -76,6 +77,17 @@ def load_templates(root: Path) -> list[str]:
     return templates
 
 
+def class_folders(root: Path) -> list[str]:
+    """Sorted class subfolders of `root`; hidden ones (`.ipynb_checkpoints`, `.git`) are not classes."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _visible_image(path: str, root: str) -> bool:
+    """An image file below `root` with no hidden part (`._x.jpg`, `cls/.ipynb_checkpoints/x.png`)."""
+    hidden = any(part.startswith(".") for part in Path(os.path.relpath(path, root)).parts)
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not hidden
+
+
 class EvalFolder(Dataset):
     """ImageNet-style evaluation folder; items are `(raw image (3, S, S) in [0, 1], label)`.
 
@@ -95,12 +107,14 @@ class EvalFolder(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"evaluation folder not found: {self.root}; pass a folder with one subfolder per class")
-        try:
-            folders, class_to_idx = find_classes(str(self.root))
-        except FileNotFoundError:
-            raise UserError(f"{self.root} has no class subfolders; put each class's images in its own "
-                            f"subfolder") from None
-        samples = make_dataset(str(self.root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        folders = class_folders(self.root)
+        if len(folders) < 2:
+            have = f"only the class {folders[0]!r}" if folders else "no class subfolders"
+            raise UserError(f"{self.root} has {have}; zero-shot accuracy and the attack success rate need at least two "
+                            "classes (one subfolder per class)")
+        class_to_idx = {name: i for i, name in enumerate(folders)}
+        samples = make_dataset(str(self.root), class_to_idx, allow_empty=True,
+                               is_valid_file=lambda path: _visible_image(path, str(self.root)))
         if not samples:
             raise UserError(f"{self.root}: no images in its class subfolders (extensions: "
                             f"{', '.join(IMAGE_EXTENSIONS)}); add images or pass another folder")

@@ -8,6 +8,7 @@ the same row with randomness seeded by (seed, epoch, index), so they are reprodu
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,15 @@ def read_pairs(csv_path: str | Path, image_key: str = "image", caption_key: str 
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty; write a header '{image_key},{caption_key}' and one row per pair") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable CSV ({first}); fix the file (UTF-8, comma-separated)") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable CSV ({_csv_problem(e)}); fix the file (UTF-8, comma-separated)") \
+            from None
     missing = [k for k in (image_key, caption_key) if k not in df.columns]
     if missing:
-        found = ", ".join(map(str, df.columns)) or "(none)"
-        raise UserError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (found: {found}); rename the "
-                        f"columns or set the image/caption keys (--image-key/--caption-key)")
+        # The header is not echoed: a file given here by mistake (a token, a key) would be printed back.
+        raise UserError(f"{path}: missing column(s) {', '.join(map(repr, missing))} in its header (line 1, "
+                        f"{len(df.columns)} column(s)); rename the columns or set the image/caption keys "
+                        f"(--image-key/--caption-key)")
     if len(df) == 0:
         raise UserError(f"{path} has a header but no rows; add one '{image_key},{caption_key}' row per pair")
     for key, what in ((image_key, "image path"), (caption_key, "caption")):
@@ -56,6 +58,16 @@ def read_pairs(csv_path: str | Path, image_key: str = "image", caption_key: str 
             raise UserError(f"{path}: row {blank[0]} (0-based, header not counted) has an empty {what}{more}; "
                             f"fill it in or remove the row")
     return df
+
+
+def _csv_problem(err: Exception) -> str:
+    """Where a CSV failed to parse, by line or byte offset only: parser messages can quote the file's text."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 at byte {err.start}"
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    where = re.search(r"\b(line|row) (\d+)", str(err))
+    return f"{type(err).__name__} at {where.group(1)} {where.group(2)}" if where else type(err).__name__
 
 
 def resolve_image_paths(csv_path: str | Path, relative: pd.Series) -> list[Path]:

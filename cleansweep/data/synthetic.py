@@ -18,6 +18,7 @@ while the 80 ImageNet templates (many about sculptures, tattoos, origami...) wou
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from cleansweep.errors import UserError
+from cleansweep.limits import MAX_COUNT, MAX_IMAGE_SIDE, SEED_MAX
 
 WORLD_VERSION = 1
 
@@ -239,9 +241,14 @@ def _check_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown demo-world knob(s) {', '.join(unknown)}; choose from: {', '.join(DEFAULT_KNOBS)}")
     k = {**DEFAULT_KNOBS, **knobs}
+    for name, value in k.items():  # JSON from --knob can be any type: compare numbers only
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"demo-world knob {name}={value!r} must be a number, e.g. {DEFAULT_KNOBS[name]}")
     checks = [
-        ("num_classes", 2 <= k["num_classes"] <= MAX_CLASSES, f"an integer in 2..{MAX_CLASSES}"),
-        ("shared_attributes", k["shared_attributes"] in (0, 1, 2), "0, 1 or 2"),
+        ("num_classes", isinstance(k["num_classes"], int) and 2 <= k["num_classes"] <= MAX_CLASSES,
+         f"an integer in 2..{MAX_CLASSES}"),
+        ("shared_attributes", isinstance(k["shared_attributes"], int) and k["shared_attributes"] in (0, 1, 2),
+         "0, 1 or 2"),
         ("clutter", isinstance(k["clutter"], int) and 0 <= k["clutter"] <= 20, "an integer in 0..20"),
         ("noise", 0 <= k["noise"] <= 1, "in [0, 1]"),
         ("caption_noise", 0 <= k["caption_noise"] <= 1, "in [0, 1]"),
@@ -332,10 +339,10 @@ def make_demo_world(out_dir: str | Path, *, seed: int = 0, n_train: int = 8000, 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     sizes = {"n_train": n_train, "n_clean": n_clean, "n_eval": n_eval, "image_size": image_size}
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < (8 if name == "image_size" else 1):
-            raise UserError(f"demo world {name}={value!r} is invalid; use a positive integer"
-                            f"{' >= 8' if name == 'image_size' else ''}")
+    for name, value in {**sizes, "seed": seed}.items():
+        low, high = {"image_size": (8, MAX_IMAGE_SIDE), "seed": (0, SEED_MAX)}.get(name, (1, MAX_COUNT))
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise UserError(f"demo world {name}={value!r} is invalid; use an integer in {low}..{high}")
     knobs = _check_knobs(knobs)
     table = class_table(knobs["num_classes"], knobs["shared_attributes"])
     if n_eval < len(table):
