@@ -121,10 +121,11 @@ def test_enospc_anywhere_in_the_chain_is_one_line():
 # ------------------------------------------------------------------------------------------------ integration
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 600 MB tmpfs (its own filesystem, so filling it is safe); skipped where mounting is not permitted."""
+    """A 1.5 GB tmpfs (memory only as far as it is written; its own filesystem, so filling it is safe); skipped where
+    mounting is not permitted."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root")
     try:
@@ -136,13 +137,11 @@ def small_disk(tmp_path):
 def _fill(disk: Path, leave_bytes: int) -> Path:
     """A filler file that leaves about `leave_bytes` free on `disk`."""
     filler = disk / "filler"
-    size = max(0, diskguard.free_bytes(disk) - leave_bytes)
-    with open(filler, "wb") as f:
-        f.truncate(0)
-        chunk = b"\0" * 2**20
-        while size > 0:
-            f.write(chunk[: min(size, len(chunk))])
-            size -= len(chunk)
+    chunk = b"\0" * 2**20
+    with open(filler, "ab") as f:
+        while diskguard.free_bytes(disk) > leave_bytes + len(chunk):  # others may be writing to the disk meanwhile
+            f.write(chunk)
+            f.flush()
     return filler
 
 
@@ -180,19 +179,20 @@ def test_a_sweep_stopped_by_a_full_disk_resumes_with_nothing_lost(sweep_env, sma
     space = _space_file(sweep_env, tiny_checkpoint["checkpoint"], tiny_checkpoint["world"], extra)
     workdir = small_disk / "work"  # sweeps/ and mlflow.db on the small disk
     argv = [sys.executable, "-m", "cleansweep", "search", str(space), "--name", "df", "--workdir", str(workdir)]
-    env = {**os.environ, "RAY_DISABLE_IMPORT_WARNING": "1", diskguard.RESERVE_ENV: "150"}
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "RAY_DISABLE_IMPORT_WARNING": "1", diskguard.RESERVE_ENV: "400"}
+    log = sweep_env / "first.log"
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     try:
         deadline = time.monotonic() + 300
         while _evaluations_logged(workdir / "mlflow.db") < 1 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1)
         assert proc.poll() is None, "the sweep ended before its first evaluation"
-        filler = _fill(small_disk, 90 * 2**20)  # below the 150 MB reserve, room for a checkpoint and the snapshot
-        _, stderr = proc.communicate(timeout=300)
+        filler = _fill(small_disk, 300 * 2**20)  # below the 400 MB reserve, room for a few checkpoints and the snapshot
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+    stderr = log.read_text()
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == diskguard.EXIT_CODE, stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith(f"error: disk nearly full at {small_disk}"), stderr[-3000:]
