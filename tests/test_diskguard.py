@@ -8,6 +8,7 @@ on a full disk, and a sweep whose disk fills after its first results, then `--re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -142,6 +143,11 @@ def _fill(disk: Path, leave_bytes: int) -> Path:
         while diskguard.free_bytes(disk) > leave_bytes + len(chunk):  # others may be writing to the disk meanwhile
             f.write(chunk)
             f.flush()
+    if leave_bytes == 0:  # the last MB too, to the last block
+        with contextlib.suppress(OSError), open(filler, "ab", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+        assert diskguard.free_bytes(disk) < 4096
     return filler
 
 
