@@ -888,3 +888,36 @@ def test_crd_schema_catches_broken_rayjob(crd_validators):
     doc = _set(load_one(KUBERAY / "rayjob-search.yaml"), "spec.shutdownAfterJobFinishes", "yes")
     assert schema_problems(doc, crd_validators)
     assert schema_problems(_set(doc, "spec.entrypont", "x"), crd_validators)
+
+
+@pytest.mark.integration
+def test_the_backend_uri_without_password_logs_in_with_pgpassword():
+    """The shipped URIs carry no password; libpq takes it from PGPASSWORD, which the manifests set from the Secret /
+    .env. Checked on a real PostgreSQL (tests/pg_server.py) with the engine mlflow builds from the URI."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from pg_server import start, stop
+
+    uris = {where: _flags(args)["--backend-store-uri"] for where, args in _server_commands().items()}
+    for uri in uris.values():
+        parsed = urlparse(uri)
+        assert parsed.scheme == "postgresql" and parsed.username == "mlflow" and parsed.password is None, uri
+    root = Path(tempfile.mkdtemp(prefix="cleansweep-pg-"))
+    try:
+        server = start(root)
+        # The shipped URI with this server's user, host and port (the manifests' are `mlflow@postgres:5432`).
+        uri = urlparse(uris["k8s"])._replace(netloc=f"cleansweep@127.0.0.1:{server.port}").geturl()
+        probe = ("import sys; from mlflow.store.db.utils import create_sqlalchemy_engine; import sqlalchemy; "
+                 "e = create_sqlalchemy_engine(sys.argv[1]); c = e.connect(); "
+                 "print(c.execute(sqlalchemy.text('select current_user')).scalar())")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        ok = subprocess.run([sys.executable, "-c", probe, uri], env={**env, "PGPASSWORD": server.password},
+                            capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and ok.stdout.strip() == "cleansweep", ok.stderr[-2000:]
+        refused = subprocess.run([sys.executable, "-c", probe, uri], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and "password" in refused.stderr  # the password came from PGPASSWORD
+    finally:
+        stop(root)
