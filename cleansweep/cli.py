@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from cleansweep import __version__, interrupts, layout, limits
-from cleansweep.errors import UserError
+from cleansweep.errors import DiskFull, UserError
 
 
 def default_workdir() -> Path:
@@ -617,13 +617,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; return its exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Run one command; return its exit code (0 ok, 2 user error, 75 disk full, 130 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (DiskFull, Exception) as e:  # a full disk: one line naming the path (diskguard), resumable
+        from cleansweep import diskguard
+
+        if (line := diskguard.disk_full_line(e)) is None:
+            raise
+        print(line, file=sys.stderr)
+        return diskguard.EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted: everything reported so far is saved; re-run with --resume to continue", file=sys.stderr)
         return 130

@@ -3,7 +3,11 @@
 - `connect`: reuse an initialised Ray; else the explicit address (`--address`, `address:` in a YAML), else
   `RAY_ADDRESS` (what `ray job submit` and KubeRay RayJobs set), else a fresh local cluster (`"local"`: never
   whatever `ray start` cluster this machine's /tmp/ray happens to point at). Token auth stays on (Ray's default for
-  local clusters): the dashboard runs code for whoever reaches it (stack notes, ShadowRay).
+  local clusters): the dashboard runs code for whoever reaches it (ShadowRay, CVE-2023-48022).
+- A fresh local cluster listens on loopback only (`loopback_node`): its node address is 127.0.0.1, so GCS, raylet,
+  workers, the dashboard agent and all three Prometheus endpoints (dashboard head, autoscaler monitor, metrics
+  agent: ray/dashboard/head.py, ray/autoscaler/_private/monitor.py, reporter_agent.py bind `get_localhost_ip()`
+  when the node is on localhost) are unreachable from other machines; the token file is made private (0600).
 - `check_resources`: fail fast when a request can never be placed (Tune warns every 60 s and waits forever, Train
   retries forever: reliability notes). Counts live nodes and, when an autoscaler reports its node groups, the nodes
   it may add (a KubeRay GPU group at 0 replicas can still host GPU trials); an autoscaler that reports no node
@@ -20,6 +24,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 
@@ -50,7 +55,10 @@ def connect(address: str | None, *, echo: Callable[[str], None] = print, worker_
         return
     # Ray announces token auth on stderr at every start; the dashboard line below says it (one line per error).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ctx = ray.init(address=ray_address(address), log_to_driver=worker_logs, configure_logging=False)
+    where = ray_address(address)
+    with loopback_node(where == "local"):
+        ctx = ray.init(address=where, log_to_driver=worker_logs, configure_logging=False)
+    private_token_file()
     url = getattr(ctx, "dashboard_url", None)
     if url:
         port = url.rsplit(":", 1)[-1]
@@ -61,6 +69,43 @@ def connect(address: str | None, *, echo: Callable[[str], None] = print, worker_
         yield True
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def loopback_node(local: bool) -> Iterator[None]:
+    """While a new local cluster starts, its node address is 127.0.0.1 instead of the host's network address.
+
+    Ray 2.60 binds its gRPC servers and Prometheus endpoints to the node address (all interfaces for the gRPC ones
+    unless that is loopback), and `ray.init(_node_ip_address="127.0.0.1")` is turned back into the host address
+    (`services.resolve_ip_for_localhost`). Ray's own single-machine mode (Windows/macOS, `ray_constants.
+    ENABLE_RAY_CLUSTER` False) keeps 127.0.0.1: the flag is read at call time, so it is lowered for the start only.
+    A cluster other machines must join is started with `ray start`, never through here.
+    """
+    from ray._private import ray_constants  # private: pinned ray, the flag `services.get_node_ip_address` reads
+
+    if not local:
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def token_file(env: Mapping[str, str] | None = None) -> Path:
+    """Where Ray reads its auth token: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (Ray's default)."""
+    env = os.environ if env is None else env
+    return Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser() if env.get("RAY_AUTH_TOKEN_PATH") else \
+        Path.home() / ".ray" / "auth_token"
+
+
+def private_token_file() -> None:
+    """Make the auth token file readable by its owner only: Ray 2.60 writes it with the umask (0644 usually)."""
+    path = token_file()
+    if path.is_file() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 # ------------------------------------------------------------------------------------------------ resources

@@ -39,7 +39,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from cleansweep import analysis, atomic, cluster, figures, interrupts, layout, scratch, spaces, tracking
+from cleansweep import analysis, atomic, cluster, diskguard, figures, interrupts, layout, scratch, spaces, tracking
 from cleansweep.config import Domain, SearchConfig, TrainSpec, deep_update
 from cleansweep.errors import UserError
 from cleansweep.objective import (
@@ -376,6 +376,7 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
     check_name(sweep_dir, name, resume=resume)
     cfg = _with_num_samples(cfg, sweep_dir, num_samples, resume)
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, Path(workdir).resolve())
+    diskguard.check_space(diskguard.sweep_paths(sweep_dir, uri), name)  # before anything is written
     client = tracking.open_client(uri)
     experiment_id = tracking.get_or_create_experiment(client, cfg.mlflow.experiment)
     in_mlflow = tracking.find_sweep_run(client, experiment_id, name) is not None
@@ -450,6 +451,8 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     trainable = tune.with_resources(tune.with_parameters(clean_trial, ctx=ctx),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     param_space, tune_config, expected = _tune_setup(cfg, ctx, points)
+    if resume:
+        diskguard.repair_state(stage_dir)  # a state file a full disk truncated: its last complete copy
     if resume and tune.Tuner.can_restore(str(stage_dir)):
         tuner = tune.Tuner.restore(str(stage_dir), trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -461,6 +464,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     budget_start = time.monotonic()
     with interrupts.sigterm_as_sigint():
         grid = tuner.fit()
+    diskguard.raise_if_tripped(stage_dir, ctx.sweep)
     if resume:
         client = tracking.open_client(ctx.tracking_uri)
         tracking.tag_lost_trials(client, ctx.experiment_id, ctx.sweep, [r.metrics.get("trial_id") or
@@ -487,7 +491,8 @@ def _run_config(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, echo: Cal
         name=ctx.stage, storage_path=str(sweep_dir), verbose=1,
         progress_reporter=TrialTable(params, 0 if ctx.stage == "preselect" else cfg.epochs, echo=echo),
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
-                   TrialEndCallback(ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs)],
+                   TrialEndCallback(ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs),
+                   diskguard.DiskGuard(diskguard.sweep_paths(sweep_dir, ctx.tracking_uri), sweep_dir / ctx.stage)],
         failure_config=tune.FailureConfig(max_failures=0),  # deterministic failures: do not retry
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                 checkpoint_score_order="max"))

@@ -128,3 +128,62 @@ def test_capacity_reads_what_an_autoscaler_reports_to_a_real_cluster(local_ray):
     assert not cluster.v1_autoscaler_runs(json.dumps(legacy).encode())
     kuberay = {"autoscaler_report": {"legacy": False, "node_type_mapping": {"n1": "headgroup"}}}
     assert cluster.v1_autoscaler_runs(json.dumps(kuberay).encode()) and not cluster.v1_autoscaler_runs(None)
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket the processes `pids` listen on."""
+    import psutil
+
+    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+@pytest.mark.integration
+def test_a_local_cluster_listens_on_loopback_only_and_keeps_its_token_private(tmp_path, monkeypatch):
+    """Every socket of every Ray process (GCS, raylet, workers, dashboard and its agent, the three Prometheus
+    endpoints) is on loopback; the token Ray writes with the umask ends up 0600. Without `loopback_node` the gRPC
+    servers listen on all interfaces and the Prometheus ones on the host's address."""
+    import time
+
+    import psutil
+    import ray
+    from ray._raylet import AuthenticationTokenLoader
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        with cluster.connect(None, echo=lambda line: None) as started:
+            assert started
+
+            @ray.remote
+            def node_address() -> str:
+                return ray.util.get_node_ip_address()
+
+            assert ray.get(node_address.remote()) == "127.0.0.1"  # a worker process is up, and listens too
+            time.sleep(5)  # the metrics endpoints start a few seconds after ray.init returns
+            pids = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+            sockets = _listening(pids)
+            ports = {port for _, port, _ in sockets}
+            token = tmp_path / ".ray" / "auth_token"
+            mode = token.stat().st_mode & 0o777
+    finally:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        AuthenticationTokenLoader.instance().reset_cache()
+    assert len(sockets) >= 8, sockets  # gcs, raylet x2, dashboard, agent x3, metrics endpoints, workers
+    assert 8265 in ports  # the dashboard
+    assert [s for s in sockets if not _is_loopback(s[0])] == []
+    assert mode == 0o600, oct(mode)
+
+
+def test_token_file_follows_ray_auth_token_path(tmp_path):
+    assert cluster.token_file({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "t")}) == tmp_path / "t"
+    assert cluster.token_file({}) == Path.home() / ".ray" / "auth_token"

@@ -394,9 +394,9 @@ def constraints_problems(pyproject: dict, pins: dict[str, str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ MLflow stacks
-def compose_problems(compose: dict, auth: dict) -> list[str]:
-    """docker-compose.yaml (+ the basic-auth override): PostgreSQL 16, mlflow 3.17, loopback only, no secrets."""
-    problems = secret_problems(compose, "compose") + secret_problems(auth, "compose.auth")
+def compose_problems(compose: dict) -> list[str]:
+    """docker-compose.yaml: PostgreSQL 16, mlflow 3.17 with basic-auth, loopback only, no secrets."""
+    problems = secret_problems(compose, "compose")
     services, volumes = compose.get("services", {}), compose.get("volumes", {}) or {}
     pg, ml = services.get("postgres", {}), services.get("mlflow", {})
     if not str(pg.get("image", "")).startswith("postgres:16"):
@@ -417,12 +417,11 @@ def compose_problems(compose: dict, auth: dict) -> list[str]:
     if not re.fullmatch(r"3\.17\.\d+", mlflow_version) or not str(ml.get("image", "")).endswith(f":{mlflow_version}"):
         problems.append(f"mlflow must be pinned to 3.17.x in build args and image tag (got {mlflow_version!r})")
     problems += mlflow_command_problems(ml.get("command", []), "compose mlflow")
-    auth_ml = auth.get("services", {}).get("mlflow", {})
-    if auth_ml.get("command") != ml.get("command", []) + ["--app-name=basic-auth"]:
-        problems.append("docker-compose.auth.yaml's command must be the base command plus --app-name=basic-auth")
-    for var in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
-        if not str(auth_ml.get("environment", {}).get(var, "")).startswith(f"${{{var}:?"):
-            problems.append(f"docker-compose.auth.yaml: {var} must be ${{{var}:?...}} (required, no default)")
+    required = {"PGPASSWORD": "POSTGRES_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY": "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                "MLFLOW_AUTH_ADMIN_PASSWORD": "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    for var, source in required.items():
+        if not str((ml.get("environment") or {}).get(var, "")).startswith(f"${{{source}:?"):
+            problems.append(f"compose mlflow: {var} must be ${{{source}:?...}} from .env (required, no default)")
     return problems
 
 
@@ -438,7 +437,57 @@ def mlflow_command_problems(args: list[str], where: str) -> list[str]:
         problems.append(f"{where}: --artifacts-destination missing (artifacts proxied by the server)")
     if not flags.get("--allowed-hosts") or "*" in flags["--allowed-hosts"].split(","):
         problems.append(f"{where}: --allowed-hosts must list the Host headers (no '*')")
+    if flags.get("--app-name") != "basic-auth":
+        problems.append(f"{where}: --app-name=basic-auth (users and passwords) must be on by default")
+    return problems + command_line_secret_problems(args, where)
+
+
+def command_line_secret_problems(args: list[str], where: str) -> list[str]:
+    """A password on a command line, literal or expanded from a variable (`$(VAR)`, `${VAR}`): `ps` shows it to every
+    process on the node. Secrets go into the environment (PGPASSWORD for libpq, MLFLOW_* for mlflow)."""
+    problems = []
+    for arg in args:
+        if _URI_PASSWORD.search(arg):
+            problems.append(f"{where}: {arg.split('=')[0]} carries a password in a URI; pass it as PGPASSWORD")
+        for name in re.findall(r"\$[({]([A-Za-z_][A-Za-z0-9_]*)", arg):
+            if _SECRET_NAME.search(name):
+                problems.append(f"{where}: {name} is expanded onto the command line; pass it in the environment")
     return problems
+
+
+def networkpolicy_problems(policy: dict | None, *, selects: dict, peers: dict, open_ports: set[int],
+                           where: str) -> list[str]:
+    """An Ingress NetworkPolicy that selects pods labelled `selects`, admits pods labelled `peers`, and admits nobody
+    else except on `open_ports` (empty: nobody else at all). `from` entries that are absent or empty admit anyone."""
+    if policy is None:
+        return [f"{where}: no NetworkPolicy"]
+    spec, problems = policy.get("spec", {}), []
+    if spec.get("podSelector", {}).get("matchLabels") != selects:
+        problems.append(f"{where}: podSelector must be exactly {selects}")
+    if "Ingress" not in spec.get("policyTypes", []):
+        problems.append(f"{where}: policyTypes must include Ingress")
+    rules = spec.get("ingress", [])
+    if not any(peer.get("podSelector", {}).get("matchLabels") == peers and "namespaceSelector" not in peer
+               for rule in rules for peer in rule.get("from", [])):
+        problems.append(f"{where}: pods {peers} are not admitted")
+    for rule in rules:
+        peers_here = rule.get("from") or [{}]
+        ports = {p.get("port") for p in rule.get("ports", [])}
+        for peer in peers_here:
+            if peer.get("podSelector", {}).get("matchLabels") == peers and "namespaceSelector" not in peer:
+                continue
+            if not rule.get("ports") or not ports <= open_ports:
+                problems.append(f"{where}: {peer or 'anyone'} admitted on {sorted(ports) or 'every port'}; only "
+                                f"{sorted(open_ports) or 'nothing'} may be open beyond {peers}")
+    return problems
+
+
+def _pod_labels(template: dict) -> dict:
+    return template.get("metadata", {}).get("labels", {})
+
+
+def _policy(docs: list[dict], name: str) -> dict | None:
+    return next((d for d in docs if d.get("kind") == "NetworkPolicy" and d["metadata"]["name"] == name), None)
 
 
 def mlflow_k8s_problems(docs: list[dict], ray_mlflow_uri: str) -> list[str]:
@@ -468,6 +517,43 @@ def mlflow_k8s_problems(docs: list[dict], ray_mlflow_uri: str) -> list[str]:
         problems += mlflow_command_problems(args, "k8s mlflow")
         if urlparse(ray_mlflow_uri).netloc not in _flags(args).get("--allowed-hosts", "").split(","):
             problems.append(f"--allowed-hosts lacks {urlparse(ray_mlflow_uri).netloc}: Ray pods would get 403")
+        env = {e["name"]: e for e in c.get("env", [])}
+        for var in ("PGPASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+            if "secretKeyRef" not in env.get(var, {}).get("valueFrom", {}):
+                problems.append(f"k8s mlflow: {var} must come from a Secret (valueFrom.secretKeyRef)")
+        labels = _pod_labels(deploy["spec"]["template"])
+        problems += networkpolicy_problems(_policy(docs, "mlflow"), selects=labels, peers=RAY_POD_LABELS,
+                                           open_ports=set(), where="NetworkPolicy mlflow")
+        if any(p.get("port") != 5000 for r in (_policy(docs, "mlflow") or {}).get("spec", {}).get("ingress", [])
+               for p in r.get("ports", [{}])):
+            problems.append("NetworkPolicy mlflow: admit the Ray pods on 5000 only")
+    (pg,) = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "postgres"] or [None]
+    if deploy and pg:
+        problems += networkpolicy_problems(
+            _policy(docs, "mlflow-postgres"), selects=_pod_labels(pg["spec"]["template"]),
+            peers=_pod_labels(deploy["spec"]["template"]), open_ports=set(), where="NetworkPolicy mlflow-postgres")
+    return problems
+
+
+RAY_POD_LABELS = {"app.kubernetes.io/name": "cleansweep"}  # on every Ray pod template in deploy/kuberay
+HEAD_PORTS = {8265, 6379, 10001}  # dashboard + Jobs API, GCS, Ray client: the ways in to run code
+
+
+def ray_networkpolicy_problems(docs: list[dict], ray_manifests: list[dict]) -> list[str]:
+    """deploy/kuberay/networkpolicy.yaml: the head admits Ray pods, and others only on HEAD_PORTS; workers admit Ray
+    pods only. Every Ray pod template carries RAY_POD_LABELS, or the policies would cut it off."""
+    problems = networkpolicy_problems(
+        _policy(docs, "cleansweep-ray-head"), selects={**RAY_POD_LABELS, "ray.io/node-type": "head"},
+        peers=RAY_POD_LABELS, open_ports=HEAD_PORTS, where="NetworkPolicy cleansweep-ray-head")
+    problems += networkpolicy_problems(
+        _policy(docs, "cleansweep-ray-workers"), selects={**RAY_POD_LABELS, "ray.io/node-type": "worker"},
+        peers=RAY_POD_LABELS, open_ports=set(), where="NetworkPolicy cleansweep-ray-workers")
+    for doc in ray_manifests:
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+        for t in templates:
+            if RAY_POD_LABELS.items() - _pod_labels(t).items():
+                problems.append(f"{doc['metadata']['name']}: a pod template lacks labels {RAY_POD_LABELS}")
     return problems
 
 
@@ -502,7 +588,7 @@ RAYJOBS = [p for p in RAY_MANIFESTS if load_one(p)["kind"] == "RayJob"]
 def test_expected_artefacts_exist():
     for rel in ("Dockerfile", "README.md", "constraints.txt", "kuberay/raycluster.yaml", "kuberay/rayjob-search.yaml",
                 "kuberay/rayjob-pretrain.yaml", "kuberay/storage.yaml", "kuberay/crds.sha256", "mlflow/Dockerfile",
-                "mlflow/docker-compose.yaml", "mlflow/docker-compose.auth.yaml", "mlflow/k8s.yaml"):
+                "mlflow/docker-compose.yaml", "kuberay/networkpolicy.yaml", "mlflow/k8s.yaml"):
         assert (DEPLOY / rel).is_file(), f"deploy/{rel} missing"
     assert {p.name for p in RAY_MANIFESTS} == {"raycluster.yaml", "rayjob-search.yaml", "rayjob-pretrain.yaml"}
 
@@ -556,8 +642,7 @@ def test_mlflow_dockerfile():
 
 
 def test_mlflow_compose():
-    compose, auth = load_one(MLFLOW / "docker-compose.yaml"), load_one(MLFLOW / "docker-compose.auth.yaml")
-    assert compose_problems(compose, auth) == []
+    assert compose_problems(load_one(MLFLOW / "docker-compose.yaml")) == []
     assert env_example_problems((MLFLOW / ".env.example").read_text()) == []
 
 
@@ -571,10 +656,9 @@ def test_mlflow_basic_auth_ini():
 def _server_commands() -> dict[str, list[str]]:
     """The mlflow server command lines of the compose files and k8s.yaml, variables replaced by a dummy value."""
     compose = load_one(MLFLOW / "docker-compose.yaml")["services"]["mlflow"]["command"]
-    auth = load_one(MLFLOW / "docker-compose.auth.yaml")["services"]["mlflow"]["command"]
     (deploy,) = [d for d in load_docs(MLFLOW / "k8s.yaml") if d["kind"] == "Deployment"]
     k8s = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
-    return {"compose": _fill(compose), "compose.auth": _fill(auth), "k8s": _fill(k8s)}
+    return {"compose": _fill(compose), "k8s": _fill(k8s)}
 
 
 def _fill(args: list[str]) -> list[str]:
@@ -583,7 +667,7 @@ def _fill(args: list[str]) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("where", ["compose", "compose.auth", "k8s"])
+@pytest.mark.parametrize("where", ["compose", "k8s"])
 def test_mlflow_server_flags_parse_with_installed_mlflow(where):
     # Importing mlflow's CLI costs seconds, hence integration. make_context parses without starting a server: an
     # unknown flag (or an --app-name mlflow does not ship) raises here, as `mlflow server` would at start-up.
@@ -594,12 +678,44 @@ def test_mlflow_server_flags_parse_with_installed_mlflow(where):
     assert args[0] == "server"
     params = server.make_context("server", args[1:]).params
     assert params["host"] == "0.0.0.0" and params["backend_store_uri"].startswith("postgresql://")
+    assert params["app_name"] == "basic-auth"
     with pytest.raises(click.UsageError):
         server.make_context("server", [*args[1:], "--allowed-host=x"])
 
 
 def test_mlflow_k8s():
     assert mlflow_k8s_problems(load_docs(MLFLOW / "k8s.yaml"), mlflow_service_uri()) == []
+
+
+def test_ray_networkpolicies():
+    assert ray_networkpolicy_problems(load_docs(KUBERAY / "networkpolicy.yaml"),
+                                      [load_one(p) for p in RAY_MANIFESTS]) == []
+
+
+def test_no_password_on_any_command_line_in_deploy():
+    problems = []
+    for path in ALL_YAML:
+        for doc in load_docs(path):
+            for where, args in _command_lines(doc):
+                problems += command_line_secret_problems([str(a) for a in args], f"{path.name}{where}")
+    assert problems == []
+    assert command_line_secret_problems(["--backend-store-uri=postgresql://u:$(PGPASSWORD)@h/db"], "x")
+    assert command_line_secret_problems(["--db", "postgresql://u:hunter2@h/db"], "x")
+
+
+def _command_lines(obj, path=""):
+    """(path, list) of every `command` / `args` list in a manifest (containers, compose services)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in ("command", "args") and isinstance(v, list):
+                yield f"{path}.{k}", v
+            elif k == "entrypoint" and isinstance(v, str):
+                yield f"{path}.{k}", shlex.split(v)
+            else:
+                yield from _command_lines(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _command_lines(v, f"{path}[{i}]")
 
 
 def test_no_literal_secrets_anywhere_in_deploy():
@@ -643,18 +759,29 @@ def _dockerfile(old: str, new: str) -> list[str]:
     return cleansweep_dockerfile_problems(text.replace(old, new), pins)
 
 
-def _compose(dotted: str, value, auth_dotted: str | None = None, auth_value=None) -> list[str]:
-    compose = _set(load_one(MLFLOW / "docker-compose.yaml"), dotted, value)
-    auth = load_one(MLFLOW / "docker-compose.auth.yaml")
-    if auth_dotted:
-        auth = _set(auth, auth_dotted, auth_value)
-    return compose_problems(compose, auth)
+def _compose(dotted: str, value) -> list[str]:
+    return compose_problems(_set(load_one(MLFLOW / "docker-compose.yaml"), dotted, value))
 
 
 def _k8s(mutate: Callable[[list[dict]], None]) -> list[str]:
     docs = load_docs(MLFLOW / "k8s.yaml")
     mutate(docs)
     return mlflow_k8s_problems(docs, "http://mlflow:5000")
+
+
+def _ray_policy(mutate: Callable[[list[dict]], None]) -> list[str]:
+    docs = load_docs(KUBERAY / "networkpolicy.yaml")
+    mutate(docs)
+    return ray_networkpolicy_problems(docs, [load_one(p) for p in RAY_MANIFESTS])
+
+
+def _mlflow_container(docs) -> dict:
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _mlflow_arg(docs, index: int, value: str) -> None:
+    _mlflow_container(docs)["args"][index] = value
 
 
 def _mlflow_env(docs, name, value):
@@ -700,9 +827,33 @@ BROKEN = {
     "compose postgres 15": lambda: _compose("services.postgres.image", "postgres:15.8"),
     "compose no healthcheck": lambda: _compose("services.postgres.healthcheck", _DELETE),
     "compose allow all hosts": lambda: _compose("services.mlflow.command.5", "--allowed-hosts=*"),
-    "compose auth default key": lambda: _compose(
-        "name", "x", "services.mlflow.environment.MLFLOW_AUTH_ADMIN_PASSWORD", "${MLFLOW_AUTH_ADMIN_PASSWORD:-admin}"),
-    "compose auth drift": lambda: _compose("services.mlflow.command.1", "--host=127.0.0.1"),
+    "compose auth default key": lambda: _compose("services.mlflow.environment.MLFLOW_AUTH_ADMIN_PASSWORD",
+                                                 "${MLFLOW_AUTH_ADMIN_PASSWORD:-admin}"),
+    "compose auth off": lambda: _compose("services.mlflow.command.6", "--workers=2"),
+    "compose password on command line": lambda: _compose(
+        "services.mlflow.command.3", "--backend-store-uri=postgresql://mlflow:${POSTGRES_PASSWORD:?x}@postgres/mlflow"),
+    "compose no PGPASSWORD": lambda: _compose("services.mlflow.environment.PGPASSWORD", _DELETE),
+    "k8s password on command line": lambda: _k8s(lambda d: _mlflow_arg(
+        d, 3, "--backend-store-uri=postgresql://mlflow:$(PGPASSWORD)@postgres:5432/mlflow")),
+    "k8s auth off": lambda: _k8s(lambda d: _mlflow_arg(d, 6, "--workers=2")),
+    "k8s secret key literal": lambda: _k8s(lambda d: [e.pop("valueFrom") and e.update(value="$(X)") for e in
+                                                      _mlflow_container(d)["env"]
+                                                      if e["name"] == "MLFLOW_FLASK_SERVER_SECRET_KEY"]),
+    "k8s no mlflow policy": lambda: _k8s(lambda d: d.remove(_policy(d, "mlflow"))),
+    "k8s mlflow open to all": lambda: _k8s(lambda d: _policy(d, "mlflow")["spec"]["ingress"].append({})),
+    "k8s mlflow policy other pods": lambda: _k8s(lambda d: _policy(d, "mlflow")["spec"]["ingress"][0]["from"].append(
+        {"podSelector": {}})),
+    "k8s postgres open": lambda: _k8s(lambda d: _policy(d, "mlflow-postgres")["spec"].update(ingress=[{}])),
+    "ray head open port": lambda: _ray_policy(lambda d: _policy(d, "cleansweep-ray-head")["spec"]["ingress"][1][
+        "ports"].append({"port": 52365})),
+    "ray head open to all": lambda: _ray_policy(lambda d: _policy(d, "cleansweep-ray-head")["spec"]["ingress"].append(
+        {"from": [{"namespaceSelector": {}}]})),
+    "ray head wrong pods": lambda: _ray_policy(lambda d: _policy(d, "cleansweep-ray-head")["spec"].update(
+        podSelector={"matchLabels": {"app": "ray"}})),
+    "ray workers no policy": lambda: _ray_policy(lambda d: d.remove(_policy(d, "cleansweep-ray-workers"))),
+    "ray pod unlabelled": lambda: ray_networkpolicy_problems(
+        load_docs(KUBERAY / "networkpolicy.yaml"),
+        [_set(load_one(KUBERAY / "raycluster.yaml"), "spec.workerGroupSpecs.0.template.metadata.labels", {})]),
     "env example value": lambda: env_example_problems("POSTGRES_PASSWORD=hunter2\n"),
     "compose env list literal": lambda: _compose("services.postgres.environment", ["POSTGRES_PASSWORD=hunter2"]),
     "k8s embedded secret": lambda: _k8s(lambda d: d.append(
@@ -737,3 +888,36 @@ def test_crd_schema_catches_broken_rayjob(crd_validators):
     doc = _set(load_one(KUBERAY / "rayjob-search.yaml"), "spec.shutdownAfterJobFinishes", "yes")
     assert schema_problems(doc, crd_validators)
     assert schema_problems(_set(doc, "spec.entrypont", "x"), crd_validators)
+
+
+@pytest.mark.integration
+def test_the_backend_uri_without_password_logs_in_with_pgpassword():
+    """The shipped URIs carry no password; libpq takes it from PGPASSWORD, which the manifests set from the Secret /
+    .env. Checked on a real PostgreSQL (tests/pg_server.py) with the engine mlflow builds from the URI."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from pg_server import start, stop
+
+    uris = {where: _flags(args)["--backend-store-uri"] for where, args in _server_commands().items()}
+    for uri in uris.values():
+        parsed = urlparse(uri)
+        assert parsed.scheme == "postgresql" and parsed.username == "mlflow" and parsed.password is None, uri
+    root = Path(tempfile.mkdtemp(prefix="cleansweep-pg-"))
+    try:
+        server = start(root)
+        # The shipped URI with this server's user, host and port (the manifests' are `mlflow@postgres:5432`).
+        uri = urlparse(uris["k8s"])._replace(netloc=f"cleansweep@127.0.0.1:{server.port}").geturl()
+        probe = ("import sys; from mlflow.store.db.utils import create_sqlalchemy_engine; import sqlalchemy; "
+                 "e = create_sqlalchemy_engine(sys.argv[1]); c = e.connect(); "
+                 "print(c.execute(sqlalchemy.text('select current_user')).scalar())")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        ok = subprocess.run([sys.executable, "-c", probe, uri], env={**env, "PGPASSWORD": server.password},
+                            capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and ok.stdout.strip() == "cleansweep", ok.stderr[-2000:]
+        refused = subprocess.run([sys.executable, "-c", probe, uri], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and "password" in refused.stderr  # the password came from PGPASSWORD
+    finally:
+        stop(root)
