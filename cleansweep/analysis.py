@@ -43,7 +43,8 @@ class Start:
 # ------------------------------------------------------------------------------------------------ ranking
 # The one ranking of a sweep: `results`, the sweep's leaderboard.csv, the report's tables and the study all use it.
 # Evaluations: the most accurate feasible one first; equal accuracy -> the lower trial id, then the earlier step.
-# FAILED trials come after every trial that ran, in both.
+# A FAILED trial is never feasible (its evaluations are not results: an error, a diverged model whose garbage still
+# evaluates, a worker killed mid-trial) and comes after every trial that ran.
 # Trials: feasible ones by their best feasible accuracy, then the others by their lowest ASR; ties -> trial id.
 def _failed(frame: pd.DataFrame) -> pd.Series | bool:
     """Which rows belong to a FAILED trial (MLflow's word; Tune's is ERROR); False without a status column."""
@@ -57,18 +58,24 @@ def best_feasible(evals: pd.DataFrame, threshold: float) -> pd.Series | None:
         evals: Evaluations with `zeroshot_top1`, `asr_top1`, `step` (and `trial_id` when several trials).
         threshold: ASR threshold of a feasible evaluation.
     """
-    feasible = evals[evals[ASR] <= threshold]
+    feasible = _feasible(evals, threshold)
     if feasible.empty:
         return None
-    feasible = feasible.assign(_failed=_failed(feasible))  # as in `leaderboard`: a FAILED trial never wins
-    keys = ["_failed", TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
-    ordered = feasible.sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2), kind="stable")
-    return ordered.iloc[0].drop("_failed")
+    keys = [TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
+    ordered = feasible.sort_values(keys, ascending=[False] + [True] * (len(keys) - 1), kind="stable")
+    return ordered.iloc[0]
+
+
+def _feasible(evals: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The evaluations with ASR <= threshold, none of a FAILED trial."""
+    ok = evals[ASR] <= threshold
+    return evals[ok & ~_failed(evals)] if "status" in evals else evals[ok]
 
 
 def _trial_row(trial: Mapping[str, Any], threshold: float) -> dict[str, Any]:
     ev = trial["evaluations"].dropna(subset=[TOP1, ASR]).drop_duplicates(STEP, keep="last").sort_values(STEP)
-    best = best_feasible(ev, threshold) if not ev.empty else None
+    failed = trial.get("status", "") in ("FAILED", "ERROR")
+    best = best_feasible(ev, threshold) if not ev.empty and not failed else None
     last = ev.iloc[-1] if not ev.empty else None
 
     def pick(row: pd.Series | None, key: str) -> float:
@@ -254,7 +261,7 @@ def summary_table(evals: pd.DataFrame, start: Start | None, threshold: float, *,
         `best_asr`, `best_trial`, `best_epoch`, `best_step`, `relative_change` ((best - start) / start). The `best_*`
         columns are NaN when no evaluation is feasible.
     """
-    feasible = evals[evals[ASR] <= threshold]
+    feasible = _feasible(evals, threshold)
     row: dict[str, Any] = {
         "sweep": sweep, "trials": int(evals["trial_id"].nunique()), "evaluations": len(evals),
         "feasible_evaluations": len(feasible), "asr_threshold": threshold,
@@ -290,7 +297,7 @@ def stopping_table(evals: pd.DataFrame, threshold: float) -> pd.DataFrame:
         t = t.sort_values("step", kind="stable")
         last = t.iloc[-1]
         best = best_feasible(t, threshold)
-        last_feasible = bool(last[ASR] <= threshold)
+        last_feasible = not _feasible(t.iloc[[-1]], threshold).empty
         best_top1 = float(best[TOP1]) if best is not None else np.nan
         rows.append({
             "trial_id": trial_id, "evaluations": len(t),

@@ -37,7 +37,7 @@ LEVELS = [
     ["badclip", "scan", "presets", "methods", "optim"],
     ["loop"],
     ["session"],
-    ["tracking", "scratch", "cluster", "interrupts"],
+    ["tracking", "scratch", "cluster", "interrupts", "delivery"],
     ["analysis"],
     ["figures"],
     ["report"],
