@@ -16,7 +16,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from ray.exceptions import ActorDiedError, RayActorError
-from test_search import _kill_group, _mlflow_trials, _space_file, sweep_env  # noqa: F401 (sweep_env: a fixture)
+from test_search import (
+    _kill_group,
+    _mlflow_trials,
+    _space_file,
+    sweep_env,  # noqa: F401 (the fixture: token-auth Ray, sqlite MLflow, 1 s snapshots)
+)
 
 from cleansweep import analysis, delivery, layout, report, search, tracking
 from cleansweep.models import create_model, save_checkpoint
@@ -104,3 +109,125 @@ def test_best_checkpoint_tags_name_the_path_and_step(tmp_path):
     tracking.record_best_checkpoint(client, run.run_id, "/a/checkpoint_000002", 20)
     trials = tracking.load_sweep("s", client.tracking_uri).trials
     assert (trials.iloc[0]["best_checkpoint"], trials.iloc[0]["best_step"]) == ("/a/checkpoint_000002", 20)
+
+
+# ------------------------------------------------------------------------------------------------ integration
+SLOW_TRIALS = """
+epochs: 3
+eval_every: 1
+objective: {threshold: THRESH}
+base: {optim.warmup_steps: 2}
+space:
+  optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
+search: {algorithm: random, num_samples: SAMPLES, max_concurrent: 2}
+scheduler: {name: none}
+resources: {cpu: 1}
+"""
+
+
+def _sweep_argv(root: Path, tiny: dict, name: str, threshold: float, samples: int) -> list[str]:
+    # The 512-pair training CSV: 32 steps an epoch, so a trial runs long enough to be killed or interrupted mid-way.
+    world = {**tiny["world"], "clean_csv": tiny["world"]["train_csv"]}
+    space = _space_file(root, tiny["checkpoint"], world,
+                        SLOW_TRIALS.replace("THRESH", str(threshold)).replace("SAMPLES", str(samples)))
+    return [sys.executable, "-m", "cleansweep", "search", str(space), "--name", name, "--workdir", str(root / "work")]
+
+
+def _results_lines(trial_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):  # being written
+        return []
+
+
+def _wait_for(predicate, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _one_evaluation_in(stage_dir: Path):
+    """(trial id, its worker's pid) of a trial that has reported its first of three evaluations, else None."""
+    for d in sorted(stage_dir.glob("*/")) if stage_dir.is_dir() else []:
+        lines = _results_lines(d)
+        if len(lines) == 1 and "pid" in lines[0]:
+            return d.name, int(lines[0]["pid"])
+    return None
+
+
+def _best_step(steps: list[int], top1: dict[int, float]) -> int:
+    """The most accurate evaluation, the earliest on ties (threshold 1: every evaluation is feasible)."""
+    return min(steps, key=lambda s: (-top1[s], s))
+
+
+@pytest.mark.integration
+def test_a_killed_worker_fails_its_trial_and_best_checkpoints_are_the_reported_ones(
+        sweep_env, tiny_checkpoint):  # noqa: F811 (the fixture)
+    argv = _sweep_argv(sweep_env, tiny_checkpoint, "kw", threshold=1.0, samples=4)
+    env = {**os.environ, "RAY_DISABLE_IMPORT_WARNING": "1"}
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        victim, pid = _wait_for(lambda: _one_evaluation_in(sweep_env / "work" / "sweeps" / "kw" / "main"),
+                                "a trial's first evaluation")
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _kill_group(proc.pid)
+    assert proc.returncode == 0, err[-3000:]
+    parent, children = _mlflow_trials(sweep_env / "work", "kw")
+    by_trial = {c["run"].data.tags["cleansweep.trial_id"]: c for c in children}
+    killed = by_trial.pop(victim)
+    assert killed["run"].info.status == "FAILED"
+    assert killed["run"].data.tags[tracking.ERROR_TAG].startswith("trial worker died: "), killed["run"].data.tags
+    board = report.results("kw", tracking_uri=tracking.resolve_tracking_uri(None, sweep_env / "work", env={}))
+    row = board.set_index("trial_id").loc[victim]
+    assert row["status"] == "FAILED" and not row["feasible"] and board.iloc[-1]["trial_id"] == victim
+    assert {c["run"].info.status for c in by_trial.values()} == {"FINISHED"} and len(by_trial) == 3
+    # Every trial's best-checkpoint tag names the checkpoint of its most accurate evaluation (threshold 1: all are
+    # feasible), found by the step the checkpoint itself saved, and that checkpoint still exists.
+    last_is_best = 0
+    for c in by_trial.values():
+        tags, best = c["run"].data.tags, _best_step(c["steps"], c["hist"][TOP1])
+        ckpt = Path(tags[tracking.BEST_CKPT_TAG])
+        assert int(tags[tracking.BEST_STEP_TAG]) == best and (ckpt / layout.MODEL_FILE).is_file(), (tags, c["hist"])
+        assert json.loads((ckpt / layout.LOOP_STATE).read_text())["step"] == best
+        last_is_best += best == max(c["steps"])
+    print(f"trials whose best evaluation was their last: {last_is_best} of {len(by_trial)}")
+    best = board.iloc[0]
+    name, version = parent.data.tags["cleansweep.best_model"].split("/")
+    assert name == "cleansweep-kw" and best["feasible"] and best["trial_id"] != victim
+    assert best["checkpoint"] == by_trial[best["trial_id"]]["run"].data.tags[tracking.BEST_CKPT_TAG]
+
+
+@pytest.mark.integration
+def test_an_interrupted_trial_resumes_to_its_end(sweep_env, tiny_checkpoint):  # noqa: F811
+    argv = _sweep_argv(sweep_env, tiny_checkpoint, "ci", threshold=1.0, samples=2)
+    env = {**os.environ, "RAY_DISABLE_IMPORT_WARNING": "1"}
+    stage = sweep_env / "work" / "sweeps" / "ci" / "main"
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        interrupted, _ = _wait_for(lambda: _one_evaluation_in(stage), "a trial's first evaluation")
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: Ray's own processes block SIGINT, the driver gets it
+        _, err = proc.communicate(timeout=300)
+    finally:
+        _kill_group(proc.pid)
+    assert proc.returncode == 130, err[-3000:]
+    assert "re-run with --resume" in err
+    _, children = _mlflow_trials(sweep_env / "work", "ci")
+    run = next(c["run"] for c in children if c["run"].data.tags["cleansweep.trial_id"] == interrupted)
+    assert run.info.status == "KILLED" and tracking.STOPPED_TAG not in run.data.tags
+    assert search.resumable_trials(stage)  # the snapshot still holds it unfinished
+    second = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    parent, children = _mlflow_trials(sweep_env / "work", "ci")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    for c in children:  # every trial ran all three evaluations, none twice, and none "stopped early"
+        assert c["run"].info.status == "FINISHED" and c["run"].data.tags[tracking.STOPPED_TAG] == "false"
+        assert len(c["steps"]) == len(set(c["steps"])) == 3, c["steps"]
+    assert search.resumable_trials(stage) == []
