@@ -181,6 +181,9 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if done is not None:  # completed before a driver kill that Tune's last snapshot missed: report, do not retrain
         tune.report(done)
         return
+    failed = tracking.failed_trial(client, ctx.experiment_id, ctx.sweep, trial_id)
+    if failed is not None:  # a failed trial a resume restored as unfinished (`resumable_trials`): it stays failed
+        raise RuntimeError(f"trial {trial_id} failed before this resume and is not run again ({failed})")
     run = tracking.start_trial(client, ctx.experiment_id, sweep=ctx.sweep, trial_id=trial_id,
                                parent_run_id=ctx.parent_run_id, params=params,
                                tags=tracking.trial_tags(ctx.stage, params, ray.get_runtime_context().get_node_id()))
@@ -496,7 +499,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
         client = tracking.open_client(ctx.tracking_uri)
         tracking.tag_lost_trials(client, ctx.experiment_id, ctx.sweep, [r.metrics.get("trial_id") or
                                  Path(r.path).name for r in grid], tags={tracking.STAGE_TAG: ctx.stage})
-    done = not resumable_trials(stage_dir)
+    done = not resumable_trials(stage_dir, grid)
     if done:  # the experiment is over: no trial will resume from any checkpoint
         settle_statuses(grid, ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs)
         for result in grid:
@@ -508,16 +511,20 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     return grid
 
 
-def resumable_trials(stage_dir: Path) -> list[str]:
-    """The trials that the stage's last experiment snapshot holds unfinished: what `--resume` would run on.
+def resumable_trials(stage_dir: Path, grid: tune.ResultGrid | None = None) -> list[str]:
+    """The trials that the stage's last experiment snapshot holds unfinished (what `--resume` would run on), less
+    those `grid` (the stage's `fit` result) says errored.
 
-    Not the statuses of the ResultGrid that `fit` returns: on Ctrl-C / SIGTERM Tune snapshots the experiment with the
-    running trials as they are, then stops their actors and marks those trials TERMINATED in memory
+    Not the statuses of the grid alone: on Ctrl-C / SIGTERM Tune snapshots the experiment with the running trials
+    as they are, then stops their actors and marks those trials TERMINATED in memory
     (`TuneController._schedule_trial_stop`, Ray 2.60), so the grid cannot tell an interrupted trial from a finished
-    one. Judged by the grid, an interrupted trial was closed FINISHED `stopped_early` and lost its resume state.
+    one (judged by it, an interrupted trial was closed FINISHED `stopped_early` and lost its resume state). Nor the
+    snapshot alone: a trial whose worker died is ERROR in memory but never written again, so the snapshot still
+    holds it running (`clean_trial` refuses to run such a trial again on a resume).
     """
+    errored = {(r.metrics or {}).get("trial_id") or Path(r.path).name for r in grid or [] if r.error is not None}
     trials = tune.ExperimentAnalysis(str(stage_dir)).trials
-    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR") and t.trial_id not in errored]
 
 
 def _run_config(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, echo: Callable[[str], None]) -> tune.RunConfig:
@@ -630,17 +637,21 @@ def write_outputs(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, start: 
     best_model = problem = None
     if len(best):
         row = best.iloc[0]
-        parent.log_metrics({best_metric(TOP1): float(row[TOP1]), best_metric(ASR): float(row[ASR])}, step=1)
+        # Under their own names: a proxy-ASR sweep's best has `best_proxy_asr_top1`, and `best_asr_top1` only when
+        # the trigger is known (the leaderboard's `asr_top1` is then the true ASR of the same evaluation).
+        asrs = {best_metric(k): float(row[k]) for k in dict.fromkeys((ctx.constraint, ASR)) if _finite(row[k])}
+        parent.log_metrics({best_metric(TOP1): float(row[TOP1]), **asrs}, step=1)
         problem = delivery.best_checkpoint_problem(row["trial_id"], row.get("checkpoint"))
         if problem is None:
-            best_model = _register_best(ctx.sweep, row, parent)
+            best_model = _register_best(ctx.sweep, row, parent, ctx.constraint)
         else:
             parent.set_tags({tracking.BEST_MODEL_PROBLEM_TAG: problem})
     return {"leaderboard": board, "best": best.iloc[0].to_dict() if len(best) else None, "best_model": best_model,
             "best_model_problem": problem}
 
 
-def _register_best(sweep: str, row: pd.Series, parent: tracking.RunHandle) -> dict[str, str] | None:
+def _register_best(sweep: str, row: pd.Series, parent: tracking.RunHandle, constraint: str = ASR
+                   ) -> dict[str, str] | None:
     """The best feasible checkpoint's weights + card as a Model Registry version (None if it was not kept)."""
     checkpoint = row.get("checkpoint")
     if not isinstance(checkpoint, str) or not (Path(checkpoint) / layout.MODEL_FILE).is_file():
@@ -655,9 +666,10 @@ def _register_best(sweep: str, row: pd.Series, parent: tracking.RunHandle) -> di
                 shutil.copy2(part, staging / part.name)
         return tracking.register_best_model(
             parent, staging, sweep=sweep,
-            description=f"best feasible evaluation: top-1 {row[TOP1]:.4f}, ASR {row[ASR]:.4f}, trial "
+            description=f"best feasible evaluation: top-1 {row[TOP1]:.4f}, {constraint} {row[constraint]:.4f}, trial "
                         f"{row['trial_id']} step {int(row['step'])} (epoch {row['epoch']:g})",
-            tags={"trial_id": row["trial_id"], TOP1: row[TOP1], ASR: row[ASR], "step": int(row["step"]),
+            tags={"trial_id": row["trial_id"], TOP1: row[TOP1], constraint: row[constraint],
+                  **({ASR: row[ASR]} if _finite(row[ASR]) else {}), "step": int(row["step"]),
                   "config": row["config"], "checkpoint": checkpoint})
     finally:
         shutil.rmtree(staging, ignore_errors=True)

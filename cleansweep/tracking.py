@@ -624,6 +624,14 @@ def fail_trial(client: MlflowClient, run_id: str, cause: str) -> None:
         client.set_terminated(run_id, status="FAILED")
 
 
+def failed_trial(client: MlflowClient, experiment_id: str, sweep: str, trial_id: str) -> str | None:
+    """The recorded cause of a trial whose run ended FAILED ("unknown cause" without one), else None."""
+    run = find_run(client, experiment_id, trial_key(sweep, trial_id))
+    if run is None or run.info.status != "FAILED":
+        return None
+    return run.data.tags.get(ERROR_TAG, "unknown cause")
+
+
 def find_trial_run(client: MlflowClient, experiment_id: str, sweep: str, trial_id: str) -> str | None:
     """The run id of one trial of a sweep (None before the trial started its run)."""
     run = find_run(client, experiment_id, trial_key(sweep, trial_id))

@@ -231,3 +231,29 @@ def test_an_interrupted_trial_resumes_to_its_end(sweep_env, tiny_checkpoint):  #
         assert c["run"].info.status == "FINISHED" and c["run"].data.tags[tracking.STOPPED_TAG] == "false"
         assert len(c["steps"]) == len(set(c["steps"])) == 3, c["steps"]
     assert search.resumable_trials(stage) == []
+
+
+# ------------------------------------------------------------------------------------------------ proxy ASR
+def test_a_proxy_sweep_never_shows_the_proxy_as_asr(tmp_path):
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.get_or_create_experiment(client, "cleansweep")
+    known = {"asr_threshold": 0.1, "constraint": "proxy_asr_top1"}
+    for name, true_asr in (("known", True), ("unknown", False)):
+        parent = tracking.start_sweep(client, exp, name, params=known)
+        run = tracking.start_trial(client, exp, sweep=name, trial_id="t1", parent_run_id=parent.run_id, params={})
+        for step, top1, proxy, asr in ((10, 0.80, 0.30, 0.60), (20, 0.75, 0.05, 0.20), (30, 0.70, 0.02, 0.01)):
+            run.log_metrics({TOP1: top1, "proxy_asr_top1": proxy, **({ASR: asr} if true_asr else {}),
+                             "epoch": step / 10}, step=step)
+        board = report.sweep_leaderboard(tracking.load_sweep(name, client.tracking_uri))
+        row = board.iloc[0]
+        # Ranked on the proxy (<= 0.1 from step 20 on; 0.75 is the best feasible top-1), named as the proxy.
+        assert (row["feasible"], row[TOP1], row["step"], row["proxy_asr_top1"]) == (True, 0.75, 20, 0.05)
+        assert row["min_proxy_asr_top1"] == 0.02 and row["last_proxy_asr_top1"] == 0.02
+        assert "min_asr_top1" not in board and "last_asr_top1" not in board and "true_asr_top1" not in board
+        if true_asr:  # the known trigger's ASR of the same evaluation, beside it
+            assert row[ASR] == 0.20
+        else:
+            assert pd.isna(row[ASR])
+        text = report.format_leaderboard(board)
+        assert "proxy_asr 0.0500" in text and (("asr 0.2000" in text) == true_asr)
+        assert "proxy_asr_top1" in text.splitlines()[2]  # the table's header
