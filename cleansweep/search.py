@@ -34,7 +34,7 @@ from typing import Any
 import optuna
 import pandas as pd
 import ray
-from ray import tune
+from ray import cloudpickle, tune
 from ray.exceptions import RayActorError
 from ray.train.constants import CHECKPOINT_DIR_NAME
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -265,10 +265,20 @@ class TrialEndCallback(tune.Callback):
             run_id = (trial.last_result or {}).get("mlflow_run_id") or (
                 self.sweep and tracking.find_trial_run(client, self.experiment_id, self.sweep, trial.trial_id))
             if run_id:
-                tracking.fail_trial(client, run_id, failure_cause(trial.get_pickled_error() or trial.get_error()))
+                tracking.fail_trial(client, run_id, failure_cause(_recorded_error(trial)))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
+
+
+def _recorded_error(trial: Any) -> BaseException | None:
+    """The error Tune just recorded for a failed trial, from the driver's local copy (`Trial.handle_error` writes it
+    there; `get_pickled_error` reads the storage copy, which is synced later and is not there yet)."""
+    path = trial.pickled_error_file  # this driver's own file
+    if not path or not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        return cloudpickle.load(f)
 
 
 def failure_cause(error: BaseException | None) -> str:

@@ -257,3 +257,62 @@ def test_a_proxy_sweep_never_shows_the_proxy_as_asr(tmp_path):
         text = report.format_leaderboard(board)
         assert "proxy_asr 0.0500" in text and (("asr 0.2000" in text) == true_asr)
         assert "proxy_asr_top1" in text.splitlines()[2]  # the table's header
+
+
+# ------------------------------------------------------------------------------------------------ Tune's records
+def _toy_trial(config: dict) -> None:
+    """Three reports with a checkpoint each; `die` kills its own worker after the second, `interrupt` sends the
+    driver SIGINT (Ctrl-C) after the first and then waits to be stopped."""
+    import tempfile
+
+    from ray import tune
+
+    for step in range(3):
+        folder = tempfile.mkdtemp()
+        Path(folder, "x").write_text(str(step))
+        tune.report({STEP: step}, checkpoint=tune.Checkpoint.from_directory(folder))
+        if config["mode"] == "die" and step == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if config["mode"] == "interrupt" and step == 0:
+            os.kill(config["driver"], signal.SIGINT)
+            time.sleep(60)
+
+
+STEP = "step"
+
+
+@pytest.mark.integration
+def test_what_resume_would_run_is_read_from_tune_and_a_dead_worker_is_named(tmp_path, monkeypatch):
+    import ray
+    from ray import tune
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    errors: dict[str, str] = {}
+
+    class Causes(tune.Callback):
+        def on_trial_error(self, iteration, trials, trial, **info):
+            errors[trial.config["mode"]] = search.failure_cause(search._recorded_error(trial))
+
+    def fit(name: str, modes: list[str]):
+        run = tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0, callbacks=[Causes()],
+                             failure_config=tune.FailureConfig(max_failures=0))
+        space = {"mode": tune.grid_search(modes), "driver": os.getpid()}
+        grid = tune.Tuner(_toy_trial, param_space=space, run_config=run,
+                          tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True)).fit()
+        ids = {r.config["mode"]: r.metrics.get("trial_id") for r in grid}
+        return grid, ids
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        grid, ids = fit("died", ["ok", "die"])
+        # Tune's snapshot may still hold the dead trial as running (with reused actors it did); the grid knows it
+        # errored: nothing to resume.
+        assert search.resumable_trials(tmp_path / "died", grid) == []
+        assert errors["die"].startswith("trial worker died: ActorDiedError: The actor died unexpectedly"), errors
+        grid, ids = fit("ctrl-c", ["interrupt"])
+        # The grid calls the interrupted trial TERMINATED, like a finished one; the snapshot has it to resume.
+        assert grid.num_terminated == 1 and grid[0].error is None
+        assert search.resumable_trials(tmp_path / "ctrl-c", grid) == [ids["interrupt"]]
+    finally:
+        ray.shutdown()
