@@ -11,9 +11,11 @@ Reliability (reliability notes): trials checkpoint at every evaluation that a re
 (`loop.needs_checkpoint`) and the experiment state is snapshotted every second (`TUNE_GLOBAL_CHECKPOINT_S`), so
 `--resume` after Ctrl-C / SIGTERM / kill -9 redoes at most one evaluation interval per running trial; each trial
 finds its MLflow run again by tag and the step de-dup of `tracking.RunHandle` drops re-reported steps; a trial that
-raises or hits NaN is FAILED in MLflow and in Optuna and the sweep goes on (`max_failures=0`: deterministic failures
-are not retried). A trial Tune completes (its last epoch, or ASHA / the time budget stopped it) is FINISHED, with
-`stopped_early` when it had epochs left; KILLED is for interrupted sweeps only.
+raises, hits NaN or loses its worker process is FAILED in MLflow (with its cause) and in Optuna, is never feasible,
+and the sweep goes on (not retried: see `_run_config`). The best checkpoint's path is recorded by the driver as Tune
+persists it, and checked to load at the end (`delivery`). A trial Tune completes (its last epoch, or ASHA / the
+time budget stopped it) is FINISHED, with `stopped_early` when it had epochs left; KILLED is for interrupted sweeps
+only, and `--resume` runs those trials to their end (`resumable_trials`).
 
 Layout of a sweep folder: `layout.py`.
 """
