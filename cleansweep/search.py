@@ -15,7 +15,7 @@ raises, hits NaN or loses its worker process is FAILED in MLflow (with its cause
 and the sweep goes on (not retried: see `_run_config`). The best checkpoint's path is recorded by the driver as Tune
 persists it, and checked to load at the end (`delivery`). A trial Tune completes (its last epoch, or ASHA / the
 time budget stopped it) is FINISHED, with `stopped_early` when it had epochs left; KILLED is for interrupted sweeps
-only, and `--resume` runs those trials to their end (`resumable_trials`).
+only, and `--resume` runs those trials to their end (`tune_records.resumable_trials`).
 
 Layout of a sweep folder: `layout.py`.
 """
@@ -36,14 +36,25 @@ from typing import Any
 import optuna
 import pandas as pd
 import ray
-from ray import cloudpickle, tune
-from ray.exceptions import RayActorError
+from ray import tune
 from ray.train.constants import CHECKPOINT_DIR_NAME
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from cleansweep import analysis, atomic, cluster, delivery, figures, interrupts, layout, scratch, spaces, tracking
+from cleansweep import (
+    analysis,
+    atomic,
+    cluster,
+    delivery,
+    figures,
+    interrupts,
+    layout,
+    scratch,
+    spaces,
+    tracking,
+    tune_records,
+)
 from cleansweep.config import Domain, SearchConfig, TrainSpec, deep_update
 from cleansweep.errors import UserError
 from cleansweep.objective import (
@@ -184,7 +195,7 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tune.report(done)
         return
     failed = tracking.failed_trial(client, ctx.experiment_id, ctx.sweep, trial_id)
-    if failed is not None:  # a failed trial a resume restored as unfinished (`resumable_trials`): it stays failed
+    if failed is not None:  # a failed trial a resume restored as unfinished (`tune_records`): it stays failed
         raise RuntimeError(f"trial {trial_id} failed before this resume and is not run again ({failed})")
     run = tracking.start_trial(client, ctx.experiment_id, sweep=ctx.sweep, trial_id=trial_id,
                                parent_run_id=ctx.parent_run_id, params=params,
@@ -267,32 +278,10 @@ class TrialEndCallback(tune.Callback):
             run_id = (trial.last_result or {}).get("mlflow_run_id") or (
                 self.sweep and tracking.find_trial_run(client, self.experiment_id, self.sweep, trial.trial_id))
             if run_id:
-                tracking.fail_trial(client, run_id, failure_cause(_recorded_error(trial)))
+                tracking.fail_trial(client, run_id, tune_records.failure_cause(tune_records.recorded_error(trial)))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
-
-
-def _recorded_error(trial: Any) -> BaseException | None:
-    """The error Tune just recorded for a failed trial, from the driver's local copy (`Trial.handle_error` writes it
-    there; `get_pickled_error` reads the storage copy, which is synced later and is not there yet)."""
-    path = trial.pickled_error_file  # this driver's own file
-    if not path or not Path(path).is_file():
-        return None
-    with open(path, "rb") as f:
-        return cloudpickle.load(f)
-
-
-def failure_cause(error: BaseException | None) -> str:
-    """One line saying why Tune failed a trial: `trial worker died: ...` when its process died (OOM killer, kill -9,
-    a lost node: the trial could not record its own error), else the error's type and first line."""
-    if error is None:
-        return "trial failed; Tune recorded no error"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, RayActorError):
-        why = next((line for line in lines if line.startswith("The actor is dead because")), "")
-        return f"trial worker died: {type(error).__name__}: {' '.join([lines[0] if lines else '', why]).strip()}"
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def settle_statuses(grid: tune.ResultGrid, tracking_uri: str, epochs: float) -> None:
@@ -307,7 +296,7 @@ def settle_statuses(grid: tune.ResultGrid, tracking_uri: str, epochs: float) -> 
         if not run_id:
             continue
         if result.error is not None:
-            tracking.fail_trial(client, run_id, failure_cause(result.error))
+            tracking.fail_trial(client, run_id, tune_records.failure_cause(result.error))
         else:
             stopped = float((result.metrics or {}).get(EPOCH, 0.0)) < epochs - 1e-6
             tracking.finish_trial(client, run_id, stopped_early=stopped)
@@ -511,7 +500,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
         client = tracking.open_client(ctx.tracking_uri)
         tracking.tag_lost_trials(client, ctx.experiment_id, ctx.sweep, [r.metrics.get("trial_id") or
                                  Path(r.path).name for r in grid], tags={tracking.STAGE_TAG: ctx.stage})
-    done = not resumable_trials(stage_dir, grid)
+    done = not tune_records.resumable_trials(stage_dir, grid)
     if done:  # the experiment is over: no trial will resume from any checkpoint
         settle_statuses(grid, ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs)
         for result in grid:
@@ -521,22 +510,6 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     if not done or (len(grid) < expected and not budget_hit):
         raise KeyboardInterrupt
     return grid
-
-
-def resumable_trials(stage_dir: Path, grid: tune.ResultGrid | None = None) -> list[str]:
-    """The trials that the stage's last experiment snapshot holds unfinished (what `--resume` would run on), less
-    those `grid` (the stage's `fit` result) says errored.
-
-    Not the statuses of the grid alone: on Ctrl-C / SIGTERM Tune snapshots the experiment with the running trials
-    as they are, then stops their actors and marks those trials TERMINATED in memory
-    (`TuneController._schedule_trial_stop`, Ray 2.60), so the grid cannot tell an interrupted trial from a finished
-    one (judged by it, an interrupted trial was closed FINISHED `stopped_early` and lost its resume state). Nor the
-    snapshot alone: a trial whose worker died is ERROR in memory but never written again, so the snapshot still
-    holds it running (`clean_trial` refuses to run such a trial again on a resume).
-    """
-    errored = {(r.metrics or {}).get("trial_id") or Path(r.path).name for r in grid or [] if r.error is not None}
-    trials = tune.ExperimentAnalysis(str(stage_dir)).trials
-    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR") and t.trial_id not in errored]
 
 
 def _run_config(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, echo: Callable[[str], None]) -> tune.RunConfig:

@@ -37,7 +37,7 @@ LEVELS = [
     ["badclip", "scan", "presets", "methods", "optim"],
     ["loop"],
     ["session"],
-    ["tracking", "scratch", "cluster", "interrupts", "delivery"],
+    ["tracking", "scratch", "cluster", "interrupts", "delivery", "tune_records"],
     ["analysis"],
     ["figures"],
     ["report"],

@@ -23,7 +23,7 @@ from test_search import (
     sweep_env,  # noqa: F401 (the fixture: token-auth Ray, sqlite MLflow, 1 s snapshots)
 )
 
-from cleansweep import analysis, delivery, layout, report, search, tracking
+from cleansweep import analysis, delivery, layout, report, tracking, tune_records
 from cleansweep.models import create_model, save_checkpoint
 
 TOP1, ASR = "zeroshot_top1", "asr_top1"
@@ -64,10 +64,10 @@ def test_a_dead_worker_is_named_as_the_cause_on_the_failed_run(tmp_path):
     raised.end("FAILED")
     assert tracking.find_trial_run(client, exp, "s", "t1") == killed.run_id
     assert tracking.find_trial_run(client, exp, "s", "t9") is None
-    cause = search.failure_cause(ActorDiedError())
+    cause = tune_records.failure_cause(ActorDiedError())
     assert cause.startswith("trial worker died: ActorDiedError: The actor died unexpectedly")
-    assert "\n" not in cause and search.failure_cause(None) == "trial failed; Tune recorded no error"
-    assert search.failure_cause(ValueError("bad\nsecond line")) == "ValueError: bad"
+    assert "\n" not in cause and tune_records.failure_cause(None) == "trial failed; Tune recorded no error"
+    assert tune_records.failure_cause(ValueError("bad\nsecond line")) == "ValueError: bad"
     assert isinstance(ActorDiedError(), RayActorError)
     for run in (killed, raised):
         tracking.fail_trial(client, run.run_id, cause)
@@ -222,7 +222,7 @@ def test_an_interrupted_trial_resumes_to_its_end(sweep_env, tiny_checkpoint):  #
     _, children = _mlflow_trials(sweep_env / "work", "ci")
     run = next(c["run"] for c in children if c["run"].data.tags["cleansweep.trial_id"] == interrupted)
     assert run.info.status == "KILLED" and tracking.STOPPED_TAG not in run.data.tags
-    assert search.resumable_trials(stage)  # the snapshot still holds it unfinished
+    assert tune_records.resumable_trials(stage)  # the snapshot still holds it unfinished
     second = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     parent, children = _mlflow_trials(sweep_env / "work", "ci")
@@ -230,7 +230,7 @@ def test_an_interrupted_trial_resumes_to_its_end(sweep_env, tiny_checkpoint):  #
     for c in children:  # every trial ran all three evaluations, none twice, and none "stopped early"
         assert c["run"].info.status == "FINISHED" and c["run"].data.tags[tracking.STOPPED_TAG] == "false"
         assert len(c["steps"]) == len(set(c["steps"])) == 3, c["steps"]
-    assert search.resumable_trials(stage) == []
+    assert tune_records.resumable_trials(stage) == []
 
 
 # ------------------------------------------------------------------------------------------------ proxy ASR
@@ -291,7 +291,7 @@ def test_what_resume_would_run_is_read_from_tune_and_a_dead_worker_is_named(tmp_
 
     class Causes(tune.Callback):
         def on_trial_error(self, iteration, trials, trial, **info):
-            errors[trial.config["mode"]] = search.failure_cause(search._recorded_error(trial))
+            errors[trial.config["mode"]] = tune_records.failure_cause(tune_records.recorded_error(trial))
 
     def fit(name: str, modes: list[str]):
         run = tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0, callbacks=[Causes()],
@@ -308,11 +308,11 @@ def test_what_resume_would_run_is_read_from_tune_and_a_dead_worker_is_named(tmp_
         grid, ids = fit("died", ["ok", "die"])
         # Tune's snapshot may still hold the dead trial as running (with reused actors it did); the grid knows it
         # errored: nothing to resume.
-        assert search.resumable_trials(tmp_path / "died", grid) == []
+        assert tune_records.resumable_trials(tmp_path / "died", grid) == []
         assert errors["die"].startswith("trial worker died: ActorDiedError: The actor died unexpectedly"), errors
         grid, ids = fit("ctrl-c", ["interrupt"])
         # The grid calls the interrupted trial TERMINATED, like a finished one; the snapshot has it to resume.
         assert grid.num_terminated == 1 and grid[0].error is None
-        assert search.resumable_trials(tmp_path / "ctrl-c", grid) == [ids["interrupt"]]
+        assert tune_records.resumable_trials(tmp_path / "ctrl-c", grid) == [ids["interrupt"]]
     finally:
         ray.shutdown()
