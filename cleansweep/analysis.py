@@ -43,7 +43,8 @@ class Start:
 # ------------------------------------------------------------------------------------------------ ranking
 # The one ranking of a sweep: `results`, the sweep's leaderboard.csv, the report's tables and the study all use it.
 # Evaluations: the most accurate feasible one first; equal accuracy -> the lower trial id, then the earlier step.
-# FAILED trials come after every trial that ran, in both.
+# A FAILED trial is never feasible (its evaluations are not results: an error, a diverged model whose garbage still
+# evaluates, a worker killed mid-trial) and comes after every trial that ran.
 # Trials: feasible ones by their best feasible accuracy, then the others by their lowest ASR; ties -> trial id.
 def _failed(frame: pd.DataFrame) -> pd.Series | bool:
     """Which rows belong to a FAILED trial (MLflow's word; Tune's is ERROR); False without a status column."""
@@ -57,18 +58,24 @@ def best_feasible(evals: pd.DataFrame, threshold: float) -> pd.Series | None:
         evals: Evaluations with `zeroshot_top1`, `asr_top1`, `step` (and `trial_id` when several trials).
         threshold: ASR threshold of a feasible evaluation.
     """
-    feasible = evals[evals[ASR] <= threshold]
+    feasible = _feasible(evals, threshold)
     if feasible.empty:
         return None
-    feasible = feasible.assign(_failed=_failed(feasible))  # as in `leaderboard`: a FAILED trial never wins
-    keys = ["_failed", TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
-    ordered = feasible.sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2), kind="stable")
-    return ordered.iloc[0].drop("_failed")
+    keys = [TOP1, *(["trial_id"] if "trial_id" in feasible else []), STEP]
+    ordered = feasible.sort_values(keys, ascending=[False] + [True] * (len(keys) - 1), kind="stable")
+    return ordered.iloc[0]
+
+
+def _feasible(evals: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The evaluations with ASR <= threshold, none of a FAILED trial."""
+    ok = evals[ASR] <= threshold
+    return evals[ok & ~_failed(evals)] if "status" in evals else evals[ok]
 
 
 def _trial_row(trial: Mapping[str, Any], threshold: float) -> dict[str, Any]:
     ev = trial["evaluations"].dropna(subset=[TOP1, ASR]).drop_duplicates(STEP, keep="last").sort_values(STEP)
-    best = best_feasible(ev, threshold) if not ev.empty else None
+    failed = trial.get("status", "") in ("FAILED", "ERROR")
+    best = best_feasible(ev, threshold) if not ev.empty and not failed else None
     last = ev.iloc[-1] if not ev.empty else None
 
     def pick(row: pd.Series | None, key: str) -> float:
@@ -76,7 +83,8 @@ def _trial_row(trial: Mapping[str, Any], threshold: float) -> dict[str, Any]:
 
     return {"trial_id": trial["trial_id"], "status": trial.get("status", ""),
             "stopped_early": bool(trial.get("stopped_early", False)), "feasible": best is not None,
-            TOP1: pick(best, TOP1), ASR: pick(best, ASR), STEP: int(best[STEP]) if best is not None else -1,
+            TOP1: pick(best, TOP1), ASR: pick(best, ASR), TRUE_ASR: pick(best, TRUE_ASR),
+            STEP: int(best[STEP]) if best is not None else -1,
             EPOCH: pick(best, EPOCH),
             "checkpoint": (trial.get("checkpoints") or {}).get(int(best[STEP])) if best is not None else None,
             "evaluations": len(ev), MIN_ASR: float(ev[ASR].min()) if not ev.empty else math.nan,
@@ -84,32 +92,44 @@ def _trial_row(trial: Mapping[str, Any], threshold: float) -> dict[str, Any]:
             "config": json.dumps(trial.get("params", {}), sort_keys=True, default=str)}
 
 
-LEADERBOARD_COLUMNS = ["rank", "trial_id", "status", "stopped_early", "feasible", TOP1, ASR, STEP, EPOCH, "checkpoint",
-                       "evaluations", MIN_ASR, f"last_{TOP1}", f"last_{ASR}", "run_id", "config"]
+LEADERBOARD_COLUMNS = ["rank", "trial_id", "status", "stopped_early", "feasible", TOP1, ASR, TRUE_ASR, STEP, EPOCH,
+                       "checkpoint", "evaluations", MIN_ASR, f"last_{TOP1}", f"last_{ASR}", "run_id", "config"]
 
 
-def leaderboard(trials: Sequence[Mapping[str, Any]], threshold: float) -> pd.DataFrame:
+def leaderboard(trials: Sequence[Mapping[str, Any]], threshold: float, *, constraint: str = ASR) -> pd.DataFrame:
     """Rank trials by their best feasible evaluation over ALL their evaluations (not their last result).
 
     Args:
         trials: One mapping per trial: `trial_id`, `status`, `params` (dict), `evaluations` (DataFrame with `step`,
             `epoch`, `zeroshot_top1`, `asr_top1`), optional `checkpoints` (step -> path), `run_id`.
         threshold: ASR threshold of the sweep.
+        constraint: The ASR the evaluations' `asr_top1` holds (`evaluations(constraint=...)`); it names the columns.
 
     Returns:
         One row per trial in ranking order (`LEADERBOARD_COLUMNS`; FAILED trials last): its best feasible
         evaluation (`zeroshot_top1`, `asr_top1`, `step`, `epoch`, `checkpoint`; NaN / -1 / None when never
         feasible), `evaluations`, `min_asr_top1`, the last evaluation, `run_id` and `config` (JSON of the params).
+        A proxy-ASR sweep's board names what it ranked on `proxy_asr_top1` (`min_proxy_asr_top1`,
+        `last_proxy_asr_top1`) and has the known trigger's ASR at the same evaluation as `asr_top1` (NaN when
+        the trigger is unknown); `true_asr_top1` exists only inside this module.
     """
     board = pd.DataFrame([_trial_row(t, threshold) for t in trials], columns=LEADERBOARD_COLUMNS[1:])
     if board.empty:
-        return board.assign(rank=pd.Series(dtype=int))[LEADERBOARD_COLUMNS]
+        return _named(board.assign(rank=pd.Series(dtype=int))[LEADERBOARD_COLUMNS], constraint)
     key = board[TOP1].where(board["feasible"], -board[MIN_ASR].fillna(math.inf) - 1.0)
     # A FAILED trial (an error, a diverged model whose garbage still evaluates) never outranks one that ran.
     board = board.assign(_key=key, _failed=_failed(board))
     board = board.sort_values(["_failed", "_key", "trial_id"], ascending=[True, False, True], kind="stable")
     board.insert(0, "rank", range(1, len(board) + 1))
-    return board.drop(columns=["_key", "_failed"]).reset_index(drop=True)
+    return _named(board.drop(columns=["_key", "_failed"]).reset_index(drop=True), constraint)
+
+
+def _named(board: pd.DataFrame, constraint: str) -> pd.DataFrame:
+    """The leaderboard's ASR columns under the names of the metrics they hold (a proxy is never called ASR)."""
+    if constraint == ASR:
+        return board.drop(columns=[TRUE_ASR])
+    return board.rename(columns={ASR: constraint, MIN_ASR: f"min_{constraint}", f"last_{ASR}": f"last_{constraint}",
+                                 TRUE_ASR: ASR})
 
 
 def trials_of(evals: pd.DataFrame, trials: pd.DataFrame | None = None) -> list[dict[str, Any]]:
@@ -139,8 +159,9 @@ def sweep_leaderboard(sweep: SweepRecord, threshold: float | None = None) -> pd.
     unless one is given. `cleansweep results`, the sweep's leaderboard.csv and the study read it from here."""
     threshold = threshold_from_params(sweep.params) if threshold is None else threshold
     trials, history = main_stage(sweep)
-    evals = evaluations(history, trials, constraint=constraint_from_params(sweep.params))
-    return leaderboard(trials_of(evals, trials), threshold)
+    constraint = constraint_from_params(sweep.params)
+    evals = evaluations(history, trials, constraint=constraint)
+    return leaderboard(trials_of(evals, trials), threshold, constraint=constraint)
 
 
 def preselect_choice(sweep: SweepRecord, max_asr: float) -> dict[str, Any] | None:
@@ -254,7 +275,7 @@ def summary_table(evals: pd.DataFrame, start: Start | None, threshold: float, *,
         `best_asr`, `best_trial`, `best_epoch`, `best_step`, `relative_change` ((best - start) / start). The `best_*`
         columns are NaN when no evaluation is feasible.
     """
-    feasible = evals[evals[ASR] <= threshold]
+    feasible = _feasible(evals, threshold)
     row: dict[str, Any] = {
         "sweep": sweep, "trials": int(evals["trial_id"].nunique()), "evaluations": len(evals),
         "feasible_evaluations": len(feasible), "asr_threshold": threshold,
@@ -290,7 +311,7 @@ def stopping_table(evals: pd.DataFrame, threshold: float) -> pd.DataFrame:
         t = t.sort_values("step", kind="stable")
         last = t.iloc[-1]
         best = best_feasible(t, threshold)
-        last_feasible = bool(last[ASR] <= threshold)
+        last_feasible = not _feasible(t.iloc[[-1]], threshold).empty
         best_top1 = float(best[TOP1]) if best is not None else np.nan
         rows.append({
             "trial_id": trial_id, "evaluations": len(t),

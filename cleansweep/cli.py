@@ -503,7 +503,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         check_name(name)
     except ValueError as e:
         raise UserError(f"--name: {e}") from None
-    from cleansweep import report, search, start_model
+    from cleansweep import delivery, report, search, start_model
 
     workdir = (args.workdir or default_workdir()).resolve()
     # Everything that can be refused is refused here, before a model is pre-trained or Ray starts.
@@ -518,6 +518,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if out.get("best_model") else ""
     print(f"sweep {name}: {len(out['leaderboard'])} trials in {out['seconds'] / 60:.1f} min; {out['sweep_dir']}; "
           f"MLflow parent run {out['parent_run_id']} at {out['tracking_uri']}{registered}")
+    if out.get("best_model_problem"):  # the sweep ran but cannot hand over its answer: never exit 0 (delivery.py)
+        print(f"error: {out['best_model_problem']}; nothing was registered", file=sys.stderr)
+        return delivery.EXIT_BEST_MODEL_LOST
     return 0
 
 

@@ -47,6 +47,7 @@ from cleansweep.analysis import (
 from cleansweep.atomic import write_atomic
 from cleansweep.errors import UserError
 from cleansweep.figures import draw_pareto, plot_pareto, plot_study_pareto, plot_trajectories
+from cleansweep.objective import PROXY_ASR
 
 if TYPE_CHECKING:
     from cleansweep.tracking import SweepRecord
@@ -216,15 +217,18 @@ def format_leaderboard(board: pd.DataFrame, fmt: str = "table", top_k: int = 10)
         return "no trials yet"
     lines = []
     feasible = board[board["feasible"]]
+    ranked = PROXY_ASR if PROXY_ASR in board else ASR  # a proxy-ASR sweep ranks on the proxy, shows the true ASR too
     if feasible.empty:
-        lines.append("no feasible evaluation (ASR <= threshold) in any trial")
+        lines.append(f"no feasible evaluation ({ranked} <= threshold) in any trial")
     else:
         b = feasible.iloc[0]
-        lines.append(f"best feasible: trial {b['trial_id']}  top1 {b[TOP1]:.4f}  asr {b[ASR]:.4f}  step {b['step']} "
-                     f"(epoch {b['epoch']:g})  config {b['config']}")
+        true = f"  asr {b[ASR]:.4f}" if ranked != ASR and pd.notna(b[ASR]) else ""
+        lines.append(f"best feasible: trial {b['trial_id']}  top1 {b[TOP1]:.4f}  {ranked.removesuffix('_top1')} "
+                     f"{b[ranked]:.4f}{true}  step {b['step']} (epoch {b['epoch']:g})  config {b['config']}")
         lines.append(f"  checkpoint: {b['checkpoint'] or 'not kept'}")
-    shown = top[["rank", "trial_id", "status", "feasible", TOP1, ASR, "step", "epoch", MIN_ASR, "evaluations",
-                 "config"]].assign(status=[f"{s} (stopped early)" if stopped else s for s, stopped in
+    asr_columns = [ranked, ASR] if ranked != ASR else [ASR]
+    shown = top[["rank", "trial_id", "status", "feasible", TOP1, *asr_columns, "step", "epoch", f"min_{ranked}",
+                 "evaluations", "config"]].assign(status=[f"{s} (stopped early)" if stopped else s for s, stopped in
                                            zip(top["status"], top.get("stopped_early", [False] * len(top)),
                                                strict=True)])
     lines.append(shown.to_string(index=False, float_format=lambda x: f"{x:.4f}", max_colwidth=70))

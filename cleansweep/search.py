@@ -11,9 +11,11 @@ Reliability (reliability notes): trials checkpoint at every evaluation that a re
 (`loop.needs_checkpoint`) and the experiment state is snapshotted every second (`TUNE_GLOBAL_CHECKPOINT_S`), so
 `--resume` after Ctrl-C / SIGTERM / kill -9 redoes at most one evaluation interval per running trial; each trial
 finds its MLflow run again by tag and the step de-dup of `tracking.RunHandle` drops re-reported steps; a trial that
-raises or hits NaN is FAILED in MLflow and in Optuna and the sweep goes on (`max_failures=0`: deterministic failures
-are not retried). A trial Tune completes (its last epoch, or ASHA / the time budget stopped it) is FINISHED, with
-`stopped_early` when it had epochs left; KILLED is for interrupted sweeps only.
+raises, hits NaN or loses its worker process is FAILED in MLflow (with its cause) and in Optuna, is never feasible,
+and the sweep goes on (not retried: see `_run_config`). The best checkpoint's path is recorded by the driver as Tune
+persists it, and checked to load at the end (`delivery`). A trial Tune completes (its last epoch, or ASHA / the
+time budget stopped it) is FINISHED, with `stopped_early` when it had epochs left; KILLED is for interrupted sweeps
+only, and `--resume` runs those trials to their end (`tune_records.resumable_trials`).
 
 Layout of a sweep folder: `layout.py`.
 """
@@ -35,24 +37,40 @@ import optuna
 import pandas as pd
 import ray
 from ray import tune
+from ray.train.constants import CHECKPOINT_DIR_NAME
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from cleansweep import analysis, atomic, cluster, diskguard, figures, interrupts, layout, scratch, spaces, tracking
+from cleansweep import (
+    analysis,
+    atomic,
+    cluster,
+    delivery,
+    diskguard,
+    figures,
+    interrupts,
+    layout,
+    scratch,
+    spaces,
+    tracking,
+    tune_records,
+)
 from cleansweep.config import Domain, SearchConfig, TrainSpec, deep_update
 from cleansweep.errors import UserError
 from cleansweep.objective import (
     ASR,
     BEST,
+    BEST_STEP,
     EPOCH,
     EVALUATION,
+    FEASIBLE,
     MIN_ASR,
     SCORE,
+    STEP,
     TOP1,
     best_metric,
     checkpoint_score,
-    is_feasible,
     start_metric,
 )
 
@@ -151,13 +169,10 @@ class TrialReporter:
             return
         state = {"run_id": self.run.run_id, MIN_ASR: self.min_asr}
         (Path(checkpoint_dir) / layout.TRIAL_STATE).write_text(json.dumps(state))
-        try:
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
-        finally:  # also when Tune stops the trial inside report (SystemExit): its last evaluation may be the best
-            if is_feasible(asr, self.threshold) and int(scalars.get("best_feasible_step", -1)) == step:
-                persisted = tune.get_checkpoint()  # the copy in storage (report persists it synchronously)
-                if persisted is not None:
-                    tracking.record_best_checkpoint(self.run, persisted.path, step)
+        # The driver tags the run with the persisted copy's path (`TrialEndCallback.on_checkpoint`): read here after
+        # `report`, `tune.get_checkpoint()` is the session's, which Tune may already have shut down or handed to the
+        # next trial of a reused actor, so it named the previous, deleted checkpoint (or another trial's).
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
 
 def changes_start_weights(spec: TrainSpec) -> bool:
@@ -180,6 +195,9 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if done is not None:  # completed before a driver kill that Tune's last snapshot missed: report, do not retrain
         tune.report(done)
         return
+    failed = tracking.failed_trial(client, ctx.experiment_id, ctx.sweep, trial_id)
+    if failed is not None:  # a failed trial a resume restored as unfinished (`tune_records`): it stays failed
+        raise RuntimeError(f"trial {trial_id} failed before this resume and is not run again ({failed})")
     run = tracking.start_trial(client, ctx.experiment_id, sweep=ctx.sweep, trial_id=trial_id,
                                parent_run_id=ctx.parent_run_id, params=params,
                                tags=tracking.trial_tags(ctx.stage, params, ray.get_runtime_context().get_node_id()))
@@ -216,20 +234,35 @@ def _cap_gpu_memory(fraction: float) -> None:
 
 class TrialEndCallback(tune.Callback):
     """Driver side: ends the MLflow run of every trial Tune completed (FINISHED, `stopped_early` when it had epochs
-    left) or that errored (FAILED), and drops the resume state a finished trial no longer needs.
+    left) or that errored (FAILED, with its cause), points each run at its best checkpoint as Tune persisted it, and
+    drops the resume state a finished trial no longer needs.
 
-    One light MLflow call per finished trial (the run id comes with the trial's last result), nothing per result.
+    A few light MLflow calls per trial (the run id comes with the trial's results), nothing per plain result.
     """
 
-    def __init__(self, tracking_uri: str, epochs: float):
+    def __init__(self, tracking_uri: str, epochs: float, sweep: str = "", experiment_id: str = ""):
         self.tracking_uri = tracking_uri
         self.epochs = epochs
+        self.sweep, self.experiment_id = sweep, experiment_id
         self._client = None
 
     def _client_for(self) -> Any:
         if self._client is None:
             self._client = tracking.open_client(self.tracking_uri)
         return self._client
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        """Tag the run with the path of the checkpoint just persisted when it holds the trial's new best feasible
+        evaluation. Tune processes a trial's result, then its save, before it runs the trial on, so the trial's
+        last result is this checkpoint's (its `checkpoint_dir_name` says so; anything else is not tagged)."""
+        result = trial.last_result or {}
+        run_id, step = result.get("mlflow_run_id"), result.get(STEP)
+        if not run_id or step is None or not result.get(FEASIBLE) or int(result.get(BEST_STEP, -1)) != int(step):
+            return
+        if Path(checkpoint.path).name != result.get(CHECKPOINT_DIR_NAME):
+            return
+        with contextlib.suppress(Exception):  # never let bookkeeping kill the sweep: the end-of-sweep check is loud
+            tracking.record_best_checkpoint(self._client_for(), run_id, checkpoint.path, int(step))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -241,13 +274,15 @@ class TrialEndCallback(tune.Callback):
         drop_resume_state(trial.path, keep_latest=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = (trial.last_result or {}).get("mlflow_run_id")
-        if run_id:
-            with contextlib.suppress(Exception):
-                tracking.end_if_running(self._client_for(), run_id, "FAILED")
+        with contextlib.suppress(Exception):
+            client = self._client_for()
+            run_id = (trial.last_result or {}).get("mlflow_run_id") or (
+                self.sweep and tracking.find_trial_run(client, self.experiment_id, self.sweep, trial.trial_id))
+            if run_id:
+                tracking.fail_trial(client, run_id, tune_records.failure_cause(tune_records.recorded_error(trial)))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "epochs": self.epochs, "_client": None}
+        return {**self.__dict__, "_client": None}
 
 
 def settle_statuses(grid: tune.ResultGrid, tracking_uri: str, epochs: float) -> None:
@@ -262,7 +297,7 @@ def settle_statuses(grid: tune.ResultGrid, tracking_uri: str, epochs: float) -> 
         if not run_id:
             continue
         if result.error is not None:
-            tracking.end_if_running(client, run_id, "FAILED")
+            tracking.fail_trial(client, run_id, tune_records.failure_cause(result.error))
         else:
             stopped = float((result.metrics or {}).get(EPOCH, 0.0)) < epochs - 1e-6
             tracking.finish_trial(client, run_id, stopped_early=stopped)
@@ -369,7 +404,8 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
 
     Returns:
         `{"name", "leaderboard" (DataFrame), "best" (row dict or None), "sweep_dir", "parent_run_id",
-        "tracking_uri", "seconds", "start", "best_model"}`.
+        "tracking_uri", "seconds", "start", "best_model", "best_model_problem"}`; `best_model_problem` (else None)
+        says why the best feasible trial's checkpoint is missing or does not load (`delivery`).
     """
     started = time.monotonic()
     sweep_dir = sweep_location(cfg, name, Path(workdir), storage_path)
@@ -469,7 +505,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
         client = tracking.open_client(ctx.tracking_uri)
         tracking.tag_lost_trials(client, ctx.experiment_id, ctx.sweep, [r.metrics.get("trial_id") or
                                  Path(r.path).name for r in grid], tags={tracking.STAGE_TAG: ctx.stage})
-    done = grid.num_terminated + grid.num_errors == len(grid)
+    done = not tune_records.resumable_trials(stage_dir, grid)
     if done:  # the experiment is over: no trial will resume from any checkpoint
         settle_statuses(grid, ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs)
         for result in grid:
@@ -491,9 +527,15 @@ def _run_config(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, echo: Cal
         name=ctx.stage, storage_path=str(sweep_dir), verbose=1,
         progress_reporter=TrialTable(params, 0 if ctx.stage == "preselect" else cfg.epochs, echo=echo),
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
-                   TrialEndCallback(ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs),
+                   TrialEndCallback(ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs, ctx.sweep,
+                                    ctx.experiment_id),
                    diskguard.DiskGuard(diskguard.sweep_paths(sweep_dir, ctx.tracking_uri), sweep_dir / ctx.stage)],
-        failure_config=tune.FailureConfig(max_failures=0),  # deterministic failures: do not retry
+        # Failed trials are not retried. An exception in the trial (a diverged loss, bad input, GPU out of memory)
+        # recurs with the same config, and so does, as a rule, a worker the OOM killer ended (same config, same
+        # batch); they end FAILED with their cause (`TrialEndCallback.on_trial_error`). A trial whose node was
+        # preempted (drained) is retried from its last checkpoint anyway: Tune does not count that as a failure
+        # (`Trial._handle_ray_actor_error`, Ray 2.60).
+        failure_config=tune.FailureConfig(max_failures=0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                 checkpoint_score_order="max"))
 
@@ -583,15 +625,24 @@ def write_outputs(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, start: 
     parent.log_artifact(csv)
     parent.log_artifact(png)
     best = board[board["feasible"]].head(1)
-    best_model = None
+    best_model = problem = None
     if len(best):
         row = best.iloc[0]
-        parent.log_metrics({best_metric(TOP1): float(row[TOP1]), best_metric(ASR): float(row[ASR])}, step=1)
-        best_model = _register_best(ctx.sweep, row, parent)
-    return {"leaderboard": board, "best": best.iloc[0].to_dict() if len(best) else None, "best_model": best_model}
+        # Under their own names: a proxy-ASR sweep's best has `best_proxy_asr_top1`, and `best_asr_top1` only when
+        # the trigger is known (the leaderboard's `asr_top1` is then the true ASR of the same evaluation).
+        asrs = {best_metric(k): float(row[k]) for k in dict.fromkeys((ctx.constraint, ASR)) if _finite(row[k])}
+        parent.log_metrics({best_metric(TOP1): float(row[TOP1]), **asrs}, step=1)
+        problem = delivery.best_checkpoint_problem(row["trial_id"], row.get("checkpoint"))
+        if problem is None:
+            best_model = _register_best(ctx.sweep, row, parent, ctx.constraint)
+        else:
+            parent.set_tags({tracking.BEST_MODEL_PROBLEM_TAG: problem})
+    return {"leaderboard": board, "best": best.iloc[0].to_dict() if len(best) else None, "best_model": best_model,
+            "best_model_problem": problem}
 
 
-def _register_best(sweep: str, row: pd.Series, parent: tracking.RunHandle) -> dict[str, str] | None:
+def _register_best(sweep: str, row: pd.Series, parent: tracking.RunHandle, constraint: str = ASR
+                   ) -> dict[str, str] | None:
     """The best feasible checkpoint's weights + card as a Model Registry version (None if it was not kept)."""
     checkpoint = row.get("checkpoint")
     if not isinstance(checkpoint, str) or not (Path(checkpoint) / layout.MODEL_FILE).is_file():
@@ -606,9 +657,10 @@ def _register_best(sweep: str, row: pd.Series, parent: tracking.RunHandle) -> di
                 shutil.copy2(part, staging / part.name)
         return tracking.register_best_model(
             parent, staging, sweep=sweep,
-            description=f"best feasible evaluation: top-1 {row[TOP1]:.4f}, ASR {row[ASR]:.4f}, trial "
+            description=f"best feasible evaluation: top-1 {row[TOP1]:.4f}, {constraint} {row[constraint]:.4f}, trial "
                         f"{row['trial_id']} step {int(row['step'])} (epoch {row['epoch']:g})",
-            tags={"trial_id": row["trial_id"], TOP1: row[TOP1], ASR: row[ASR], "step": int(row["step"]),
+            tags={"trial_id": row["trial_id"], TOP1: row[TOP1], constraint: row[constraint],
+                  **({ASR: row[ASR]} if _finite(row[ASR]) else {}), "step": int(row["step"]),
                   "config": row["config"], "checkpoint": checkpoint})
     finally:
         shutil.rmtree(staging, ignore_errors=True)

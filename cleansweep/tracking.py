@@ -55,6 +55,7 @@ LOST_TAG = "cleansweep.lost"  # a trial run Tune lost in a driver kill (see `tag
 STALE_TAG = "cleansweep.stale"
 NODE_TAG = "cleansweep.node"  # the Ray node a trial ran on
 BEST_MODEL_TAG = "cleansweep.best_model"  # on a sweep's parent run: registered model name and version
+BEST_MODEL_PROBLEM_TAG = "cleansweep.best_model_problem"  # on a parent run: why its best model was not delivered
 _PRETRAIN_TAGS = {"objective": "cleansweep.objective", "dataset": "cleansweep.dataset",
                   "train_csv_sha256": "cleansweep.train_csv_sha256", "attack": "cleansweep.attack",
                   "target": "cleansweep.target", "eval_dir": "cleansweep.eval_dir",
@@ -609,14 +610,43 @@ def trial_tags(stage: str, sampled: Mapping[str, Any], node: str | None = None) 
     return {**tags, NODE_TAG: node} if node else tags
 
 
-def record_best_checkpoint(run: RunHandle, path: str, step: int) -> None:
+def record_best_checkpoint(client: MlflowClient, run_id: str, path: str, step: int) -> None:
     """Point the trial's run at the checkpoint of its best feasible evaluation (Tune's persisted copy)."""
-    run.set_tags({BEST_CKPT_TAG: path, BEST_STEP_TAG: int(step)})
+    client.log_batch(run_id, tags=[RunTag(BEST_CKPT_TAG, str(path)), RunTag(BEST_STEP_TAG, str(int(step)))],
+                     synchronous=True)
 
 
 def record_error(run: RunHandle, exc: BaseException) -> None:
     """Keep a failed trial's error on its run (the UI shows it beside the FAILED status)."""
     run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:4000]})
+
+
+def fail_trial(client: MlflowClient, run_id: str, cause: str) -> None:
+    """End a trial Tune reports failed: FAILED, with `cause` as its error unless the trial recorded its own.
+
+    A trial that raised tags its error itself (`record_error`); one whose worker process died (OOM killer, kill -9,
+    a lost node) cannot, so the driver names the cause here. A run that already ended (say FINISHED just before its
+    worker died) still becomes FAILED: Tune counts the trial as errored, so no reader may count it as a result.
+    """
+    run = client.get_run(run_id)
+    if ERROR_TAG not in run.data.tags:
+        client.set_tag(run_id, ERROR_TAG, cause[:4000])
+    if run.info.status != "FAILED":
+        client.set_terminated(run_id, status="FAILED")
+
+
+def failed_trial(client: MlflowClient, experiment_id: str, sweep: str, trial_id: str) -> str | None:
+    """The recorded cause of a trial whose run ended FAILED ("unknown cause" without one), else None."""
+    run = find_run(client, experiment_id, trial_key(sweep, trial_id))
+    if run is None or run.info.status != "FAILED":
+        return None
+    return run.data.tags.get(ERROR_TAG, "unknown cause")
+
+
+def find_trial_run(client: MlflowClient, experiment_id: str, sweep: str, trial_id: str) -> str | None:
+    """The run id of one trial of a sweep (None before the trial started its run)."""
+    run = find_run(client, experiment_id, trial_key(sweep, trial_id))
+    return None if run is None else run.info.run_id
 
 
 def finished_trial(client: MlflowClient, experiment_id: str, sweep: str, trial_id: str) -> dict[str, Any] | None:

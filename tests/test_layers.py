@@ -37,7 +37,7 @@ LEVELS = [
     ["badclip", "scan", "presets", "methods", "optim"],
     ["loop"],
     ["session"],
-    ["tracking", "scratch", "cluster", "interrupts", "diskguard"],
+    ["tracking", "scratch", "cluster", "interrupts", "diskguard", "delivery", "tune_records"],
     ["analysis"],
     ["figures"],
     ["report"],
