@@ -136,8 +136,8 @@ def cli_cases(fx: dict[str, Any], work: Path) -> list[Case]:
 
 def uri_cases(fx: dict[str, Any], work: Path) -> list[Case]:
     """Tracking URIs that cannot work: refused in seconds, and nothing created where they point."""
-    missing = fx["fx"] / "no-such-folder"
-    sqlite_missing = f"sqlite:///{missing}/sub/mlflow.db"
+    missing = [fx["fx"] / f"no-such-folder-{i}" for i in (1, 2)]  # one each: a row must not inherit another's
+    sqlite_missing = [f"sqlite:///{m}/sub/mlflow.db" for m in missing]
     closed = "http://127.0.0.1:9"  # the discard port: nothing listens there
     remote = fx["fx"] / "yaml" / "kept-unreachable.yaml"
     remote.write_text((fx["fx"] / "yaml" / "kept.yaml").read_text() + f"mlflow: {{tracking_uri: '{closed}'}}\n")
@@ -152,11 +152,11 @@ def uri_cases(fx: dict[str, Any], work: Path) -> list[Case]:
              ("127.0.0.1:9",), max_seconds=15),
         Case("URI", "search: unreachable server", ["search", str(remote), "--name", "uri-http", *wd],
              ("127.0.0.1:9",), max_seconds=30),
-        Case("URI", "results: sqlite under a missing folder", ["results", "kept", "--tracking-uri", sqlite_missing],
-             ("no-such-folder",), check=_absent(missing)),
+        Case("URI", "results: sqlite under a missing folder", ["results", "kept", "--tracking-uri", sqlite_missing[0]],
+             ("no-such-folder",), check=_absent(missing[0])),
         Case("URI", "report: sqlite under a missing folder",
-             ["report", "kept", "--no-log", "--tracking-uri", sqlite_missing], ("no-such-folder",),
-             check=_absent(missing)),
+             ["report", "kept", "--no-log", "--tracking-uri", sqlite_missing[1]], ("no-such-folder",),
+             check=_absent(missing[1])),
     ]
 
 

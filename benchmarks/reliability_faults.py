@@ -296,6 +296,7 @@ def run_worker(root: Path, env: dict[str, str], *, trials: int, epochs: int, cle
     while not victims and time.monotonic() < deadline and sweep.proc.poll() is None:
         seen = sweep.wait_event(mid_trial(evals))
         victims = trial_workers(sweep.proc.pid, work, name) if seen else {}
+        time.sleep(0 if victims else 0.5)
     if not victims:
         sweep.end(timeout=1)
         return {"error": "no live trial worker found (the sweep ended or Tune recorded no pid)"}

@@ -59,8 +59,8 @@ def base_command(command: str, flag: str, value: str, fx: dict[str, Any], work: 
     own = scratch / f"{command.replace(' ', '-')}{flag}={value}"
     wd = ["--workdir", str(own / "workdir")]
     bases = {
-        "data demo": ["data", "demo", "--out", str(own), "--n-train", "8", "--n-clean", "8", "--n-eval", "6",
-                      "--image-size", "16"],
+        "data demo": ["data", "demo", "--out", str(own), "--n-train", "32", "--n-clean", "32", "--n-eval", "12",
+                      "--image-size", "32", "--knob", "num_classes=6"],
         "poison": ["poison", "--csv", w["train_csv"], "--out", str(own), "--image-size", "32",
                    *(["--fraction", "0.25"] if flag not in ("--fraction", "--num-poison") else [])],
         "evaluate": ["evaluate", model, "--eval-data", w["eval_dir"], "--device", "cpu", *TRIGGER],
