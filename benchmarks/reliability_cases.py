@@ -19,8 +19,8 @@ GRID_10M = ", ".join(f"optim.{k}: {{grid: [{', '.join(str(v) for v in vals)}]}}"
     "grad_clip": [i + 1.0 for i in range(10)]}.items())  # 10^7 grid points
 
 
-def _yaml_texts(fx: dict[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """slug -> (space YAML text, words its error must name); every file also carries SECRET in a comment."""
+def _yaml_parts(fx: dict[str, Any]) -> tuple[str, Callable[..., str], str, Callable[[str, str], str]]:
+    """The model line, a data line maker, a valid space text and a substitution into it."""
     w = fx["world"]
     model = f"model: {{checkpoint: {fx['model']}, name: tiny-rn}}\n"
 
@@ -33,6 +33,12 @@ def _yaml_texts(fx: dict[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
         assert old in ok, old
         return ok.replace(old, new)
 
+    return model, data, ok, sub
+
+
+def _yaml_texts(fx: dict[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """slug -> (space YAML text, words its error must name); every file also carries SECRET in a comment."""
+    model, data, ok, sub = _yaml_parts(fx)
     return {
         "syntax": (model + data() + f"space: {{optim.lr: [1, 2 # {SECRET}\n", ("invalid yaml", "line")),
         "empty": ("", ("model",)),
@@ -57,16 +63,7 @@ def _yaml_texts(fx: dict[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
         "not-a-field": (sub(LR, "optim.learning_rate: {choice: [0.001]}"), ("optim.learning_rate",)),
         "top-level-searched": (sub(LR, "seed: {choice: [0, 1]}"), ("seed", "top-level")),
         "bad-candidate": (sub(LR, "optim.lr: {choice: [-1.0, 0.001]}"), ("optim.lr",)),
-        "wrong-type": (sub("epochs: 1", "epochs: three"), ("epochs",)),
-        "epochs a list": (sub("epochs: 1", "epochs: [1]"), ("epochs",)),
-        "epochs 0": (sub("epochs: 1", "epochs: 0"), ("epochs",)),
-        "epochs infinite": (sub("epochs: 1", "epochs: .inf"), ("epochs",)),
-        "num_samples 1.5": (sub("num_samples: 1", "num_samples: 1.5"), ("num_samples",)),
-        "max_concurrent 0": (sub("max_concurrent: 1", "max_concurrent: 0"), ("max_concurrent",)),
-        "threshold 1.5": (ok + "objective: {threshold: 1.5}\n", ("threshold",)),
-        "threshold nan": (ok + "objective: {threshold: .nan}\n", ("threshold",)),
-        "negative cpu": (sub("cpu: 1}", "cpu: -1}"), ("cpu",)),
-        "batch_size 0": (model + data().replace("batch_size: 16", "batch_size: 0") + KEPT_EXTRA, ("batch_size",)),
+        **_yaml_value_texts(fx),
         "unknown-method": (sub("device: cpu", "device: cpu, method.name: cleanclip"), ("cleanclip",)),
         "grid-with-range": (sub("num_samples: 1", "algorithm: grid, num_samples: 1"), ("grid",)),
         "two-model-sources": (sub("name: tiny-rn}", "name: tiny-rn, preset: demo}"), ("checkpoint",)),
@@ -81,6 +78,23 @@ def _yaml_texts(fx: dict[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
         "csv-missing-column": (model + data(csv=fx["csv"]["nocaption"]) + KEPT_EXTRA, ("caption",)),
         "one-line secret CSV": (model + data(csv=fx["csv"]["secretline"]) + KEPT_EXTRA, ("secretline.csv",)),
         "target-not-a-class": (ok + "attack: {target: zebra}\n", ("zebra",)),
+    }
+
+
+def _yaml_value_texts(fx: dict[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Values of the wrong type or out of range."""
+    model, data, ok, sub = _yaml_parts(fx)
+    return {
+        "wrong-type": (sub("epochs: 1", "epochs: three"), ("epochs",)),
+        "epochs a list": (sub("epochs: 1", "epochs: [1]"), ("epochs",)),
+        "epochs 0": (sub("epochs: 1", "epochs: 0"), ("epochs",)),
+        "epochs infinite": (sub("epochs: 1", "epochs: .inf"), ("epochs",)),
+        "num_samples 1.5": (sub("num_samples: 1", "num_samples: 1.5"), ("num_samples",)),
+        "max_concurrent 0": (sub("max_concurrent: 1", "max_concurrent: 0"), ("max_concurrent",)),
+        "threshold 1.5": (ok + "objective: {threshold: 1.5}\n", ("threshold",)),
+        "threshold nan": (ok + "objective: {threshold: .nan}\n", ("threshold",)),
+        "negative cpu": (sub("cpu: 1}", "cpu: -1}"), ("cpu",)),
+        "batch_size 0": (model + data().replace("batch_size: 16", "batch_size: 0") + KEPT_EXTRA, ("batch_size",)),
     }
 
 
