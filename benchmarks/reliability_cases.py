@@ -239,7 +239,7 @@ def csv_cases(fx: dict[str, Any], scratch: Path) -> list[Case]:
                "--patch-size", "4", area="image", accepted=_sixteen_bit_right(scratch / "poison-16-bit-PNG")),
         poison("--fraction 1.5", good, ("fraction",), "--fraction", "1.5"),
         poison("--fraction nan", good, ("fraction",), "--fraction", "nan"),
-        poison("--num-poison above the rows", good, ("num-poison|num_poison",), "--num-poison", "100000"),
+        poison("--num-poison above the rows", good, ("100000", "rows"), "--num-poison", "100000"),
         poison("unknown attack", good, ("badnt",), "--attack", "badnt"),
         poison("--param not a trigger parameter", good, ("nope",), "--param", "nope=1"),
         poison("--patch-size above the image", good, ("patch",), "--patch-size", "64"),
