@@ -186,6 +186,8 @@ def input_fixtures(root: Path) -> dict[str, Any]:
     from cleansweep.poison import poison_csv
 
     fx = root / "fx"
+    for left in [*fx.glob("no-such-folder*"), *fx.glob("gone*"), fx / "ckpt" / "PWNED"]:
+        shutil.rmtree(left) if left.is_dir() else left.unlink(missing_ok=True)  # an earlier run's wrong writes
     world = make_demo_world(fx / "world", seed=0, n_train=32, n_clean=32, n_eval=12, image_size=32, num_classes=6)
     model = fx / "model.safetensors"
     if not model.is_file():
@@ -219,8 +221,11 @@ resources: {cpu: 1}
 def finished_sweep(root: Path, fixtures: dict[str, Any], env: dict[str, str]) -> Path:
     """A finished one-trial sweep `kept` in root/work0 (its folder and MLflow database are what must not change)."""
     work = root / "work0"
-    if (work / "sweeps" / "kept" / "leaderboard.csv").is_file():
+    sweeps = sorted(p.name for p in (work / "sweeps").iterdir()) if (work / "sweeps").is_dir() else []
+    if sweeps == ["kept"] and (work / "sweeps" / "kept" / "leaderboard.csv").is_file():
         return work
+    # An earlier run's accepted bad input left another sweep here: its name would now be refused as taken.
+    shutil.rmtree(work, ignore_errors=True)
     space = fixtures["fx"] / "yaml" / "kept.yaml"
     write_space(space, fixtures["world"], fixtures["model"], KEPT_EXTRA)
     proc = run_cli(["search", str(space), "--name", "kept", "--workdir", str(work)], env, root)
