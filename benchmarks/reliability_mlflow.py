@@ -12,6 +12,7 @@ early in it do fail. What the sweep does then (trials FAILED, exit code, metrics
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,13 +86,14 @@ def run_mlflow_down(root: Path, env: dict[str, str], *, down_minutes: float, tri
     """Stop the MLflow server once a trial is half done, keep it down `down_minutes`, restart it on the same port,
     let the sweep end (and `--resume` it if it did not exit 0); what was lost."""
     folder = root / "mlflow" / "server"
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh store: an earlier run's sweep of the same name is not this one
+    folder.mkdir(parents=True)
     server = Server(folder, free_port())
-    server.start()
     space, threshold, evals = fault_space(root, "mlflow", trials=trials, epochs=epochs, clean_rows=clean_rows,
                                           extra=f"mlflow: {{tracking_uri: '{server.url}'}}\n")
     work, name = fresh(root, "mlflow"), "mlflow"
     try:
+        server.start()
         sweep = Sweep(work, env, space, name)
         seen = sweep.wait_event(mid_trial(evals), uri=server.url)
         if seen is None:
