@@ -190,7 +190,8 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if spec.eval_at_start and not changes_start_weights(spec):
         # The very model the sweep evaluated once (the parent run's start_* metrics): not again in every trial.
         spec = spec.model_copy(update={"eval_at_start": False})
-    client = tracking.open_client(ctx.tracking_uri, schema_ready=True)  # the driver built it before any trial
+    # The driver built the store before any trial; a server restarting meanwhile is waited for, not a failure.
+    client = tracking.open_client(ctx.tracking_uri, schema_ready=True, wait_for_server=True)
     done = tracking.finished_trial(client, ctx.experiment_id, ctx.sweep, trial_id)
     if done is not None:  # completed before a driver kill that Tune's last snapshot missed: report, do not retrain
         tune.report(done)

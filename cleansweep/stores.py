@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cleansweep.errors import UserError
+from cleansweep.outage import ServerUnreachable
 
 _NETWORK_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _REACHED: set[tuple[str, int]] = set()
@@ -46,9 +47,16 @@ def probe_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         socket.create_connection(address, timeout=timeout_s).close()
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
-        raise UserError(f"tracking server {urlsplit(uri).scheme}://{address[0]}:{address[1]} is unreachable "
+        raise ServerUnreachable(f"tracking server {urlsplit(uri).scheme}://{address[0]}:{address[1]} is unreachable "
                         f"({reason}); start it, or pass another --tracking-uri / MLFLOW_TRACKING_URI") from None
     _REACHED.add(address)
+
+
+def server_label(uri: str) -> str:
+    """`scheme://host:port` of a network tracking URI (no credentials, no path), else the scheme."""
+    address = _server_address(uri)
+    scheme = urlsplit(uri).scheme
+    return f"{scheme}://{address[0]}:{address[1]}" if address else scheme
 
 
 def check_sqlite_file(db: Path) -> None:

@@ -34,9 +34,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-from cleansweep import layout
+from cleansweep import layout, outage
 from cleansweep.errors import UserError
-from cleansweep.stores import check_sqlite_file, check_store, probe_server  # noqa: F401 - check_store: callers' entry
+from cleansweep.stores import check_sqlite_file, check_store, probe_server, server_label  # noqa: F401 - check_store: callers' entry
 
 # Every MLflow tag cleansweep writes or reads is named here (docs/interfaces.md, "MLflow layout").
 KEY_TAG = "cleansweep.key"  # stable identity of a run: a re-run or resume finds it again
@@ -122,15 +122,21 @@ for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def open_client(uri: str, *, schema_ready: bool = False) -> MlflowClient:
+def open_client(uri: str, *, schema_ready: bool = False, wait_for_server: bool = False) -> MlflowClient:
     """A client bound to `uri` (for sqlite: the folder created and the database schema ready).
 
     `schema_ready=True` (sweep trials: their driver opened the database before starting any) skips the lock, so
-    trials starting together do not queue behind each other's store set-up.
+    trials starting together do not queue behind each other's store set-up. A network store's client rides out
+    an outage once the command runs (`outage.PatientClient`); its first check fails in seconds, unless
+    `wait_for_server` (trials of a started sweep: the server may be restarting) waits for it too.
     """
     if not uri.startswith("sqlite:///"):
-        probe_server(uri)
-        return MlflowClient(tracking_uri=uri)
+        label = server_label(uri)
+        if wait_for_server:
+            outage.call_patiently(probe_server, uri, what=label)
+        else:
+            probe_server(uri)
+        return outage.PatientClient(MlflowClient(tracking_uri=uri), label)
     if uri in _SQLITE_READY or schema_ready:  # MLflow keeps one store per URI per process: the schema step is done
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):])

@@ -23,13 +23,14 @@ import pytest
 import cleansweep
 
 PACKAGE = Path(cleansweep.__file__).parent
-LOWER_LAYERS = ["errors", "layout", "atomic", "limits", "stores", "config", "objective", "spaces", "data", "augment",
-                "presets", "models", "losses", "triggers", "poison", "evaluate", "badclip", "scan", "methods", "optim",
-                "loop", "session", "analysis", "figures"]
+LOWER_LAYERS = ["errors", "layout", "atomic", "limits", "outage", "stores", "config", "objective", "spaces", "data",
+                "augment", "presets", "models", "losses", "triggers", "poison", "evaluate", "badclip", "scan",
+                "methods", "optim", "loop", "session", "analysis", "figures"]
 # Floors, bottom first. L0 science and L1 behaviour up to `session`; L2 drivers and adapters above it.
 LEVELS = [
     ["errors", "layout", "atomic", "limits"],
-    ["config", "objective", "stores"],
+    ["config", "objective", "outage"],
+    ["stores"],
     ["spaces", "data", "augment"],
     ["models", "losses"],
     ["triggers"],
