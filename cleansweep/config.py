@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleansweep.errors import UserError
-from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_GRID_POINTS, MAX_STEPS, MAX_WORKERS, SEED_MAX
+from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_GRID_POINTS, MAX_IMAGE_SIDE, MAX_STEPS, MAX_WORKERS, SEED_MAX
 
 Scalar = bool | int | float | str
 # A seed numpy, Optuna's samplers and torch all accept: a negative one used to fail only once Ray had started.
@@ -50,15 +50,16 @@ class DataSpec(Strict):
 class AttackSpec(Strict):
     name: str = Field("badnet", description="Trigger used for ASR evaluation (cleansweep.triggers.TRIGGERS).")
     target: str = Field("banana", description="Target class name of the backdoor.")
-    patch_size: int | None = Field(None, ge=1, description="BadNet patch side in pixels; None = 16 at 224 px, scaled.")
+    patch_size: int | None = Field(None, ge=1, le=MAX_IMAGE_SIDE,
+                                   description="BadNet patch side in pixels; None = 16 at 224 px, scaled.")
     location: Literal["random", "fixed"] = Field("random", description="BadNet patch position: random or bottom-right.")
     patch: Literal["fresh", "fixed"] = Field("fresh",
                                              description="BadNet patch values: fresh per image or one per run.")
-    trigger_seed: int = Field(0, description="Seed of the trigger's per-run parts (a fixed patch, Blended noise, "
+    trigger_seed: Seed = Field(0, description="Seed of the trigger's per-run parts (a fixed patch, Blended noise, "
                               "WaNet grid): the value the data was poisoned with (its manifest's trigger_params).")
     params: dict[str, Scalar] = Field(default_factory=dict, description="Other parameters of this trigger "
                                       "(cleansweep.triggers.TRIGGERS[name].defaults), e.g. {alpha: 0.2}.")
-    seed: int = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
+    seed: Seed = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
 
 
 class SweepAttackSpec(AttackSpec):

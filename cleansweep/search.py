@@ -684,7 +684,7 @@ def _open_sweep_dir(sweep_dir: Path, cfg: SearchConfig, name: str, space_file: P
     identity = {"name": name, "config": cfg.model_dump(mode="json")}
     if resume:
         old = json.loads((sweep_dir / layout.SWEEP_FILE).read_text())
-        if old.get("config") != identity["config"]:
+        if not _same_config(old.get("config"), identity["config"]):
             raise UserError(f"--resume: the space of sweep {name!r} changed since it started; resume with the "
                             f"original file (kept as {sweep_dir / layout.SPACE_FILE}) or start a new --name")
         return
@@ -692,6 +692,17 @@ def _open_sweep_dir(sweep_dir: Path, cfg: SearchConfig, name: str, space_file: P
     if space_file is not None:
         shutil.copyfile(space_file, sweep_dir / layout.SPACE_FILE)
     atomic.write_json(sweep_dir / layout.SWEEP_FILE, identity)
+
+
+def _same_config(recorded: Any, current: dict[str, Any]) -> bool:
+    """Whether a sweep's recorded config is `current`: a config recorded before a setting existed reads as that
+    setting's default (so adding a field to SearchConfig does not lock every older sweep out of `--resume`)."""
+    if recorded == current:
+        return True
+    try:
+        return SearchConfig.model_validate(recorded).model_dump(mode="json") == current
+    except ValueError:
+        return False
 
 
 def _sweep_params(cfg: SearchConfig, start: Any) -> dict[str, Any]:

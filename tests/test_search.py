@@ -609,3 +609,18 @@ def test_impossible_resources_leave_no_sweep_behind(sweep_env, tiny_world, capsy
     client = tracking.open_client(tracking.resolve_tracking_uri(None, work, env={}))
     exp = client.get_experiment_by_name("cleansweep")
     assert exp is None or tracking.find_sweep_run(client, exp.experiment_id, "big") is None  # the name stays free
+
+
+def test_resume_reads_a_config_recorded_before_a_setting_existed_as_its_default(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("model: {preset: demo}\nspace: {optim.lr: {loguniform: [1.0e-4, 1.0e-2]}}\n")
+    current = spaces.load(path).model_dump(mode="json")
+    recorded = json.loads(json.dumps(current))
+    for section, key in (("attack", "manifest"), ("attack", "override"), ("search", "max_grid_points")):
+        assert key in recorded[section]  # settings added by issue 17: a sweep started before it lacks them
+        del recorded[section][key]
+    assert search._same_config(recorded, current)
+    changed = json.loads(json.dumps(recorded))
+    changed["space"]["optim.lr"]["loguniform"] = [1.0e-4, 1.0e-1]
+    assert not search._same_config(changed, current)
+    assert not search._same_config({"not": "a config"}, current)
