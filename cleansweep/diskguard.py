@@ -105,7 +105,8 @@ def disk_full_line(exc: BaseException) -> str | None:
                 (lowest(_watched)[0] if _watched else "the working folder")
             return (f"error: disk full at {where}; nothing reported so far is lost: free space there and re-run "
                     "the same command with --resume")
-        e = e.__cause__ or e.__context__
+        cause = getattr(e, "cause", None)  # a trial's error as Ray hands it to the driver: RayTaskError(cause)
+        e = e.__cause__ or e.__context__ or (cause if isinstance(cause, BaseException) else None)
     return None
 
 
@@ -205,3 +206,14 @@ def raise_if_tripped(experiment_dir: Path, name: str) -> None:
     hit = _tripped.pop(str(experiment_dir), None)
     if hit is not None:
         raise DiskFull(message(Path(hit[0]), hit[1], name, stopped=True))
+
+
+def raise_if_trials_hit_full_disk(grid: Any, name: str) -> None:
+    """After `Tuner.fit`: `DiskFull` if a trial failed on a full disk the guard did not see coming (a burst of
+    checkpoints inside one check period). Raised before the stage is closed, so those trials keep their resume
+    state, and `--resume` runs them on (`search.run_stage` restores errored trials too)."""
+    hit = [r for r in grid if r.error is not None and disk_full_line(r.error) is not None]
+    if hit:
+        where = disk_full_line(hit[0].error).removeprefix("error: disk full at ").split(";")[0]
+        raise DiskFull(f"{len(hit)} trial(s) stopped by a full disk at {where}; their results so far are kept: free "
+                       f"space there and run `cleansweep search ... --name {name} --resume` to finish them")

@@ -25,6 +25,7 @@ from cleansweep.analysis import (
     MIN_ASR,
     PERCENT_COLUMNS,
     TOP1,
+    TRUE_ASR,
     Start,
     best_feasible,
     constraint_from_params,
@@ -106,7 +107,17 @@ def analyse(sweep: SweepRecord, *, threshold: float | None = None) -> dict[str, 
     return {"threshold": threshold, "start": start, "evaluations": evals, "params": params, "trial_runs": trials,
             "summary": summary_table(evals, start, threshold, sweep=sweep.name), "stopping": stopping,
             "stopping_summary": stopping_summary(stopping, sweep=sweep.name),
-            "trials": trials_table(trials, stopping, params) if not trials.empty else trials}
+            "trials": trials_table(trials, stopping, params) if not trials.empty else trials, "constraint": constraint}
+
+
+def named_for(frame: pd.DataFrame, constraint: str) -> pd.DataFrame:
+    """A table's ASR columns under the name of what they hold: in a proxy-ASR sweep the analysis runs on the proxy
+    (kept under `asr` while computing), so every `asr` column is written `proxy_asr`, and the known trigger's ASR
+    (`true_asr_top1`, where the trigger is known) as `asr_top1`. A proxy is never shown as the ASR."""
+    if constraint == ASR:
+        return frame
+    renamed = {c: c.replace("asr", "proxy_asr") for c in frame.columns if "asr" in c and c != TRUE_ASR}
+    return frame.rename(columns={**renamed, TRUE_ASR: ASR})
 
 
 def build_report(sweep: SweepRecord, out_dir: str | Path, *, threshold: float | None = None,
@@ -140,9 +151,9 @@ def build_report(sweep: SweepRecord, out_dir: str | Path, *, threshold: float | 
                                     max_trials=max_trajectories)
     files.append(write_figure(fig, out / "trajectories.png"))
     for stem in ("summary", "stopping", "stopping_summary", "trials"):
-        files += write_table(a[stem], out, stem)
+        files += write_table(named_for(a[stem], a["constraint"]), out, stem)
     eval_csv = out / "evaluations.csv"
-    write_atomic(eval_csv, lambda p: evals.to_csv(p, index=False))
+    write_atomic(eval_csv, lambda p: named_for(evals, a["constraint"]).to_csv(p, index=False))
     files.append(eval_csv)
     page = out / "report.md"
     write_atomic(page, lambda p: p.write_text(_report_page(sweep.name, a)))
@@ -158,18 +169,23 @@ def _report_page(name: str, a: Mapping[str, Any]) -> str:
     verdict = ("no evaluation reached the feasible region" if pd.isna(s["best_top1"]) else
                f"best feasible accuracy {100 * s['best_top1']:.2f}% (trial {s['best_trial']}, epoch "
                f"{s['best_epoch']:g})")
+    def named(frame: pd.DataFrame) -> pd.DataFrame:
+        return named_for(frame, a["constraint"])
+
+    asr = "ASR" if a["constraint"] == ASR else "proxy ASR (the ASR of the trigger a scan inverted)"
     return "\n".join([
         f"# Sweep `{name}`", "",
-        f"Feasible: ASR <= {100 * a['threshold']:g}%. Starting model: "
-        + (f"{100 * start.top1:.2f}% accuracy, {100 * start.asr:.2f}% ASR ({start.source})." if start else "unknown."),
+        f"Feasible: {asr} <= {100 * a['threshold']:g}%. Starting model: "
+        + (f"{100 * start.top1:.2f}% accuracy, {100 * start.asr:.2f}% {asr.split(' (')[0]} ({start.source})."
+           if start else "unknown."),
         f"Result: {verdict}.", "",
-        "![Pareto](pareto.png)", "", "## Summary (Table 2)", "", markdown_table(a["summary"]), "",
+        "![Pareto](pareto.png)", "", "## Summary (Table 2)", "", markdown_table(named(a["summary"])), "",
         "## Stopping criterion", "",
         f"{ss['trials_feasible_at_end']} of {ss['trials']} trials end feasible; "
         f"{ss['trials_feasible_anywhere']} are feasible somewhere; in {ss['trials_best_mid_trajectory']} the best "
         "feasible model is mid-trajectory, which stopping at the last epoch would miss.", "",
-        markdown_table(a["stopping_summary"]), "", markdown_table(a["stopping"]), "",
-        "![Trajectories](trajectories.png)", "", "## Trials", "", markdown_table(a["trials"]), "",
+        markdown_table(named(a["stopping_summary"])), "", markdown_table(named(a["stopping"])), "",
+        "![Trajectories](trajectories.png)", "", "## Trials", "", markdown_table(named(a["trials"])), "",
     ])
 
 

@@ -198,7 +198,7 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         return
     failed = tracking.failed_trial(client, ctx.experiment_id, ctx.sweep, trial_id)
     if failed is not None:  # a failed trial a resume restored as unfinished (`tune_records`): it stays failed
-        raise RuntimeError(f"trial {trial_id} failed before this resume and is not run again ({failed})")
+        raise AlreadyFailed(f"trial {trial_id} failed before this resume and is not run again ({failed})")
     run = tracking.start_trial(client, ctx.experiment_id, sweep=ctx.sweep, trial_id=trial_id,
                                parent_run_id=ctx.parent_run_id, params=params,
                                tags=tracking.trial_tags(ctx.stage, params, ray.get_runtime_context().get_node_id()))
@@ -218,11 +218,19 @@ def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             # the driver's TrialEndCallback, which knows which), or an interrupted sweep (KILLED by the driver).
             raise
         except BaseException as e:
+            if diskguard.disk_full_line(e) is not None:
+                # A full disk is no verdict on the trial: KILLED, and `--resume` runs it on from its last checkpoint.
+                run.end("KILLED")
+                raise
             if not isinstance(e, KeyboardInterrupt):
                 tracking.record_error(run, e)
             run.end(tracking.exit_status(e))
             raise
     run.end("FINISHED")
+
+
+class AlreadyFailed(RuntimeError):
+    """A trial that ended FAILED before a resume was restored by it: it is not run again, and keeps its cause."""
 
 
 def _cap_gpu_memory(fraction: float) -> None:
@@ -279,8 +287,13 @@ class TrialEndCallback(tune.Callback):
             client = self._client_for()
             run_id = (trial.last_result or {}).get("mlflow_run_id") or (
                 self.sweep and tracking.find_trial_run(client, self.experiment_id, self.sweep, trial.trial_id))
-            if run_id:
-                tracking.fail_trial(client, run_id, tune_records.failure_cause(tune_records.recorded_error(trial)))
+            error = tune_records.recorded_error(trial)
+            if not run_id or tune_records.error_is(error, AlreadyFailed):  # it keeps the cause it failed with
+                return
+            if error is not None and diskguard.disk_full_line(error) is not None:  # resumable, not a verdict
+                tracking.end_if_running(client, run_id, "KILLED")
+                return
+            tracking.fail_trial(client, run_id, tune_records.failure_cause(error))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
@@ -491,8 +504,10 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     if resume:
         diskguard.repair_state(stage_dir)  # a state file a full disk truncated: its last complete copy
     if resume and tune.Tuner.can_restore(str(stage_dir)):
+        # Errored trials are restored too: one a full disk stopped runs on from its last checkpoint (its run is
+        # KILLED); one that failed (its run is FAILED) refuses at once (`AlreadyFailed`) and keeps its cause.
         tuner = tune.Tuner.restore(str(stage_dir), trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+                                   resume_unfinished=True, resume_errored=True, restart_errored=False)
     else:
         if stage_dir.exists():  # constructed but never snapshotted: start the stage afresh
             shutil.rmtree(stage_dir)
@@ -502,6 +517,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     with interrupts.sigterm_as_sigint():
         grid = tuner.fit()
     diskguard.raise_if_tripped(stage_dir, ctx.sweep)
+    diskguard.raise_if_trials_hit_full_disk(grid, ctx.sweep)
     if resume:
         client = tracking.open_client(ctx.tracking_uri)
         tracking.tag_lost_trials(client, ctx.experiment_id, ctx.sweep, [r.metrics.get("trial_id") or

@@ -38,6 +38,12 @@ def recorded_error(trial: Any) -> BaseException | None:
         return cloudpickle.load(f)
 
 
+def error_is(error: BaseException | None, kind: type[BaseException]) -> bool:
+    """Whether a trial's recorded error is `kind`, raised in the trial (Ray wraps it: `RayTaskError(kind)` or its
+    `cause`)."""
+    return isinstance(error, kind) or isinstance(getattr(error, "cause", None), kind)
+
+
 def failure_cause(error: BaseException | None) -> str:
     """One line saying why Tune failed a trial: `trial worker died: ...` when its process died (OOM killer, kill -9,
     a lost node: the trial could not record its own error), else the error's type and first line."""

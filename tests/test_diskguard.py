@@ -171,6 +171,35 @@ def _evaluations_logged(db: Path) -> int:
         return 0
 
 
+def _trial_error(inner: BaseException) -> BaseException:
+    """The error Tune records for a trial that raised `inner`: Ray's RayTaskError, as the driver unpickles it."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise inner
+    except BaseException as e:  # noqa: BLE001 - any trial error
+        return RayTaskError("clean_trial", "Traceback (most recent call last): ...", e).as_instanceof_cause()
+
+
+def test_a_trial_that_hit_a_full_disk_stops_the_stage_before_it_is_closed():
+    from types import SimpleNamespace
+
+    from cleansweep import search, tune_records
+
+    enospc = _trial_error(OSError(errno.ENOSPC, "No space left on device", "/mnt/work/sweeps/x/ckpt"))
+    diverged = _trial_error(FloatingPointError("evaluation metric zeroshot_top1 is nan; the model diverged"))
+    grid = [SimpleNamespace(error=None), SimpleNamespace(error=diverged), SimpleNamespace(error=enospc)]
+    with pytest.raises(DiskFull) as got:
+        diskguard.raise_if_trials_hit_full_disk(grid, "sw")
+    assert str(got.value).startswith("1 trial(s) stopped by a full disk at /mnt/work/sweeps/x/ckpt;")
+    assert "--name sw --resume" in str(got.value)
+    diskguard.raise_if_trials_hit_full_disk(grid[:2], "sw")  # a diverged trial is a verdict, not a full disk
+    # A trial a resume restored although it had failed keeps its first cause (the driver skips re-tagging it).
+    again = _trial_error(search.AlreadyFailed("trial t failed before this resume and is not run again (x)"))
+    assert tune_records.error_is(again, search.AlreadyFailed)
+    assert not tune_records.error_is(diverged, search.AlreadyFailed) and not tune_records.error_is(None, OSError)
+
+
 @pytest.mark.integration
 def test_a_sweep_stopped_by_a_full_disk_resumes_with_nothing_lost(sweep_env, small_disk, tiny_checkpoint):  # noqa: F811
     extra = """

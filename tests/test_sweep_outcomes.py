@@ -257,6 +257,15 @@ def test_a_proxy_sweep_never_shows_the_proxy_as_asr(tmp_path):
         text = report.format_leaderboard(board)
         assert "proxy_asr 0.0500" in text and (("asr 0.2000" in text) == true_asr)
         assert "proxy_asr_top1" in text.splitlines()[2]  # the table's header
+        # The report's tables and page: every column of the proxy named as the proxy, the true ASR as asr_top1.
+        out = report.build_report(tracking.load_sweep(name, client.tracking_uri), tmp_path / name).out_dir
+        summary = pd.read_csv(out / "summary.csv").iloc[0]
+        assert summary["best_proxy_asr"] == 0.05 and "best_asr" not in summary and "start_asr" not in summary
+        evals = pd.read_csv(out / "evaluations.csv")
+        assert list(evals["proxy_asr_top1"]) == [0.30, 0.05, 0.02]
+        assert list(evals[ASR]) == [0.60, 0.20, 0.01] if true_asr else evals.get(ASR, pd.Series()).isna().all()
+        assert all("proxy" in c for c in pd.read_csv(out / "stopping.csv").columns if "asr" in c)
+        assert "Feasible: proxy ASR (the ASR of the trigger a scan inverted) <= 10%" in (out / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ Tune's records
