@@ -306,6 +306,18 @@ def _nest(flat: dict[str, object]) -> dict[str, object]:
 
 
 def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 - PretrainConfig, imported lazily
+    if args.preset == "demo":
+        # Every flag, --set and YAML key is checked on the demo data's future paths first: a refusal writes nothing.
+        dirs = layout.demo_data_dirs(workdir)
+        _pretrain_config_on(args, {"train_csv": str(dirs["poisoned"] / "train.csv"), "eval_dir": str(dirs["world"])},
+                            check_paths=False)
+        from cleansweep import presets
+
+        return _pretrain_config_on(args, presets.prepare_demo_data(workdir, seed=args.seed or 0))
+    return _pretrain_config_on(args, {"train_csv": args.train_csv, "eval_dir": args.eval_data, "init": args.init})
+
+
+def _pretrain_config_on(args: argparse.Namespace, paths: dict, *, check_paths: bool = True):  # noqa: ANN202
     from cleansweep.config import PretrainConfig, deep_update, read_yaml, validate
 
     data: dict = {}
@@ -314,12 +326,8 @@ def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 -
 
         presets.get_preset(args.preset)  # unknown name -> one-line error
         objective = args.objective or "mmcl"
-        if args.preset == "demo":
-            paths: dict = presets.prepare_demo_data(workdir, seed=args.seed or 0)
-        else:
-            paths = {"train_csv": args.train_csv, "eval_dir": args.eval_data, "init": args.init}
         data = {"name": layout.preset_run_name(args.preset, objective),
-                "train": presets.pretrain_spec(args.preset, objective, paths)}
+                "train": presets.pretrain_spec(args.preset, objective, paths, check_paths=check_paths)}
     if args.config is not None:
         data = deep_update(data, read_yaml(args.config))
     flags = {key: getattr(args, attr) for attr, key in _PRETRAIN_FLAGS.items() if getattr(args, attr) is not None}

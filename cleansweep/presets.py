@@ -149,7 +149,8 @@ def _attack(preset: dict[str, Any]) -> dict[str, Any]:
             "patch": p["patch"]}
 
 
-def pretrain_spec(preset: str, objective: str, paths: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+def pretrain_spec(preset: str, objective: str, paths: dict[str, Any], *, check_paths: bool = True,
+                  **overrides: Any) -> dict[str, Any]:
     """The TrainSpec dict that pre-trains with `objective` ("mmcl" or "mmcl+ssl") on `paths["train_csv"]`.
 
     Args:
@@ -157,12 +158,14 @@ def pretrain_spec(preset: str, objective: str, paths: dict[str, Any], **override
         objective: "mmcl" or "mmcl+ssl".
         paths: `train_csv`, `eval_dir` (from `prepare_demo_data` for the demo); optional `init` (a pre-trained
             checkpoint to finetune; the paper presets then use their finetuning lr 5e-7).
+        check_paths: False to build the spec on paths that do not exist yet (checking flags before writing).
         **overrides: dotted keys (`optim.lr=...`, `epochs=...`) applied last.
     """
     p = get_preset(preset)
     if objective not in OBJECTIVES:
         raise UserError(f"unknown objective {objective!r}; choose from: {', '.join(OBJECTIVES)}")
-    _require(paths, ("train_csv", "eval_dir"), preset)
+    if check_paths:
+        _require(paths, ("train_csv", "eval_dir"), preset)
     pre = p["pretrain"]
     spec = deep_update({"model": {"name": p["model"]}, "data": {"train_csv": str(paths["train_csv"]),
                                                                 "eval_dir": str(paths["eval_dir"])},

@@ -256,3 +256,14 @@ def test_grid_repeats_from_the_flag_count_toward_the_limit(sandbox, capsys):
                      "space: {optim.lr: {grid: [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4, 5.0e-4]}}\n")
     line = refused(["search", str(space), "--num-samples", "20001"], sandbox, capsys)  # 5 x 20001 > 100,000
     assert "with --num-samples: the grid makes 100,005 trials, more than search.max_grid_points (100,000)" in line
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--set", "train.epochs=-1"], "train.epochs"),
+    (["--set", "train.nonsense=1"], "train.nonsense"),
+    (["--set", "train.optim.lr=inf"], "train.optim.lr"),
+])
+def test_pretrain_preset_demo_refuses_before_building_its_data(extra, needle, sandbox, capsys):
+    # The demo world and its poisoned copy are built only once every flag and --set has been accepted.
+    line = refused(["pretrain", "--preset", "demo", "--workdir", str(sandbox / "w"), *extra], sandbox, capsys)
+    assert needle in line and not (sandbox / "w").exists()
