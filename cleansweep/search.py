@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -435,6 +436,8 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
         _check_trial_fits(cfg)  # refused before any of the sweep exists: a fixed YAML can reuse the name
         _open_sweep_dir(sweep_dir, cfg, name, space_file, resume)
         parent = _start_parent(client, experiment_id, cfg, name, start, sweep_dir, space_file, resume)
+        if getattr(start, "warning", None):  # after every refusal: a refused sweep prints its one error line only
+            print(start.warning, file=sys.stderr, flush=True)
         ctx = TrialContext(sweep=name, stage="main", base=start.base, tracking_uri=uri, experiment_id=experiment_id,
                            parent_run_id=parent.run_id, threshold=cfg.objective.threshold, gpu=cfg.resources.gpu,
                            scratch=scratch.name(sweep_dir), constraint=cfg.objective.constraint)

@@ -11,7 +11,6 @@ other.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +93,7 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
     if metrics is None:
         echo("evaluating the starting model once (its card has no numbers measured like the trials')")
         metrics, source = evaluate_start(spec), "evaluated"
-    warning = already_clean_warning(metrics, base, attack_source)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+    warning = already_clean_warning(metrics, base, attack_source)  # printed by the sweep once nothing can refuse it
     return StartModel(init=init.resolve(), model_name=model_name, card=card, base=base, metrics=metrics,
                       source=source, attack_source=attack_source, warning=warning)
 
