@@ -335,7 +335,8 @@ def _check_resumed(workdir: Path, name: str, killed_at: int, expected: list[int]
 @pytest.mark.integration
 def test_resume_after_kill_in_process_worker(ray_home, tiny_world, tmp_path):
     workdir = tmp_path / "work"
-    argv = _pretrain_argv(tiny_world, workdir, "killed", "--num-workers", "0", "--epochs", "2", "--eval-every", "0.25")
+    # 8 epochs (32 steps): long enough that the run is still going 2 s after its first checkpoint on a fast machine.
+    argv = _pretrain_argv(tiny_world, workdir, "killed", "--num-workers", "0", "--epochs", "8", "--eval-every", "0.25")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_at = _kill_after_checkpoint([sys.executable, "-m", "cleansweep", *argv], env,
                                        workdir / "pretrain" / "killed", min_step=1)
@@ -344,7 +345,7 @@ def test_resume_after_kill_in_process_worker(ray_home, tiny_world, tmp_path):
     leftover.mkdir(parents=True, exist_ok=True)
     assert cli.main([*argv, "--resume"]) == 0
     assert not leftover.parent.parent.exists()  # cleared by the resumed worker and the run's end
-    _check_resumed(workdir, "killed", killed_at, _eval_steps(tiny_world["n_train"], 16, 2, 0.25))
+    _check_resumed(workdir, "killed", killed_at, _eval_steps(tiny_world["n_train"], 16, 8, 0.25))
 
 
 class _Cluster:
