@@ -122,7 +122,7 @@ def write_space(path: Path, world: dict, checkpoint: Path, extra: str) -> Path:
         model: {{checkpoint: {checkpoint}, name: tiny-rn}}
         data: {{train_csv: {world['clean_csv']}, eval_dir: {world['eval_dir']}, batch_size: 16,
                 eval_batch_size: 64}}
-        attack: {{patch_size: {PATCH}, location: fixed, patch: fixed}}
+        attack: {{name: badnet, patch_size: {PATCH}, location: fixed, patch: fixed}}
         """) + textwrap.dedent(extra))
     return path
 

@@ -130,6 +130,15 @@ def fill(folder: Path) -> int:
     return written
 
 
+def _read_json(text: str) -> None:
+    """A JSON document (sweep.json, params.json: indented) or JSON lines (Tune's result.json); raises if neither."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        for line in text.splitlines():
+            json.loads(line)
+
+
 def broken_state(work: Path, name: str) -> list[str]:
     """Files of the sweep that no longer read: JSON (result.json line by line), pickles, an empty file, the MLflow
     database failing sqlite's integrity check."""
@@ -141,8 +150,7 @@ def broken_state(work: Path, name: str) -> list[str]:
             if path.stat().st_size == 0 and path.suffix in (".json", ".pkl", ".csv", ".yaml"):
                 raise ValueError("empty")
             if path.suffix == ".json":
-                for line in path.read_text().splitlines() or [path.read_text()]:
-                    json.loads(line)
+                _read_json(path.read_text())
             elif path.suffix == ".pkl":
                 with open(path, "rb") as f:
                     pickle.load(f)  # the benchmark's own sweep wrote it

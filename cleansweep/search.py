@@ -432,6 +432,9 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
     experiment_id = tracking.get_or_create_experiment(client, cfg.mlflow.experiment)
     in_mlflow = tracking.find_sweep_run(client, experiment_id, name) is not None
     check_name(sweep_dir, name, resume=resume, in_mlflow=in_mlflow)
+    # A trial's error is Tune's to record (its MLflow run says FAILED with the cause); Ray would also print it as an
+    # "unhandled error" with its traceback when a sweep stops while trials fail (a full disk), burying the one line.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     with cluster.connect(address or cfg.address, echo=echo, worker_logs=False):
         _check_trial_fits(cfg)  # refused before any of the sweep exists: a fixed YAML can reuse the name
         _open_sweep_dir(sweep_dir, cfg, name, space_file, resume)

@@ -120,6 +120,9 @@ _SQLITE_READY: set[str] = set()
 # Creating a fresh store logs its schema steps at INFO on stderr, where a command's only line should be its error.
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# A database error (say, a full disk) is logged there with its traceback and then raised; the raised error is what
+# the command reports (one line), so the log copy would only bury it.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def open_client(uri: str, *, schema_ready: bool = False, wait_for_server: bool = False) -> MlflowClient:
