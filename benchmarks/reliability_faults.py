@@ -149,9 +149,9 @@ def broken_state(work: Path, name: str) -> list[str]:
         try:
             if path.stat().st_size == 0 and path.suffix in (".json", ".pkl", ".csv", ".yaml"):
                 raise ValueError("empty")
-            if path.suffix == ".json":
+            if path.suffix == ".json" and not path.name.startswith("search_gen_state-"):
                 _read_json(path.read_text())
-            elif path.suffix == ".pkl":
+            elif path.suffix == ".pkl" or path.name.startswith("search_gen_state-"):  # Tune pickles into .json
                 with open(path, "rb") as f:
                     pickle.load(f)  # the benchmark's own sweep wrote it
         except Exception as e:  # noqa: BLE001 - any failure to read is what is counted

@@ -18,7 +18,7 @@ from reliability_fixtures import SECRET, Case, finished_sweep, input_fixtures
 from reliability_flags import flag_cases
 
 FIX = re.compile(r"\b(pass|use|choose|set|add|remove|rename|fix|drop|delete|give|write|check|point|quote|lower|ask|"
-                 r"replace|export|re-save|re-download|resume|should|must|needs?|see|try|put|restore|start|fill|"
+                 r"replace|shrink|raise|export|re-save|re-download|resume|should|must|needs?|see|try|put|restore|start|fill|"
                  r"name one|connect|e\.g\.)(?!\w)", re.IGNORECASE)
 
 
