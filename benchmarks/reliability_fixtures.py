@@ -5,6 +5,7 @@ folder and MLflow database must not change. Files that carry SECRET check that e
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import struct
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reliability_common import run_cli, write_space
+from reliability_common import PATCH, run_cli, write_space
 
 SECRET = "CSW-SECRET-5f1e9b"  # written into input files; must never appear in what the CLI prints
 
@@ -190,8 +191,11 @@ def input_fixtures(root: Path) -> dict[str, Any]:
         shutil.rmtree(left) if left.is_dir() else left.unlink(missing_ok=True)  # an earlier run's wrong writes
     world = make_demo_world(fx / "world", seed=0, n_train=32, n_clean=32, n_eval=12, image_size=32, num_classes=6)
     model = fx / "model.safetensors"
-    if not model.is_file():
-        save_checkpoint(model, create_model("tiny-rn", seed=0).model, {"model": "tiny-rn"})
+    # Its card records the trigger, as a poisoned model's card does: the cases then test what they name, not the
+    # refusal of a model whose trigger is unknown.
+    attack = {"name": "badnet", "patch_size": PATCH, "location": "fixed", "patch": "fixed"}
+    if not model.is_file() or json.loads(model.with_suffix(".json").read_text()).get("attack") != attack:
+        save_checkpoint(model, create_model("tiny-rn", seed=0).model, {"model": "tiny-rn", "attack": attack})
     poison_csv(world["train_csv"], fx / "poisoned", attack="badnet", target="banana", fraction=0.25, seed=0,
                image_size=32)
     tampered = fx / "poisoned-tampered"
