@@ -253,7 +253,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attack", help="trigger for the ASR evaluation: badnet, blended, sig, wanet")
     p.add_argument("--target", help="target class name of the backdoor")
     p.add_argument("--init", type=Path, help="checkpoint to start from (.safetensors or .pt)")
-    p.add_argument("--epochs", type=limits.int_in(0, limits.MAX_STEPS))
+    # 0 epochs would "pre-train" nothing and select the untrained model: `cleansweep evaluate` measures a model.
+    p.add_argument("--epochs", type=limits.int_in(1, limits.MAX_STEPS, " (to measure a model without training: "
+                                                 "cleansweep evaluate CKPT)"))
     p.add_argument("--batch-size", type=limits.int_in(2, limits.MAX_BATCH),
                    help="global batch size (split across workers)")
     p.add_argument("--lr", type=limits.float_in(0, low_open=True))
