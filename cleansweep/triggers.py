@@ -546,7 +546,8 @@ def resolve_trigger_params(name: str, image_size: int, **params: Any) -> dict[st
             continue
         owners = [n for n, t in TRIGGERS.items() if key in t.defaults]
         if not owners:
-            raise UserError(f"unknown trigger parameter {key!r}; {name} takes: {', '.join(entry.defaults)}")
+            raise UserError(f"unknown trigger parameter {key!r}; pass one that {name} takes: "
+                            f"{', '.join(entry.defaults)}")
         if value is not None and all(value != TRIGGERS[n].defaults[key] for n in owners):
             raise UserError(f"trigger parameter {key!r} applies to {', '.join(owners)}, not {name}; drop it")
     for key, choices in _CHOICES.items():

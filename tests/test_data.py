@@ -386,3 +386,15 @@ def test_cli_data_demo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["data", "demo", "--out", str(tmp_path / "busy"), "--n-train", "30"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
+    # pandas would keep the first `caption` and rename the second `caption.1`: which one was meant is a guess.
+    from cleansweep.data.pairs import read_pairs
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("image,caption,caption\na.png,first,second\n")
+    with pytest.raises(UserError, match=r"'caption' appear more than once in its header \(line 1\)"):
+        read_pairs(path)
+    path.write_text("image,caption,caption.1\na.png,first,second\n")  # a column really named caption.1 is fine
+    assert read_pairs(path) is not None

@@ -7,6 +7,7 @@ the same row with randomness seeded by (seed, epoch, index), so they are reprodu
 
 from __future__ import annotations
 
+import csv
 import random
 import re
 from collections.abc import Callable
@@ -43,6 +44,10 @@ def read_pairs(csv_path: str | Path, image_key: str = "image", caption_key: str 
     except (pd.errors.ParserError, ValueError, OSError) as e:
         raise UserError(f"{path} is not a readable CSV ({_csv_problem(e)}); fix the file (UTF-8, comma-separated)") \
             from None
+    twice = [k for k in (image_key, caption_key) if f"{k}.1" in df.columns and _header_count(path, k) > 1]
+    if twice:  # pandas keeps the first and renames the others `KEY.1`: which one was meant is a guess
+        raise UserError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more than once in its header "
+                        "(line 1); keep one column of each name")
     missing = [k for k in (image_key, caption_key) if k not in df.columns]
     if missing:
         # The header is not echoed: a file given here by mistake (a token, a key) would be printed back.
@@ -175,3 +180,9 @@ def collate_skip(batch: list[dict[str, torch.Tensor] | None]) -> dict[str, Any]:
     out: dict[str, Any] = default_collate(kept) if kept else {}
     out["skipped"] = len(batch) - len(kept)
     return out
+
+
+def _header_count(path: Path, key: str) -> int:
+    """How often `key` names a column in the CSV's header line."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), []).count(key)
