@@ -439,7 +439,8 @@ class SearchConfig(Strict):
     attack: SweepAttackSpec = SweepAttackSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
     base: dict[str, Any] = Field(default_factory=dict, description="TrainSpec values for every trial (dotted ok).")
-    epochs: int = Field(10, ge=0, le=MAX_STEPS, description="Cleaning epochs per trial (max_t of ASHA).")
+    epochs: int = Field(10, ge=1, le=MAX_STEPS, description="Cleaning epochs per trial (max_t of ASHA); a sweep of 0 "
+                        "epochs would clean nothing (`cleansweep evaluate` measures a model).")
     eval_every: float = Field(1.0, gt=0, description="Evaluate (and checkpoint) every this many epochs.")
     space: ParamSpace = Field(default_factory=dict, description="Parameters shared by every method (dotted keys).")
     methods: Annotated[dict[str, dict[str, Any]] | None, BeforeValidator(_method_spaces)] = Field(

@@ -179,6 +179,7 @@ BAD = {
     "negative_trigger_seed": ("attack: {trigger_seed: -1}", "attack.trigger_seed"),
     "eval_trigger_seed_past_numpy": ("attack: {seed: 4294967296}", "attack.seed"),
     "huge_patch": ("attack: {patch_size: 100000}", "attack.patch_size"),
+    "zero_epochs": ("epochs: 0", "epochs: Input should be greater than or equal to 1"),
     "duplicate_key": ("epochs: 2\nepochs: 3", "line 3, column 1: duplicate key 'epochs', first given at line 2"),
     "nested_duplicate_key": ("search:\n  algorithm: grid\n  algorithm: optuna",
                              "line 4, column 3: duplicate key 'algorithm', first given at line 3"),
