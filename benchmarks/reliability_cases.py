@@ -290,7 +290,7 @@ def checkpoint_cases(fx: dict[str, Any]) -> list[Case]:
         ev("no card, not a known model", k["foreign.safetensors"], ("--model",)),
         ev("unreadable card", k["badcard.safetensors"], ("badcard.json",)),
         Case("checkpoint", "no trigger on the card nor the command line",
-             ["evaluate", str(fx["model"]), "--eval-data", eval_dir, "--device", "cpu"], ("--attack",)),
+             ["evaluate", str(k["notrigger.safetensors"]), "--eval-data", eval_dir, "--device", "cpu"], ("--attack",)),
     ]
 
 

@@ -97,6 +97,7 @@ def _bad_checkpoints(fx: Path, good: Path) -> dict[str, Path]:
             next(p for p in model.parameters() if p.numel() > 1).view(-1)[0] = value
         save_checkpoint(d / f"{label}.safetensors", model, {"model": "tiny-rn"})
     save_checkpoint(d / "cardlies.safetensors", create_model("tiny-rn", seed=0).model, {"model": "tiny-vit"})
+    save_checkpoint(d / "notrigger.safetensors", create_model("tiny-rn", seed=0).model, {"model": "tiny-rn"})
     return {p.name: p for p in d.iterdir()}
 
 
