@@ -47,7 +47,7 @@ def read_pairs(csv_path: str | Path, image_key: str = "image", caption_key: str 
     twice = [k for k in (image_key, caption_key) if f"{k}.1" in df.columns and _header_count(path, k) > 1]
     if twice:  # pandas keeps the first and renames the others `KEY.1`: which one was meant is a guess
         raise UserError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more than once in its header "
-                        "(line 1); keep one column of each name")
+                        "(line 1); rename or remove the extra column(s)")
     missing = [k for k in (image_key, caption_key) if k not in df.columns]
     if missing:
         # The header is not echoed: a file given here by mistake (a token, a key) would be printed back.
