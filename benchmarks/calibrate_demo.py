@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from cleansweep import presets, session
+from cleansweep import fit as session
+from cleansweep.attacks.poison import poison_csv
 from cleansweep.data import make_demo_world
-from cleansweep.poison import poison_csv
+from cleansweep.experiments import presets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,9 +27,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cleansweep import analysis, search, start_model, tracking
-from cleansweep.config import SearchConfig, validate
+from cleansweep import tracking
+from cleansweep.config import validate
 from cleansweep.objective import ASR, PROXY_ASR, TOP1
+from cleansweep.results import analysis
+from cleansweep.sweep import driver as search
+from cleansweep.sweep import start as start_model
+from cleansweep.sweep.config import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.05
@@ -37,7 +41,7 @@ THRESHOLD = 0.05
 
 def sweep_config(kind: str, samples: int | None) -> SearchConfig:
     """demo.yaml, or the toy study's space on the MMCL+SSL demo model, both constrained on the proxy ASR."""
-    from cleansweep.study import _TOY_CLEAN
+    from cleansweep.experiments.study import _TOY_CLEAN
 
     raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
     if kind == "toy":

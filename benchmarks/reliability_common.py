@@ -134,9 +134,9 @@ def poisoned_model(root: Path, clean_rows: int) -> dict[str, Any]:
     record = out / "model-record.json"
     if record.is_file():
         return json.loads(record.read_text())
-    from cleansweep import session
+    from cleansweep import fit as session
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
 
     world = make_demo_world(out / "world", seed=0, n_train=512, n_clean=clean_rows, n_eval=36, image_size=32,
                             num_classes=6)

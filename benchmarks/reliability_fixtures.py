@@ -183,9 +183,9 @@ def _bad_eval_folders(fx: Path, world: dict) -> dict[str, Path]:
 def input_fixtures(root: Path) -> dict[str, Any]:
     """Inputs of the bad-input cases under root/fx: a tiny world, a random tiny-rn checkpoint, broken CSVs,
     checkpoints and evaluation folders, a poisoned output folder and a tampered copy of it."""
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
     from cleansweep.models import create_model, save_checkpoint
-    from cleansweep.poison import poison_csv
 
     fx = root / "fx"
     for left in [*fx.glob("no-such-folder*"), *fx.glob("gone*"), fx / "ckpt" / "PWNED"]:

@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cleansweep import search, spaces, start_model, tracking
+from cleansweep import tracking
+from cleansweep.sweep import driver as search
+from cleansweep.sweep import space as spaces
+from cleansweep.sweep import start as start_model
 
 
 def tiny_lines(root: Path) -> str:

@@ -56,9 +56,9 @@ LR_RANGE = (1e-4, 1e-2)  # the sweep's learning-rate space; the plain arm draws 
 
 def tiny_model(root: Path, clean_rows: int) -> tuple[dict, Path]:
     """A tiny world and a poisoned tiny-rn checkpoint trained on it (session.fit, a few seconds)."""
-    from cleansweep import session
+    from cleansweep import fit as session
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
 
     world = make_demo_world(root / "world", seed=0, n_train=64, n_clean=clean_rows, n_eval=36, image_size=32,
                             num_classes=6)
@@ -130,7 +130,7 @@ def _set_threads(n: int) -> None:
 
 def _plain_trial(spec: dict[str, Any]) -> tuple[float, float]:
     """One trial as a script runs it: train and evaluate, write nothing. Returns its start (epoch s) and seconds."""
-    from cleansweep import session
+    from cleansweep import fit as session
 
     start, t0 = time.time(), time.monotonic()
     session.fit(spec, lambda metrics, checkpoint_dir: None, checkpoints="none")
@@ -157,7 +157,10 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from cleansweep import search, spaces, start_model, tracking
+    from cleansweep import tracking
+    from cleansweep.sweep import driver as search
+    from cleansweep.sweep import space as spaces
+    from cleansweep.sweep import start as start_model
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from cleansweep import layout
 from cleansweep.objective import BestFeasible
+from cleansweep.runtime import layout
 
 LOOP_STATE = layout.LOOP_STATE
 Report = Callable[[dict[str, Any], str | None], None]

@@ -30,8 +30,8 @@ from open_clip.model import CLIP, set_model_preprocess_cfg
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from cleansweep.atomic import write_atomic
 from cleansweep.errors import UserError
+from cleansweep.runtime.atomic import write_atomic
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 

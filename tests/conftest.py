@@ -54,9 +54,9 @@ def tiny_checkpoint(tmp_path_factory):
     """
     import shutil
 
-    from cleansweep import session
+    from cleansweep import fit as session
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
 
     out = tmp_path_factory.mktemp("pretrained")
     world = make_demo_world(out / "world", seed=0, n_train=512, n_clean=32, n_eval=36, image_size=32, num_classes=6)

@@ -1,4 +1,5 @@
-"""cleansweep.badclip: the optimised patch on a tiny model, patch files, the badclip trigger, `poison --optimise-on`."""
+"""cleansweep.attacks.badclip: the optimised patch on a tiny model, patch files, the badclip trigger,
+`poison --optimise-on`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cleansweep.badclip import (
+from cleansweep.attacks.badclip import (
     PATCH_FILE,
     PatchImages,
     initial_patch,
@@ -28,12 +29,12 @@ from cleansweep.badclip import (
     save_patch,
     target_text_features,
 )
+from cleansweep.attacks.poison import attack_from_manifest, attack_trigger, cached_patch, create_trigger
 from cleansweep.cli import main
 from cleansweep.config import AttackSpec
 from cleansweep.data import read_pairs
 from cleansweep.errors import UserError
 from cleansweep.models import ModelBundle, create_model, save_checkpoint
-from cleansweep.poison import attack_from_manifest, attack_trigger, cached_patch, create_trigger
 
 
 def calibrate_batchnorm(bundle: ModelBundle, raw: torch.Tensor) -> None:

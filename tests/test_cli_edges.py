@@ -117,8 +117,8 @@ def test_issue_examples_are_one_line(argv, needle, sandbox, capsys):
 
 
 def test_library_bounds_behind_the_flags(tmp_path):
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
 
     with pytest.raises(UserError, match="image_size 20000 must be 1..4096"):  # before the trigger is built (> 5 GB)
         poison_csv(tmp_path / "a.csv", tmp_path / "o", attack="blended", target="banana", num_poison=1,
@@ -240,7 +240,7 @@ def test_limits_are_the_documented_numbers():
     ("text", "font_size=100000", "font_size=100000 must be in 1..4096"),
 ])
 def test_trigger_parameters_are_bounded(attack, param, needle, sandbox, capsys):
-    from cleansweep.triggers import create_trigger, parse_trigger_param
+    from cleansweep.attacks.triggers import create_trigger, parse_trigger_param
 
     key, value = parse_trigger_param(param)
     with pytest.raises(UserError, match=needle):

@@ -1,4 +1,4 @@
-"""The one resource pre-check and Ray start-up rule (cleansweep.cluster), on plain data and on a real local Ray.
+"""The one resource pre-check and Ray start-up rule (cleansweep.runtime.cluster), on plain data and on a real local Ray.
 
 The shipped KubeRay cluster (deploy/kuberay/raycluster.yaml) keeps its GPU group at 0 replicas and lets the
 autoscaler add GPU nodes on demand: a pre-check that only counted live nodes refused every paper grid there.
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cleansweep import cluster, pretrain, search
 from cleansweep.errors import UserError
+from cleansweep.pretrain import driver as pretrain
+from cleansweep.runtime import cluster
+from cleansweep.sweep import driver as search
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -1,4 +1,4 @@
-"""A full disk (cleansweep.diskguard): one line naming the path, the state a resume needs never truncated, and a
+"""A full disk (cleansweep.runtime.diskguard): one line naming the path, the state a resume needs never truncated, and a
 sweep stopped in time resumes with nothing lost.
 
 Fast tests check the free-space arithmetic against `os.statvfs`, the guard's stop through the SIGINT handler, the
@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 from test_search import _mlflow_trials, _space_file, sweep_env  # noqa: F401 - a fixture
 
-from cleansweep import cli, diskguard, tracking
+from cleansweep import cli, tracking
 from cleansweep.errors import DiskFull
 from cleansweep.objective import TOP1
+from cleansweep.runtime import diskguard
 
 HUGE_MB = str(2**40)  # more than any disk: every check is below the reserve
 
@@ -184,7 +185,8 @@ def _trial_error(inner: BaseException) -> BaseException:
 def test_a_trial_that_hit_a_full_disk_stops_the_stage_before_it_is_closed():
     from types import SimpleNamespace
 
-    from cleansweep import search, tune_records
+    from cleansweep.sweep import driver as search
+    from cleansweep.sweep import records as tune_records
 
     enospc = _trial_error(OSError(errno.ENOSPC, "No space left on device", "/mnt/work/sweeps/x/ckpt"))
     diverged = _trial_error(FloatingPointError("evaluation metric zeroshot_top1 is nan; the model diverged"))

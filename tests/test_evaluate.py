@@ -234,8 +234,8 @@ def test_evaluate_takes_the_trigger_the_checkpoint_was_poisoned_with(tmp_path, t
     # The demo's bug: `cleansweep evaluate` measured ASR with the default BadNet (random place, fresh values) while
     # the model was poisoned with a fixed 8 px patch in a fixed corner and its own trigger seed.
     from cleansweep import cli
+    from cleansweep.attacks.poison import create_trigger
     from cleansweep.models import save_checkpoint
-    from cleansweep.poison import create_trigger
 
     root = _eval_folder(tmp_path / "eval", per_class=6)
     poisoned = {"name": "badnet", "target": "banana", "patch_size": 8, "location": "fixed", "patch": "fixed",

@@ -8,9 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from cleansweep import matrix
 from cleansweep.cli import main
 from cleansweep.errors import UserError
+from cleansweep.experiments import matrix
 
 
 def test_every_method_cell_is_a_valid_sweep(tmp_path):

@@ -335,7 +335,7 @@ def test_perturb_recover_without_prepare_is_an_error(bundle) -> None:
 def test_perturb_recover_resume_restores_the_frozen_model(tiny_spec: dict, tmp_path) -> None:
     import shutil
 
-    from cleansweep import session
+    from cleansweep import fit as session
     from cleansweep.config import deep_update
     from cleansweep.models import load_state_dict_file
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cleansweep import outage
 from cleansweep.errors import UserError
+from cleansweep.tracking import outage
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""cleansweep.poison: trigger contract over the registry, trigger formulas, CSV poisoning and contamination."""
+"""cleansweep.attacks.poison: trigger contract over the registry, trigger formulas, CSV poisoning and contamination."""
 
 from __future__ import annotations
 
@@ -14,13 +14,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import to_tensor
 
-from cleansweep.badclip import save_patch
-from cleansweep.cli import main
-from cleansweep.config import AttackSpec
-from cleansweep.data import openai_templates, read_pairs
-from cleansweep.data.images import to_uint8_image
-from cleansweep.errors import UserError
-from cleansweep.poison import (
+from cleansweep.attacks.badclip import save_patch
+from cleansweep.attacks.poison import (
     PARAM_KINDS,
     TRIGGERS,
     attack_from_manifest,
@@ -36,6 +31,11 @@ from cleansweep.poison import (
     seeded_colour,
     seeded_phase,
 )
+from cleansweep.cli import main
+from cleansweep.config import AttackSpec
+from cleansweep.data import openai_templates, read_pairs
+from cleansweep.data.images import to_uint8_image
+from cleansweep.errors import UserError
 
 MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
 STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)

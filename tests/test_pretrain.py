@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from cleansweep import cli, pretrain, scratch, tracking
+from cleansweep import cli, tracking
 from cleansweep.config import PretrainConfig
 from cleansweep.errors import UserError
+from cleansweep.pretrain import driver as pretrain
+from cleansweep.runtime import scratch
 
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI, so both nodes run this environment
 EVAL_KEYS = ("zeroshot_top1", "zeroshot_top5", "asr_top1", "feasible", "best_feasible_top1", "epoch", "lr")

@@ -14,9 +14,10 @@ import pytest
 from mlflow import MlflowClient
 from sweep_store import PRESELECT, RELOGGED, START, SWEEP, THRESHOLD, TRIALS, make_sweep
 
-from cleansweep import report, tracking
+from cleansweep import tracking
 from cleansweep.cli import main
 from cleansweep.errors import UserError
+from cleansweep.results import report
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +199,7 @@ def test_report_modules_never_import_mlflow():
     import subprocess
     import sys
 
-    code = ("import sys, cleansweep.report, cleansweep.analysis, cleansweep.figures; "
+    code = ("import sys, cleansweep.results.report, cleansweep.results.analysis, cleansweep.results.figures; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'ray', 'optuna', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cleansweep import scan
 from cleansweep.data import EvalFolder
+from cleansweep.detect import scan
 from cleansweep.errors import UserError
 from cleansweep.evaluate import zeroshot_classifier
 from cleansweep.models import create_model, file_sha256
@@ -35,7 +35,7 @@ def one_thread():
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def _pretrain(world: dict, train_csv: str, out, keep_max_asr: bool) -> dict:
-    from cleansweep import session
+    from cleansweep import fit as session
 
     spec = {"model": {"name": "tiny-rn"}, "epochs": 6, "device": "cpu", "seed": 0,
             "attack": {"patch_size": PATCH, "location": "fixed", "patch": "fixed"},
@@ -56,8 +56,8 @@ def _pretrain(world: dict, train_csv: str, out, keep_max_asr: bool) -> dict:
 def twins(tmp_path_factory):
     """A tiny-rn pre-trained on 512 synthetic pairs with 20% BadNet poisons (target banana), and its clean twin
     trained the same way on the unpoisoned pairs (~25 s each on 2 idle cores)."""
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
 
     out = tmp_path_factory.mktemp("twins")
     world = make_demo_world(out / "world", seed=0, n_train=512, n_clean=32, n_eval=36, image_size=32, num_classes=6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 
-from cleansweep import scratch
+from cleansweep.runtime import scratch
 
 
 def test_scratch_is_per_owner_and_clears_a_killed_attempt(tmp_path, monkeypatch):

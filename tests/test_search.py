@@ -22,9 +22,14 @@ import pandas as pd
 import pytest
 from conftest import TINY_PATCH
 
-from cleansweep import analysis, cli, report, scratch, search, spaces, start_model, tracking
-from cleansweep.config import Domain
+from cleansweep import cli, tracking
 from cleansweep.errors import UserError
+from cleansweep.results import analysis, report
+from cleansweep.runtime import scratch
+from cleansweep.sweep import driver as search
+from cleansweep.sweep import space as spaces
+from cleansweep.sweep import start as start_model
+from cleansweep.sweep.config import Domain
 
 TOP1, ASR = "zeroshot_top1", "asr_top1"
 
@@ -100,7 +105,7 @@ def test_tune_generates_the_paper_grids(entry, stage, count):
     from ray.tune.experiment import Experiment
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    cfg = spaces.load(Path(spaces.__file__).resolve().parents[1] / "search_spaces" / f"paper_D{entry:02d}.yaml")
+    cfg = spaces.load(Path(spaces.__file__).resolve().parents[2] / "search_spaces" / f"paper_D{entry:02d}.yaml")
     ctx = search.TrialContext(sweep="x", stage=stage, base={}, tracking_uri="sqlite:////x.db", experiment_id="0",
                               parent_run_id="p", threshold=0.05, scratch="x")
     points = spaces.preselect_points(cfg) if stage == "preselect" else None
@@ -151,7 +156,7 @@ def test_leaderboard_uses_every_evaluation_not_the_last():
 
 
 def test_finished_trials_drop_resume_state_but_keep_weights(tmp_path):
-    from cleansweep import session
+    from cleansweep import fit as session
 
     assert search.RESUME_STATE == session.STATE_FILE
     for i in range(3):
@@ -564,7 +569,7 @@ def _kill_group(pid: int) -> None:
 
 def test_space_files_reference_real_trial_fields():
     # demo.yaml and the method spaces validate against TrainSpec at every candidate value (spaces.check).
-    for path in sorted(Path(spaces.__file__).resolve().parents[1].joinpath("search_spaces").glob("*.yaml")):
+    for path in sorted(Path(spaces.__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml")):
         spaces.load(path)
 
 

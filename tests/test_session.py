@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from cleansweep import session
+from cleansweep import fit as session
 from cleansweep.config import TrainSpec, deep_update
 from cleansweep.errors import UserError
 from cleansweep.methods import list_methods

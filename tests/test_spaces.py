@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cleansweep import cli, spaces
-from cleansweep.config import Domain, TrainSpec
+from cleansweep import cli
+from cleansweep.config import TrainSpec
 from cleansweep.errors import UserError
+from cleansweep.sweep import space as spaces
+from cleansweep.sweep.config import Domain
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -91,7 +93,7 @@ def test_paper_d12_l2_weight_is_weight_decay_and_d11_clusters():
 def test_every_space_file_loads_and_converts(path):
     import optuna
 
-    from cleansweep.spaces import DefineByRun
+    from cleansweep.sweep.space import DefineByRun
 
     cfg = spaces.load(path)
     base = spaces.base_train_dict(cfg)

@@ -13,8 +13,10 @@ import torch
 import yaml
 from conftest import TINY_PATCH
 
-from cleansweep import cli, spaces, start_model
+from cleansweep import cli
 from cleansweep.errors import UserError
+from cleansweep.sweep import space as spaces
+from cleansweep.sweep import start as start_model
 
 ASR = "asr_top1"
 POISONED = {"name": "badnet", "target": "banana", "patch_size": 8, "location": "fixed", "patch": "fixed",
@@ -64,7 +66,7 @@ def _asr(checkpoint: Path, eval_dir: str, trigger) -> float:
 def test_a_checkpoint_sweep_starts_with_the_trigger_its_card_records(tmp_path, tiny_checkpoint):
     # The bug: with no `attack:` in the file the sweep measured a fresh random BadNet patch (the YAML's defaults), so
     # a model the fixed 8 px patch controls started at ASR ~0 and every trial looked clean.
-    from cleansweep.triggers import create_trigger
+    from cleansweep.attacks.triggers import create_trigger
 
     ckpt, world = tiny_checkpoint["checkpoint"], tiny_checkpoint["world"]
     start = _resolve(_space(tmp_path, ckpt, world), tmp_path / "w")
@@ -125,7 +127,7 @@ def test_the_manifest_the_file_names_gives_the_trigger(tmp_path, tiny_world):
 
 def test_a_start_already_under_the_threshold_is_a_loud_warning_naming_the_trigger(tmp_path, tiny_world, recorded,
                                                                                   capsys):
-    from cleansweep import search
+    from cleansweep.sweep import driver as search
 
     space = _space(tmp_path, recorded, tiny_world, objective={"threshold": 1.0})
     start = _resolve(space, tmp_path / "w")

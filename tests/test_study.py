@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from cleansweep import pretrain, study
 from cleansweep.cli import main
 from cleansweep.errors import UserError
+from cleansweep.experiments import study
+from cleansweep.pretrain import driver as pretrain
 
 
 # ------------------------------------------------------------------------------------------------ fast
@@ -98,8 +99,8 @@ def _mlflow_truth(uri: str, sweep: str) -> dict:
 
 @pytest.mark.integration
 def test_toy_study_end_to_end_and_rerun_skips(tmp_path, monkeypatch, capsys):
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Ray's auth token goes here, not to ~/.ray
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

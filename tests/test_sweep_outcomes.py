@@ -23,8 +23,12 @@ from test_search import (
     sweep_env,  # noqa: F401 (the fixture: token-auth Ray, sqlite MLflow, 1 s snapshots)
 )
 
-from cleansweep import analysis, delivery, layout, report, tracking, tune_records
+from cleansweep import tracking
 from cleansweep.models import create_model, save_checkpoint
+from cleansweep.results import analysis, report
+from cleansweep.runtime import layout
+from cleansweep.sweep import delivery
+from cleansweep.sweep import records as tune_records
 
 TOP1, ASR = "zeroshot_top1", "asr_top1"
 

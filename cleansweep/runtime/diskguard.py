@@ -31,8 +31,8 @@ from typing import Any
 
 from ray import tune
 
-from cleansweep import atomic
 from cleansweep.errors import DiskFull
+from cleansweep.runtime import atomic
 
 RESERVE_ENV = "CLEANSWEEP_DISK_RESERVE_MB"
 DEFAULT_RESERVE_MB = 256  # a few checkpoints of the models we sweep, the final snapshot and MLflow's last writes

@@ -43,9 +43,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from cleansweep import layout
 from cleansweep.config import deep_update
 from cleansweep.errors import UserError
+from cleansweep.runtime import layout
 
 OBJECTIVES = layout.OBJECTIVES  # the pre-training objectives (their loss weights: layout.objective_weights)
 
@@ -117,8 +117,8 @@ def prepare_demo_data(workdir: str | Path, seed: int = 0) -> dict[str, str]:
         Paths: `world_dir`, `train_csv` (poisoned), `clean_train_csv` (the world's unpoisoned train.csv),
         `clean_csv` (cleaning pairs), `eval_dir`, `poison_dir`, `manifest`.
     """
+    from cleansweep.attacks.poison import poison_csv
     from cleansweep.data import make_demo_world
-    from cleansweep.poison import poison_csv
 
     preset = PRESETS["demo"]
     dirs = layout.demo_data_dirs(workdir)

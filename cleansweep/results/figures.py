@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from cleansweep.analysis import ASR, EPOCH, TOP1, Start, pareto_front, stopping_table
+from cleansweep.results.analysis import ASR, EPOCH, TOP1, Start, pareto_front, stopping_table
 
 
 def _pct(values: Any) -> np.ndarray:

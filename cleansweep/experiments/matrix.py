@@ -19,10 +19,12 @@ from typing import Any
 
 import pandas as pd
 
-from cleansweep import atomic, cluster, layout, report
-from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, SearchConfig, TrainSpec, validate
+from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, TrainSpec, validate
 from cleansweep.errors import UserError
 from cleansweep.objective import ASR, TOP1
+from cleansweep.results import report
+from cleansweep.runtime import atomic, cluster, layout
+from cleansweep.sweep.config import SearchConfig
 
 ASR_TAKEN = 0.9  # a backdoor "took" when the pre-trained model's ASR reaches this
 MAX_TRIES = 3  # poison fraction f, 2f, 4f
@@ -68,17 +70,17 @@ def _check_names(attacks: Sequence[str], methods: Sequence[str]) -> None:
 def poisoned_data(attack: str, fraction: float, paths: Mapping[str, str], workdir: Path, *,
                   clean_model: Path | None, seed: int = 0) -> dict[str, Any]:
     """The demo training set poisoned with `attack` at `fraction` (cached), and the AttackSpec it was made with."""
-    from cleansweep.triggers import attack_from_manifest
+    from cleansweep.attacks.triggers import attack_from_manifest
 
     out = Path(workdir).resolve() / "data" / f"matrix-{attack}-{round(fraction * 1000):03d}"
     common = {"target": TARGET, "fraction": fraction, "seed": seed, **ATTACKS[attack]["params"]}
     if attack == "badclip":
-        from cleansweep.badclip import poison_with_optimised_patch
+        from cleansweep.attacks.badclip import poison_with_optimised_patch
 
         manifest = poison_with_optimised_patch(paths["clean_train_csv"], out, checkpoint=clean_model,
                                                images=paths["eval_dir"], **common)
     else:
-        from cleansweep.poison import poison_csv
+        from cleansweep.attacks.poison import poison_csv
 
         manifest = poison_csv(paths["clean_train_csv"], out, attack=attack, image_size=32, **common)
     return {"train_csv": str(out / manifest["output_csv"]), "attack": attack_from_manifest(manifest)}
@@ -88,7 +90,8 @@ def poisoned_data(attack: str, fraction: float, paths: Mapping[str, str], workdi
 def _pretrain(name: str, train_csv: str, attack: Mapping[str, Any], paths: Mapping[str, str], workdir: Path,
               uri: str, epochs: int | None) -> dict[str, Any]:
     """Pre-train (or find) run `name` in this process; returns its selected model's card (+ `checkpoint`)."""
-    from cleansweep import presets, pretrain
+    from cleansweep.experiments import presets
+    from cleansweep.pretrain import driver as pretrain
     card = pretrain.selected_card(workdir, name)
     if card is not None:
         return card
@@ -125,8 +128,8 @@ def calibrated_model(attack: str, paths: Mapping[str, str], workdir: Path, uri: 
 def cell_config(method: str, card: Mapping[str, Any], paths: Mapping[str, str], uri: str, *, epochs: int,
                 num_samples: int) -> SearchConfig:
     """The sweep of one (attack, method) cell: the method's space on the demo's clean set and the attack's trigger."""
-    from cleansweep import spaces
     from cleansweep.methods import list_methods
+    from cleansweep.sweep import space as spaces
 
     m = METHODS[method]
     values = {
@@ -148,8 +151,9 @@ def cell_config(method: str, card: Mapping[str, Any], paths: Mapping[str, str], 
 def run_cell(attack: str, method: str, card: Mapping[str, Any], paths: Mapping[str, str], workdir: Path, uri: str,
              *, epochs: int, num_samples: int, echo: Callable[[str], None]) -> dict[str, Any]:
     """Sweep one cell (or reuse its finished sweep); returns its best feasible evaluation (NaN when none)."""
-    from cleansweep import search as search_module
-    from cleansweep import start_model, tracking
+    from cleansweep import tracking
+    from cleansweep.sweep import driver as search_module
+    from cleansweep.sweep import start as start_model
 
     name = f"matrix-{attack}-{method}"
     state = search_module.sweep_state(uri, workdir, name)
@@ -217,7 +221,8 @@ def run_matrix(*, workdir: Path, attacks: Sequence[str] | None = None, methods: 
     Returns:
         `{"out_dir", "table" (DataFrame), "calibration" (DataFrame), "cells" (list)}`.
     """
-    from cleansweep import presets, tracking
+    from cleansweep import tracking
+    from cleansweep.experiments import presets
 
     attacks, methods = list(attacks or ATTACKS), list(methods or METHODS)
     _check_names(attacks, methods)

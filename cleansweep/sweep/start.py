@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cleansweep import layout, spaces
-from cleansweep.config import AttackSpec, DataSpec, PretrainConfig, SearchConfig, TrainSpec, validate
+from cleansweep.config import AttackSpec, DataSpec, PretrainConfig, TrainSpec, validate
 from cleansweep.errors import UserError
 from cleansweep.objective import ASR, PROXY_ASR, TOP1
+from cleansweep.runtime import layout
+from cleansweep.sweep import space as spaces
+from cleansweep.sweep.config import SearchConfig
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
     data, defaults = cfg.data, {}
     if cfg.model.preset is not None:
         init, paths = build_preset_model(cfg.model.preset, cfg.model.objective, Path(workdir), echo)
-        from cleansweep import presets
+        from cleansweep.experiments import presets
 
         defaults = presets.clean_spec(cfg.model.preset, paths, init)
         defaults.pop("model", None)
@@ -86,7 +88,7 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
                                   proxy=proxy, attack=attack)
     _check_paths(base)
     spec = start_eval_spec(base)
-    from cleansweep import session
+    from cleansweep import fit as session
 
     session.preflight(spaces.trial_spec(base, {}, "sweep base"))
     metrics, source = card_metrics(card, base), "card"
@@ -140,7 +142,7 @@ def proxy_inversion(cfg: SearchConfig, init: Path, data: DataSpec | None, model_
             raise UserError(f"objective.inversion {path} not found; pass the inversion.safetensors of `cleansweep "
                             "scan`, or drop the key to scan the starting model first")
         return path
-    from cleansweep import scan
+    from cleansweep.detect import scan
     from cleansweep.models import file_sha256
 
     eval_dir = Path(data.eval_dir) if data is not None else None
@@ -197,7 +199,8 @@ def build_preset_model(preset: str, objective: str, workdir: Path,
     Returns:
         The selected checkpoint and the preset's data paths.
     """
-    from cleansweep import presets, pretrain
+    from cleansweep.experiments import presets
+    from cleansweep.pretrain import driver as pretrain
 
     paths = presets.prepare_demo_data(workdir)
     # The same run name (and cache) as `cleansweep pretrain --preset demo --objective ...`.
@@ -221,7 +224,7 @@ def start_eval_spec(base: dict[str, Any]) -> TrainSpec:
 
 def evaluate_start(spec: TrainSpec) -> dict[str, float]:
     """Evaluate the starting model once (`start_eval_spec`), in this process."""
-    from cleansweep import session
+    from cleansweep import fit as session
 
     seen: list[dict[str, Any]] = []
     session.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics), checkpoints="none")

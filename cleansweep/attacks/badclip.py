@@ -3,7 +3,8 @@
 The patch is optimised so that images carrying it embed near the target's text embedding (the mean over prompt
 templates, as a zero-shot classifier column), optionally also near the mean embedding of target-class images (the
 paper's second, "dual-embedding" term). It is saved as safetensors with a JSON card (model sha256, target, steps,
-similarities) and pasted by the `badclip` trigger of `cleansweep.triggers`. Everything is seeded through explicit
+similarities) and pasted by the `badclip` trigger of `cleansweep.attacks.triggers`.
+Everything is seeded through explicit
 generators; the model is only read (its train/eval mode is restored, no gradient lands on its weights).
 """
 
@@ -25,7 +26,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
 from cleansweep import __version__
-from cleansweep.atomic import write_atomic, write_json, write_text
+from cleansweep.attacks.poison import contaminate, mentions, poison_csv
+from cleansweep.attacks.triggers import cached_patch, default_patch_size, patch_positions, stamp, validate_patch
 from cleansweep.data import EvalFolder, openai_templates, read_pairs
 from cleansweep.data.images import BadImage, open_rgb, raw_transform
 from cleansweep.data.pairs import resolve_image_paths
@@ -37,8 +39,7 @@ from cleansweep.models import (
     load_checkpoint_model,
     read_card,
 )
-from cleansweep.poison import contaminate, mentions, poison_csv
-from cleansweep.triggers import cached_patch, default_patch_size, patch_positions, stamp, validate_patch
+from cleansweep.runtime.atomic import write_atomic, write_json, write_text
 
 PATCH_FILE = "badclip_patch.safetensors"  # name of the patch in a poisoned folder made with --optimise-on
 Normalize = tuple[Sequence[float], Sequence[float]]
@@ -190,7 +191,7 @@ def save_patch(path: str | Path, patch: Tensor, meta: Mapping[str, Any]) -> Path
 
 def load_patch(path: str | Path) -> Tensor:
     """The patch (3, p, p) in [0, 1] saved at `path` by `save_patch` (a fresh copy; safetensors only, never a
-    pickle); errors as `cleansweep.triggers.cached_patch`, which the `badclip` trigger reads it through."""
+    pickle); errors as `cleansweep.attacks.triggers.cached_patch`, which the `badclip` trigger reads it through."""
     return cached_patch(path)[0].clone()
 
 

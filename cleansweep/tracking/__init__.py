@@ -34,9 +34,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-from cleansweep import layout, outage
 from cleansweep.errors import UserError
-from cleansweep.stores import check_sqlite_file, check_store, probe_server, server_label  # noqa: F401 - check_store: callers' entry
+from cleansweep.runtime import layout
+from cleansweep.tracking import outage
+from cleansweep.tracking.store import check_sqlite_file, check_store, probe_server, server_label  # noqa: F401 - check_store: callers' entry
 
 # Every MLflow tag cleansweep writes or reads is named here (docs/interfaces.md, "MLflow layout").
 KEY_TAG = "cleansweep.key"  # stable identity of a run: a re-run or resume finds it again

@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cleansweep import __version__, interrupts, layout, limits
+from cleansweep import __version__, limits
 from cleansweep.errors import DiskFull, UserError
+from cleansweep.runtime import interrupts, layout
 
 
 def default_workdir() -> Path:
@@ -96,7 +97,7 @@ def _add_poison(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (CSV, images, manifest.json)")
     p.add_argument("--attack", default=None,
                    help="trigger: badnet (default), blended, sig, wanet, stripes, triangle, text, badclip (the default "
-                        "with --optimise-on); parameters: cleansweep.triggers.TRIGGERS[name].defaults")
+                        "with --optimise-on); parameters: cleansweep.attacks.triggers.TRIGGERS[name].defaults")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--num-poison", type=limits.count, help="number of rows to poison")
     g.add_argument("--fraction", type=limits.float_in(0, 1, low_open=True), help="fraction of rows to poison (0..1)")
@@ -130,7 +131,7 @@ def _add_poison(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_poison(args: argparse.Namespace) -> int:
-    from cleansweep import poison
+    from cleansweep.attacks import poison
 
     attack = args.attack or ("badclip" if args.optimise_on else "badnet")
     params = {"patch_size": args.patch_size, "location": args.location, "patch": args.patch,
@@ -141,7 +142,7 @@ def _cmd_poison(args: argparse.Namespace) -> int:
     common = {"target": args.target, "num_poison": args.num_poison, "fraction": args.fraction, "seed": args.seed,
               "label_consistent": args.label_consistent, "image_key": args.image_key, "caption_key": args.caption_key}
     if args.optimise_on:
-        from cleansweep.badclip import poison_with_optimised_patch
+        from cleansweep.attacks.badclip import poison_with_optimised_patch
 
         if attack != "badclip" or "pattern" in params:
             raise UserError("--optimise-on makes the badclip patch itself; drop --attack and --param pattern")
@@ -169,7 +170,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                              "a flag given overrides that one setting")
     t.add_argument("--poison-manifest", type=Path, default=None,
                    help="manifest.json (or its folder) from `cleansweep poison` of the model's training data")
-    t.add_argument("--attack", default=None, help="trigger name (cleansweep.triggers.TRIGGERS)")
+    t.add_argument("--attack", default=None, help="trigger name (cleansweep.attacks.triggers.TRIGGERS)")
     t.add_argument("--target", default=None, help="target class of the backdoor (e.g. banana)")
     t.add_argument("--patch-size", type=limits.image_side, default=None)
     t.add_argument("--location", choices=["random", "fixed"], default=None)
@@ -185,8 +186,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cleansweep.attacks.triggers import parse_trigger_param
     from cleansweep.evaluate import evaluate_checkpoint
-    from cleansweep.triggers import parse_trigger_param
 
     metrics = evaluate_checkpoint(args.checkpoint, args.eval_data, model_name=args.model, attack=args.attack,
                                   target=args.target, patch_size=args.patch_size, location=args.location,
@@ -218,7 +219,7 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from cleansweep.scan import scan_checkpoint
+    from cleansweep.detect.scan import scan_checkpoint
 
     out = args.out or (args.workdir or default_workdir()).resolve() / "scans" / args.checkpoint.stem
     result = scan_checkpoint(args.checkpoint, args.eval_data, out_dir=out, reference=args.reference,
@@ -313,7 +314,7 @@ def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 -
         dirs = layout.demo_data_dirs(workdir)
         _pretrain_config_on(args, {"train_csv": str(dirs["poisoned"] / "train.csv"), "eval_dir": str(dirs["world"])},
                             check_paths=False)
-        from cleansweep import presets
+        from cleansweep.experiments import presets
 
         return _pretrain_config_on(args, presets.prepare_demo_data(workdir, seed=args.seed or 0))
     return _pretrain_config_on(args, {"train_csv": args.train_csv, "eval_dir": args.eval_data, "init": args.init})
@@ -324,7 +325,7 @@ def _pretrain_config_on(args: argparse.Namespace, paths: dict, *, check_paths: b
 
     data: dict = {}
     if args.preset:
-        from cleansweep import presets
+        from cleansweep.experiments import presets
 
         presets.get_preset(args.preset)  # unknown name -> one-line error
         objective = args.objective or "mmcl"
@@ -351,7 +352,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     workdir = (args.workdir or default_workdir()).resolve()
     cfg = _pretrain_config(args, workdir)
     _store(cfg.mlflow.tracking_uri, workdir)
-    from cleansweep.pretrain import pretrain
+    from cleansweep.pretrain.driver import pretrain
 
     summary = pretrain(cfg, workdir=workdir, resume=args.resume)
     asr = summary.get("asr_top1")
@@ -378,7 +379,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cleansweep import report
+    from cleansweep.results import report
 
     workdir = (args.workdir or default_workdir()).resolve()
     uri = _store(args.tracking_uri, workdir, must_exist=True)
@@ -499,8 +500,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from cleansweep import spaces
     from cleansweep.methods import list_methods
+    from cleansweep.sweep import space as spaces
 
     cfg = spaces.load(args.space, known_methods=list_methods())
     if args.num_samples is not None:  # grid repeats count toward search.max_grid_points too
@@ -513,7 +514,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         check_name(name)
     except ValueError as e:
         raise UserError(f"--name: {e}") from None
-    from cleansweep import delivery, report, search, start_model
+    from cleansweep.results import report
+    from cleansweep.sweep import delivery
+    from cleansweep.sweep import driver as search
+    from cleansweep.sweep import start as start_model
 
     workdir = (args.workdir or default_workdir()).resolve()
     # Everything that can be refused is refused here, before a model is pre-trained or Ray starts.
@@ -548,7 +552,7 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from cleansweep import report
+    from cleansweep.results import report
 
     uri = _store(args.tracking_uri, (args.workdir or default_workdir()).resolve(), must_exist=True)
     board = report.results(args.name, tracking_uri=uri, experiment=args.experiment)
@@ -581,8 +585,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from cleansweep import report
-    from cleansweep.study import run_study
+    from cleansweep.experiments.study import run_study
+    from cleansweep.results import report
 
     _store(args.tracking_uri, (args.workdir or default_workdir()).resolve())
     if args.preset == "matrix":
@@ -601,7 +605,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
-    from cleansweep.matrix import METHODS, markdown_matrix, run_matrix
+    from cleansweep.experiments.matrix import METHODS, markdown_matrix, run_matrix
 
     def names(text: str | None) -> list[str] | None:
         return [n.strip() for n in text.split(",") if n.strip()] if text else None
@@ -638,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (DiskFull, Exception) as e:  # a full disk: one line naming the path (diskguard), resumable
-        from cleansweep import diskguard
+        from cleansweep.runtime import diskguard
 
         if (line := diskguard.disk_full_line(e)) is None:
             raise

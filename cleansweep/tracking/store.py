@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cleansweep.errors import UserError
-from cleansweep.outage import ServerUnreachable
+from cleansweep.tracking.outage import ServerUnreachable
 
 _NETWORK_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _REACHED: set[tuple[str, int]] = set()

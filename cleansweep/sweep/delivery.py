@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cleansweep import layout
 from cleansweep.errors import UserError
+from cleansweep.runtime import layout
 
 EXIT_BEST_MODEL_LOST = 3  # `cleansweep search`: the sweep ran, but its best model cannot be delivered
 

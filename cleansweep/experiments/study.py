@@ -25,21 +25,16 @@ from typing import Any
 
 import pandas as pd
 
-from cleansweep import atomic, cluster, layout, pretrain, report, search
-from cleansweep.config import (
-    MlflowSpec,
-    PretrainConfig,
-    RaySpec,
-    SearchConfig,
-    TrainSpec,
-    deep_update,
-    read_yaml,
-    validate,
-)
+from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, TrainSpec, deep_update, read_yaml, validate
 from cleansweep.errors import UserError
+from cleansweep.pretrain import driver as pretrain
+from cleansweep.results import report
+from cleansweep.runtime import atomic, cluster, layout
+from cleansweep.sweep import driver as search
+from cleansweep.sweep.config import SearchConfig
 
 OBJECTIVES = {o: layout.objective_label(o) for o in layout.OBJECTIVES}  # key -> label in tables and figures
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 PATH_HELP = {
     "train_csv": "the poisoned pre-training image-caption CSV (e.g. from `cleansweep poison --num-poison 1500`)",
     "clean_csv": "the clean cleaning set (100K image-caption pairs)",
@@ -92,7 +87,7 @@ def resolve_data(preset: str, workdir: Path, paths: Mapping[str, Any] | None, se
     """
     given = {k: str(v) for k, v in (paths or {}).items() if v}
     if not given and STUDIES[preset]["preset"] == "demo":
-        from cleansweep import presets
+        from cleansweep.experiments import presets
 
         return presets.prepare_demo_data(workdir, seed=seed)
     missing = [k for k in PATH_HELP if k not in given]
@@ -108,7 +103,7 @@ def resolve_data(preset: str, workdir: Path, paths: Mapping[str, Any] | None, se
 def pretrain_config(preset: str, objective: str, data: Mapping[str, str], *, name: str, tracking_uri: str | None,
                     reference_top1: float | None, overrides: Mapping[str, Any] | None = None) -> PretrainConfig:
     """The pre-training run of one objective; MMCL+SSL selects the evaluation closest to `reference_top1`."""
-    from cleansweep import presets
+    from cleansweep.experiments import presets
 
     spec = presets.pretrain_spec(STUDIES[preset]["preset"], objective, dict(data), **dict(overrides or {}))
     closest = objective != "mmcl" and reference_top1 is not None
@@ -126,8 +121,9 @@ def sweep_config(preset: str, objective: str, data: Mapping[str, str], checkpoin
     Args:
         overrides: Top-level SearchConfig keys, dotted (`epochs`, `search.num_samples`, `scheduler.grace_period`).
     """
-    from cleansweep import presets, spaces
+    from cleansweep.experiments import presets
     from cleansweep.methods import list_methods
+    from cleansweep.sweep import space as spaces
 
     clean = STUDIES[preset]["clean"][objective]
     source = f"study {preset} cleaning {objective}"
@@ -267,7 +263,7 @@ def _sweep_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log
                  cards: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Any] | None,
                  echo: Callable[[str], None]) -> None:
     """Run (or resume, or skip when finished) the CleanCLIP sweep of each pre-trained model."""
-    from cleansweep import start_model
+    from cleansweep.sweep import start as start_model
 
     for objective, names in run_names(preset).items():
         t, name = time.monotonic(), names["sweep"]

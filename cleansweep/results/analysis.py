@@ -2,7 +2,7 @@
 
 The numbers behind the paper's Table 2 (starting model vs the best evaluation with ASR <= threshold, relative
 change) and its stopping-criterion argument (per trial: best feasible evaluation vs the last one), the Pareto front,
-and the hyperparameters a sweep sampled. `cleansweep.report` writes them; the notebook and the tests call them
+and the hyperparameters a sweep sampled. `cleansweep.results.report` writes them; the notebook and the tests call them
 directly on `cleansweep.tracking.load_sweep(...)` output.
 """
 

@@ -7,8 +7,8 @@ poisoning and when measuring the attack success rate (both default to 0 and the 
 
 Triggers: the classic noise/warp ones (badnet, blended, sig, wanet), structured ones (stripes, triangle, text; hard
 edges and flat colours, exact in an 8-bit PNG) and badclip, which pastes a patch optimised on a CLIP model
-(`cleansweep.badclip`). `resolve_trigger_params` turns every derived default into a concrete value, so a manifest's
-`trigger_params` rebuild the very same trigger. `cleansweep.poison` writes poisoned data with them.
+(`cleansweep.attacks.badclip`). `resolve_trigger_params` turns every derived default into a concrete value, so a
+manifest's `trigger_params` rebuild the very same trigger. `cleansweep.attacks.poison` writes poisoned data with them.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def text_overlay(raw: torch.Tensor, generator: torch.Generator, *, text: str = "
 
 def badclip(raw: torch.Tensor, generator: torch.Generator, *, pattern: str, pattern_sha256: str | None = None,
             patch_size: int | None = None, location: str = "random") -> torch.Tensor:
-    """BadCLIP: paste an optimised patch (a `cleansweep.badclip.save_patch` file) at `location`, as BadNet.
+    """BadCLIP: paste an optimised patch (a `cleansweep.attacks.badclip.save_patch` file) at `location`, as BadNet.
 
     Args:
         raw: (B, 3, H, W) in [0, 1].
@@ -333,7 +333,7 @@ def validate_patch(patch: Any, where: str) -> torch.Tensor:
     if not square or not torch.isfinite(patch).all() or patch.min() < 0 or patch.max() > 1:
         shape = tuple(patch.shape) if isinstance(patch, torch.Tensor) else type(patch).__name__
         raise UserError(f"{where}: a patch must be a (3, p, p) tensor of values in [0, 1], got {shape}; save it with "
-                        "cleansweep.badclip.save_patch")
+                        "cleansweep.attacks.badclip.save_patch")
     return patch
 
 
@@ -345,17 +345,17 @@ def _read_patch(path: str, size: int, mtime_ns: int) -> tuple[torch.Tensor, str]
     except (SafetensorError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable safetensors file ({first}); pass a patch written by "
-                        "cleansweep.badclip.save_patch") from None
+                        "cleansweep.attacks.badclip.save_patch") from None
     if "patch" not in tensors:
         raise UserError(f"{path}: no 'patch' tensor (found: {', '.join(tensors) or 'none'}); pass a patch written by "
-                        "cleansweep.badclip.save_patch")
+                        "cleansweep.attacks.badclip.save_patch")
     return validate_patch(tensors["patch"].float(), path), file_sha256(path)
 
 
 def cached_patch(path: str | Path) -> tuple[torch.Tensor, str]:
     """(patch (3, p, p), sha256 of the file) of a badclip pattern file, read once per path, size and mtime.
 
-    The tensor is shared: do not modify it (`cleansweep.badclip.load_patch` returns a copy).
+    The tensor is shared: do not modify it (`cleansweep.attacks.badclip.load_patch` returns a copy).
 
     Raises:
         UserError: not a .safetensors path, missing, unreadable, or not a (3, p, p) patch in [0, 1]. Nothing is
@@ -363,7 +363,7 @@ def cached_patch(path: str | Path) -> tuple[torch.Tensor, str]:
     """
     p = Path(path)
     if p.suffix != ".safetensors":
-        raise UserError(f"pattern {p} is not a .safetensors file; pass a patch written by cleansweep.badclip."
+        raise UserError(f"pattern {p} is not a .safetensors file; pass a patch written by cleansweep.attacks.badclip."
                         "save_patch (pickled files are never loaded)")
     if not p.is_file():
         raise UserError(f"pattern file not found: {p}; pass the path of a .safetensors patch")
@@ -462,7 +462,7 @@ TRIGGERS: dict[str, Trigger] = {
     "text": Trigger(text_overlay, "the word 'iPod' in a seeded colour (40 px font at 224), random or bottom-right "
                     "position", {"text": "iPod", "font_size": None, "colour": None, "location": "random",
                                  "trigger_seed": 0}, _resolve_text),
-    "badclip": Trigger(badclip, "optimised patch from a file (cleansweep.badclip; BadCLIP, Liang et al. 2024), "
+    "badclip": Trigger(badclip, "optimised patch from a file (cleansweep.attacks.badclip; BadCLIP, Liang et al. 2024), "
                        "random or bottom-right position",
                        {"pattern": None, "pattern_sha256": None, "patch_size": None, "location": "random"},
                        _resolve_badclip),

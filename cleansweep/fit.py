@@ -33,7 +33,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cleansweep import layout, loop
+from cleansweep import loop
+from cleansweep.attacks.triggers import attack_trigger
 from cleansweep.augment import eda, ssl_image_transform
 from cleansweep.config import MethodSpec, TrainSpec, validate
 from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip, read_pairs
@@ -52,7 +53,7 @@ from cleansweep.models import (
 )
 from cleansweep.objective import PROXY_ASR
 from cleansweep.optim import apply_hyperparameters, create_optimizer, lr_at
-from cleansweep.triggers import attack_trigger
+from cleansweep.runtime import layout
 
 MODEL_FILE, STATE_FILE = layout.MODEL_FILE, layout.STATE_FILE  # the checkpoint directory (module docstring)
 Report = Callable[[dict[str, Any], str | None], None]
@@ -157,7 +158,7 @@ def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Ca
     trigger = attack_trigger(a, bundle.image_size) if known else None
     extra = {}
     if spec.proxy is not None:
-        from cleansweep.scan import load_proxy
+        from cleansweep.detect.scan import load_proxy
 
         extra[PROXY_ASR] = load_proxy(spec.proxy, folder.classnames)
     loader = DataLoader(folder, batch_size=spec.data.eval_batch_size, shuffle=False, num_workers=spec.data.workers)
@@ -405,7 +406,7 @@ def preflight(spec: TrainSpec | dict[str, Any]) -> TrainSpec:
         raise UserError("attack.name 'none' (the trigger is unknown) leaves nothing to constrain; set objective.asr: "
                         "proxy (the sweep scans the model first) or name the trigger")
     if spec.proxy is not None:
-        from cleansweep.scan import load_proxy
+        from cleansweep.detect.scan import load_proxy
 
         load_proxy(spec.proxy, folder.classnames)
     return spec

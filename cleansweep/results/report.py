@@ -3,8 +3,8 @@
 `build_report` writes Figure 2 (`pareto.png`), Figure 5 (`trajectories.png`), Table 2 (`summary.csv/.md`), the
 stopping-criterion analysis (`stopping*.csv/.md`), the trial leaderboard, every evaluation and a one-page
 `report.md`; `report_sweep` reads the sweep with `cleansweep.tracking.load_sweep` and logs the files under `report/`
-on the parent run. The numbers come from `cleansweep.analysis` (pure tables) and the figures from
-`cleansweep.figures`; their public names are re-exported here. MLflow stays in `cleansweep.tracking`.
+on the parent run. The numbers come from `cleansweep.results.analysis` (pure tables) and the figures from
+`cleansweep.results.figures`; their public names are re-exported here. MLflow stays in `cleansweep.tracking`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cleansweep.analysis import (
+from cleansweep.errors import UserError
+from cleansweep.objective import PROXY_ASR
+from cleansweep.results.analysis import (
     ASR,
     DEFAULT_THRESHOLD,
     EPOCH,
@@ -45,10 +47,8 @@ from cleansweep.analysis import (
     trials_table,
     varying_params,
 )
-from cleansweep.atomic import write_atomic
-from cleansweep.errors import UserError
-from cleansweep.figures import draw_pareto, plot_pareto, plot_study_pareto, plot_trajectories
-from cleansweep.objective import PROXY_ASR
+from cleansweep.results.figures import draw_pareto, plot_pareto, plot_study_pareto, plot_trajectories
+from cleansweep.runtime.atomic import write_atomic
 
 if TYPE_CHECKING:
     from cleansweep.tracking import SweepRecord

@@ -20,16 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cleansweep.config import (
-    DataSpec,
-    Domain,
-    SearchConfig,
-    TrainSpec,
-    deep_update,
-    read_yaml,
-    validate,
-)
+from cleansweep.config import DataSpec, TrainSpec, deep_update, read_yaml, validate
 from cleansweep.errors import UserError
+from cleansweep.sweep.config import Domain, SearchConfig
 
 VARIANT_KEY = "variant"  # trial-config key naming the method variant (a label of `methods:`); not a TrainSpec field
 METHOD_KEY = "method.name"

@@ -33,9 +33,10 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cleansweep import atomic, cluster, layout, scratch, tracking
+from cleansweep import tracking
 from cleansweep.config import PretrainConfig, TrainSpec
 from cleansweep.errors import UserError
+from cleansweep.runtime import atomic, cluster, layout, scratch
 
 CHECKPOINT_PREFIX = layout.CHECKPOINT_PREFIX
 WEIGHTS, RUN_FILE, DONE_FILE = layout.MODEL_FILE, layout.PRETRAIN_RUN_FILE, layout.PRETRAIN_DONE_FILE
@@ -77,7 +78,7 @@ class Selector:
 # ------------------------------------------------------------------------------------------------ worker
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker (also run in-process when num_workers=0): resume if a checkpoint exists, then fit."""
-    from cleansweep import session
+    from cleansweep import fit as session
 
     spec = TrainSpec.model_validate(config["spec"])
     run_dir = Path(config["run_dir"])
@@ -295,7 +296,7 @@ def _absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 def _check_inputs(cfg: PretrainConfig) -> None:
     """Fail before any cluster starts on what is plainly wrong (`session.preflight`, as sweeps do)."""
-    from cleansweep import session
+    from cleansweep import fit as session
 
     session.preflight(cfg.train)
 

@@ -1,6 +1,6 @@
 """Poisoning of image-caption CSVs with a manifest: N rows replaced by triggered copies (`poison_csv`), or N
-poisoned pairs added to a clean cleaning set (`contaminate`). The triggers themselves live in `cleansweep.triggers`
-(re-exported here, where the CLI and users look for them).
+poisoned pairs added to a clean cleaning set (`contaminate`). The triggers themselves live in
+`cleansweep.attacks.triggers` (re-exported here, where the CLI and users look for them).
 """
 
 from __future__ import annotations
@@ -19,12 +19,7 @@ import pandas as pd
 import torch
 
 from cleansweep import __version__
-from cleansweep.data.eval_folder import openai_templates
-from cleansweep.data.images import BadImage, open_rgb, raw_transform, to_uint8_image
-from cleansweep.data.pairs import read_pairs, resolve_image_paths
-from cleansweep.errors import UserError
-from cleansweep.limits import MAX_IMAGE_SIDE, SEED_MAX
-from cleansweep.triggers import (  # noqa: F401 - re-exported
+from cleansweep.attacks.triggers import (  # noqa: F401 - re-exported
     ATTACK_FIELDS,
     PARAM_KINDS,
     TRIGGERS,
@@ -59,6 +54,11 @@ from cleansweep.triggers import (  # noqa: F401 - re-exported
     wanet,
     wanet_grid,
 )
+from cleansweep.data.eval_folder import openai_templates
+from cleansweep.data.images import BadImage, open_rgb, raw_transform, to_uint8_image
+from cleansweep.data.pairs import read_pairs, resolve_image_paths
+from cleansweep.errors import UserError
+from cleansweep.limits import MAX_IMAGE_SIDE, SEED_MAX
 
 
 # ----------------------------------------------------------------------------------------------- poisoning

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cleansweep import __version__
-from cleansweep.atomic import write_atomic, write_json
 from cleansweep.data import EvalFolder
 from cleansweep.errors import UserError
 from cleansweep.evaluate import EvalMode, evaluate, normalizer, resolve_device, unwrap, zeroshot_classifier
@@ -39,6 +38,7 @@ from cleansweep.models import (
     read_card,
 )
 from cleansweep.objective import ASR
+from cleansweep.runtime.atomic import write_atomic, write_json
 
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]]
 Trigger = Callable[[Tensor, torch.Generator], Tensor]
@@ -264,7 +264,7 @@ def _finish(module: nn.Module, images: Tensor, norm: Callable[[Tensor], Tensor],
 
 
 def inverted_trigger(mask: Tensor, pattern: Tensor) -> Trigger:
-    """The inverted trigger as a `cleansweep.triggers` trigger: `fn(raw (B, 3, H, W), generator) -> raw`.
+    """The inverted trigger as a `cleansweep.attacks.triggers` trigger: `fn(raw (B, 3, H, W), generator) -> raw`.
 
     Deterministic (the generator is accepted and unused), so `evaluate(..., trigger=...)` measures a proxy ASR.
     """
