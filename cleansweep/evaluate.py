@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cleansweep.attacks.triggers import ATTACK_FIELDS, attack_from_manifest, attack_trigger, resolve_trigger_params
+from cleansweep.attacks.registry import ATTACK_FIELDS, attack_from_manifest, attack_trigger, resolve_trigger_params
 from cleansweep.config import AttackSpec
 from cleansweep.errors import UserError
 from cleansweep.models import file_sha256, load_checkpoint_model, read_card

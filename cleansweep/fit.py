@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cleansweep import loop
-from cleansweep.attacks.triggers import attack_trigger
+from cleansweep.attacks.registry import attack_trigger
 from cleansweep.augment import eda, ssl_image_transform
 from cleansweep.config import MethodSpec, TrainSpec, validate
 from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip, read_pairs

@@ -240,7 +240,7 @@ def test_limits_are_the_documented_numbers():
     ("text", "font_size=100000", "font_size=100000 must be in 1..4096"),
 ])
 def test_trigger_parameters_are_bounded(attack, param, needle, sandbox, capsys):
-    from cleansweep.attacks.triggers import create_trigger, parse_trigger_param
+    from cleansweep.attacks.registry import create_trigger, parse_trigger_param
 
     key, value = parse_trigger_param(param)
     with pytest.raises(UserError, match=needle):

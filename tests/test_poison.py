@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import to_tensor
 
 from cleansweep.attacks.badclip import save_patch
+from cleansweep.attacks.params import SIZE, Kind, Trigger
 from cleansweep.attacks.poison import (
-    PARAM_KINDS,
     TRIGGERS,
     attack_from_manifest,
     attack_trigger,
@@ -63,7 +63,7 @@ def uint8_images(b: int = 4, s: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(TRIGGERS))
 def test_trigger_contract(name: str, tmp_path: Path) -> None:
     assert TRIGGERS[name].description
-    assert set(TRIGGERS[name].defaults) <= set(PARAM_KINDS)  # every parameter's kind is checked
+    assert set(TRIGGERS[name].defaults) == set(TRIGGERS[name].kinds)  # every parameter's kind is checked
     x = images()
     copy = x.clone()
     fn = create_trigger(name, 32, **required(name, tmp_path))
@@ -73,6 +73,19 @@ def test_trigger_contract(name: str, tmp_path: Path) -> None:
     assert y1.shape == x.shape and y1.dtype == x.dtype and y1.min() >= 0 and y1.max() <= 1
     assert torch.equal(y1, y2)  # seeded determinism
     assert (y1 - x).abs().amax(dim=(1, 2, 3)).min() > 0.02  # every image visibly changed
+
+
+@pytest.mark.parametrize(
+    "defaults, kinds, expected",
+    [({"size": 3}, {}, r"does not declare the kind of its parameter\(s\) size; add them to its kinds"),
+     ({"size": 3}, {"size": Kind("colour")}, r"unknown kind \(size=colour\); use one of: integer, number, text"),
+     ({}, {"size": SIZE}, "declares kinds for size, which it does not take")],
+)
+def test_a_trigger_whose_parameter_kinds_are_not_declared_is_refused(defaults: dict, kinds: dict,
+                                                                      expected: str) -> None:
+    with pytest.raises(UserError, match=expected) as e:
+        Trigger("probe", lambda raw, generator, size=3: raw, "a probe", defaults, kinds)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", list(TRIGGERS))

@@ -66,7 +66,7 @@ def _asr(checkpoint: Path, eval_dir: str, trigger) -> float:
 def test_a_checkpoint_sweep_starts_with_the_trigger_its_card_records(tmp_path, tiny_checkpoint):
     # The bug: with no `attack:` in the file the sweep measured a fresh random BadNet patch (the YAML's defaults), so
     # a model the fixed 8 px patch controls started at ASR ~0 and every trial looked clean.
-    from cleansweep.attacks.triggers import create_trigger
+    from cleansweep.attacks.registry import create_trigger
 
     ckpt, world = tiny_checkpoint["checkpoint"], tiny_checkpoint["world"]
     start = _resolve(_space(tmp_path, ckpt, world), tmp_path / "w")

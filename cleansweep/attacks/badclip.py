@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cleansweep import __version__
 from cleansweep.attacks.poison import contaminate, mentions, poison_csv
-from cleansweep.attacks.triggers import cached_patch, default_patch_size, patch_positions, stamp, validate_patch
+from cleansweep.attacks.registry import cached_patch, default_patch_size, patch_positions, stamp, validate_patch
 from cleansweep.data import EvalFolder, openai_templates, read_pairs
 from cleansweep.data.images import BadImage, open_rgb, raw_transform
 from cleansweep.data.pairs import resolve_image_paths

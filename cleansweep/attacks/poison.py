@@ -1,6 +1,6 @@
 """Poisoning of image-caption CSVs with a manifest: N rows replaced by triggered copies (`poison_csv`), or N
 poisoned pairs added to a clean cleaning set (`contaminate`). The triggers themselves live in
-`cleansweep.attacks.triggers` (re-exported here, where the CLI and users look for them).
+`cleansweep.attacks.registry` and the modules it collects (re-exported here, where the CLI and users look for them).
 """
 
 from __future__ import annotations
@@ -19,40 +19,35 @@ import pandas as pd
 import torch
 
 from cleansweep import __version__
-from cleansweep.attacks.triggers import (  # noqa: F401 - re-exported
+from cleansweep.attacks.noise import badnet, blended, sig, wanet, wanet_grid  # noqa: F401 - re-exported
+from cleansweep.attacks.params import Trigger, TriggerFn, default_patch_size  # noqa: F401 - re-exported
+from cleansweep.attacks.registry import (  # noqa: F401 - re-exported
     ATTACK_FIELDS,
-    PARAM_KINDS,
     TRIGGERS,
-    Trigger,
-    TriggerFn,
     attack_from_manifest,
     attack_trigger,
     badclip,
-    badnet,
-    blended,
     cached_patch,
-    colour_rgb,
     create_trigger,
-    default_font_size,
-    default_patch_size,
-    default_stripe_period,
-    default_triangle_size,
     list_triggers,
     parse_trigger_param,
-    patch_positions,
     resolve_trigger_params,
+    validate_patch,
+)
+from cleansweep.attacks.structured import (  # noqa: F401 - re-exported
+    colour_rgb,
+    default_font_size,
+    default_stripe_period,
+    default_triangle_size,
+    patch_positions,
     seeded_colour,
     seeded_phase,
-    sig,
     stamp,
     stripe_mask,
     stripes,
     text_overlay,
     triangle,
     triangle_mask,
-    validate_patch,
-    wanet,
-    wanet_grid,
 )
 from cleansweep.data.eval_folder import openai_templates
 from cleansweep.data.images import BadImage, open_rgb, raw_transform, to_uint8_image

@@ -186,7 +186,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cleansweep.attacks.triggers import parse_trigger_param
+    from cleansweep.attacks.registry import parse_trigger_param
     from cleansweep.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.eval_data, model_name=args.model, attack=args.attack,

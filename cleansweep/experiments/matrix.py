@@ -70,7 +70,7 @@ def _check_names(attacks: Sequence[str], methods: Sequence[str]) -> None:
 def poisoned_data(attack: str, fraction: float, paths: Mapping[str, str], workdir: Path, *,
                   clean_model: Path | None, seed: int = 0) -> dict[str, Any]:
     """The demo training set poisoned with `attack` at `fraction` (cached), and the AttackSpec it was made with."""
-    from cleansweep.attacks.triggers import attack_from_manifest
+    from cleansweep.attacks.registry import attack_from_manifest
 
     out = Path(workdir).resolve() / "data" / f"matrix-{attack}-{round(fraction * 1000):03d}"
     common = {"target": TARGET, "fraction": fraction, "seed": seed, **ATTACKS[attack]["params"]}
