@@ -158,7 +158,7 @@ def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Ca
     trigger = attack_trigger(a, bundle.image_size) if known else None
     extra = {}
     if spec.proxy is not None:
-        from cleansweep.detect.scan import load_proxy
+        from cleansweep.detect.proxy import load_proxy
 
         extra[PROXY_ASR] = load_proxy(spec.proxy, folder.classnames)
     loader = DataLoader(folder, batch_size=spec.data.eval_batch_size, shuffle=False, num_workers=spec.data.workers)
@@ -406,7 +406,7 @@ def preflight(spec: TrainSpec | dict[str, Any]) -> TrainSpec:
         raise UserError("attack.name 'none' (the trigger is unknown) leaves nothing to constrain; set objective.asr: "
                         "proxy (the sweep scans the model first) or name the trigger")
     if spec.proxy is not None:
-        from cleansweep.detect.scan import load_proxy
+        from cleansweep.detect.proxy import load_proxy
 
         load_proxy(spec.proxy, folder.classnames)
     return spec

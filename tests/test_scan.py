@@ -1,4 +1,5 @@
-"""DECREE-style trigger inversion: the math against hand computations, files, and a backdoored vs a clean tiny model."""
+"""DECREE-style trigger inversion (detect.inversion) against hand computations, its files (detect.proxy), the scan
+figure, and the scan command (detect.scan) on a backdoored vs a clean tiny model."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cleansweep.data import EvalFolder
-from cleansweep.detect import scan
+from cleansweep.detect import inversion, proxy, scan
 from cleansweep.errors import UserError
 from cleansweep.evaluate import zeroshot_classifier
 from cleansweep.models import create_model, file_sha256
 from cleansweep.objective import ASR
+from cleansweep.results.figures import plot_inversions
 
 PATCH = 8  # the fixed 8 px BadNet corner patch of tests/test_search.py's tiny_checkpoint: PL1 64 / 1024 = 0.0625
 SCAN = {"steps": 60, "lr": 0.5, "batch_size": 16}  # measured to separate the twins (see test_backdoored_vs_clean)
@@ -93,25 +95,25 @@ def test_mean_pairwise_cosine_matches_a_double_loop():
     a = feats.numpy()
     pairs = [a[i] @ a[j] / np.linalg.norm(a[i]) / np.linalg.norm(a[j])
              for i, j in itertools.product(range(5), repeat=2) if i != j]
-    assert float(scan.mean_pairwise_cosine(feats)) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert float(inversion.mean_pairwise_cosine(feats)) == pytest.approx(np.mean(pairs), abs=1e-12)
     same = torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]])
-    assert float(scan.mean_pairwise_cosine(same)) == pytest.approx(1.0, abs=1e-6)
+    assert float(inversion.mean_pairwise_cosine(same)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_apply_trigger_and_pl1_by_hand():
     raw, mask, pattern = _images(2, 0, 3), torch.rand(1, 3, 3), torch.rand(3, 3, 3)
-    out = scan.apply_trigger(raw, mask, pattern).numpy()
+    out = inversion.apply_trigger(raw, mask, pattern).numpy()
     x, m, p = raw.numpy(), mask.numpy(), pattern.numpy()
     for b, c, i, j in itertools.product(range(2), range(3), range(3), range(3)):
         assert out[b, c, i, j] == pytest.approx((1 - m[0, i, j]) * x[b, c, i, j] + m[0, i, j] * p[c, i, j])
-    assert scan.pl1_norm(mask) == pytest.approx(m.sum() / 9)
+    assert inversion.pl1_norm(mask) == pytest.approx(m.sum() / 9)
     corner = torch.zeros(1, 32, 32)
     corner[:, -PATCH:, -PATCH:] = 1
-    assert scan.pl1_norm(corner) == 0.0625
+    assert inversion.pl1_norm(corner) == 0.0625
 
 
 def test_penalty_weight_rises_while_reached_and_falls_otherwise():
-    w = scan.PenaltyWeight(1.0, factor=2.0, patience=2, minimum=0.25, maximum=4.0)
+    w = inversion.PenaltyWeight(1.0, factor=2.0, patience=2, minimum=0.25, maximum=4.0)
     flags = [True] * 3 + [True] * 3 + [True] * 3 + [False] * 3 + [False] * 9 + [True, False] * 3
     # Up after 3 reached steps (> patience), capped at 4, down after 3 missed steps, floored at 0.25.
     expected = [1, 1, 2, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 2, 1, 1, 1, 0.5, 0.5, 0.5, 0.25] + [0.25] * 6
@@ -124,9 +126,9 @@ def test_inversion_in_range_deterministic_and_leaves_the_model_alone(untrained):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     kwargs = {"steps": 4, "batch_size": 4, "lr": 0.2}
-    a = scan.invert_trigger(model, images, (untrained.mean, untrained.std), seed=3, **kwargs)
-    b = scan.invert_trigger(model, images, (untrained.mean, untrained.std), seed=3, **kwargs)
-    c = scan.invert_trigger(model, images, (untrained.mean, untrained.std), seed=4, **kwargs)
+    a = inversion.invert_trigger(model, images, (untrained.mean, untrained.std), seed=3, **kwargs)
+    b = inversion.invert_trigger(model, images, (untrained.mean, untrained.std), seed=3, **kwargs)
+    c = inversion.invert_trigger(model, images, (untrained.mean, untrained.std), seed=4, **kwargs)
     assert a.mask.shape == (1, 32, 32) and a.pattern.shape == (3, 32, 32)
     for t in (a.mask, a.pattern):
         assert t.min() >= 0 and t.max() <= 1
@@ -144,38 +146,50 @@ def test_inversion_rejects_bad_inputs(untrained):
     for images, match in ((torch.rand(3, 32, 32), "shape"), (torch.rand(1, 3, 32, 32), "at least 2"),
                           (torch.rand(4, 3, 32, 32) * 255, r"\[0, 1\]")):
         with pytest.raises(UserError, match=match):
-            scan.invert_trigger(untrained.model, images, norm, steps=1)
+            inversion.invert_trigger(untrained.model, images, norm, steps=1)
     with pytest.raises(UserError, match="steps >= 1"):
-        scan.invert_trigger(untrained.model, _images(4, 0), norm, steps=0)
+        inversion.invert_trigger(untrained.model, _images(4, 0), norm, steps=0)
     with pytest.raises(UserError, match=r"\(1, H, W\)"):
-        scan.inverted_trigger(torch.rand(3, 8, 8), torch.rand(3, 8, 8))
+        inversion.inverted_trigger(torch.rand(3, 8, 8), torch.rand(3, 8, 8))
     with pytest.raises(UserError, match=r"\[0, 1\]"):
-        scan.inverted_trigger(torch.full((1, 8, 8), 2.0), torch.rand(3, 8, 8))
+        inversion.inverted_trigger(torch.full((1, 8, 8), 2.0), torch.rand(3, 8, 8))
     with pytest.raises(UserError, match="resolution"):
-        scan.inverted_trigger(torch.rand(1, 8, 8), torch.rand(3, 8, 8))(_images(2, 0), torch.Generator())
+        inversion.inverted_trigger(torch.rand(1, 8, 8), torch.rand(3, 8, 8))(_images(2, 0), torch.Generator())
 
 
 def test_save_and_load_inversion(tmp_path):
     mask, pattern = torch.rand(1, 8, 8), torch.rand(3, 8, 8)
-    path = scan.save_inversion(tmp_path / "inv.safetensors", mask, pattern, {"suspected_target": "banana"})
-    got_mask, got_pattern, card = scan.load_inversion(path)
+    path = proxy.save_inversion(tmp_path / "inv.safetensors", mask, pattern, {"suspected_target": "banana"})
+    got_mask, got_pattern, card = proxy.load_inversion(path)
     assert torch.equal(got_mask, mask) and torch.equal(got_pattern, pattern)
     assert card["suspected_target"] == "banana" and card["sha256"] == file_sha256(path)
-    trigger, index = scan.load_proxy(path, ["apple", "banana"])
+    trigger, index = proxy.load_proxy(path, ["apple", "banana"])
     assert index == 1 and torch.equal(trigger(torch.zeros(1, 3, 8, 8), torch.Generator())[0], mask * pattern)
     with pytest.raises(UserError, match="not a class"):
-        scan.load_proxy(path, ["apple"])
+        proxy.load_proxy(path, ["apple"])
     with pytest.raises(UserError, match="must end in .safetensors"):
-        scan.save_inversion(tmp_path / "inv.pt", mask, pattern, {})
+        proxy.save_inversion(tmp_path / "inv.pt", mask, pattern, {})
     with pytest.raises(UserError, match="not found"):
-        scan.load_inversion(tmp_path / "missing.safetensors")
+        proxy.load_inversion(tmp_path / "missing.safetensors")
     safetensors.torch.save_file({"weight": torch.ones(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="expected tensors 'mask' and 'pattern'"):
-        scan.load_inversion(tmp_path / "other.safetensors")
+        proxy.load_inversion(tmp_path / "other.safetensors")
     pickled = tmp_path / "pickled.safetensors"
     torch.save({"mask": mask, "pattern": pattern}, pickled)  # a pickle under a safetensors name is never unpickled
     with pytest.raises(UserError, match="not a readable safetensors"):
-        scan.load_inversion(pickled)
+        proxy.load_inversion(pickled)
+
+
+def test_the_scan_figure_draws_mask_pattern_and_product_per_row():
+    mask, pattern = np.random.default_rng(0).random((1, 4, 5)), np.random.default_rng(1).random((3, 4, 5))
+    fig = plot_inversions([("model", mask, pattern), ("reference", 1 - mask, pattern)])
+    axes = fig.get_axes()
+    assert len(axes) == 6 and axes[0].get_title() == "model: mask" and axes[3].get_title() == "reference: mask"
+    drawn = [np.asarray(ax.get_images()[0].get_array()) for ax in axes[:3]]
+    assert np.array_equal(drawn[0], mask[0]) and drawn[1].shape == (4, 5, 3)
+    assert np.allclose(drawn[1][2, 3], pattern[:, 2, 3])
+    assert np.allclose(drawn[2][2, 3], mask[0, 2, 3] * pattern[:, 2, 3])
+    assert np.array_equal(np.asarray(axes[3].get_images()[0].get_array()), 1 - mask[0])
 
 
 # ------------------------------------------------------------------------------------------------ tiny twins
@@ -189,24 +203,24 @@ def test_backdoored_model_gets_the_smaller_mask_and_the_right_target(twins, scan
     assert bad["pl1_norm"] < clean["pl1_norm"], (bad["pl1_norm"], clean["pl1_norm"])
     assert bad["suspected_target"] == "banana" and bad["target_index"] == 0
     assert bad["reached"] and bad["similarity"] > bad["clean_similarity"]
-    assert result["verdict"]["backdoored"] and result["verdict"]["ratio"] < scan.RATIO_THRESHOLD
+    assert result["verdict"]["backdoored"] and result["verdict"]["ratio"] < inversion.RATIO_THRESHOLD
     assert result["verdict"]["ratio"] == pytest.approx(bad["pl1_norm"] / clean["pl1_norm"])
     assert bad["sha256"] == file_sha256(twins["bad"]) and clean["sha256"] == file_sha256(twins["clean"])
     assert json.loads((out / "scan.json").read_text()) == json.loads(json.dumps(result))
     with Image.open(out / "inverted_trigger.png") as png:
         assert png.size[0] > 300 and png.size[1] > 300  # two rows of three panels
-    mask, _, card = scan.load_inversion(out / "inversion.safetensors")
-    assert card["suspected_target"] == "banana" and scan.pl1_norm(mask) == pytest.approx(bad["pl1_norm"])
+    mask, _, card = proxy.load_inversion(out / "inversion.safetensors")
+    assert card["suspected_target"] == "banana" and inversion.pl1_norm(mask) == pytest.approx(bad["pl1_norm"])
 
 
 def test_proxy_asr_through_evaluate_matches_a_hand_computation(twins, scanned):
     bundle = scan.load_model(twins["bad"], device="cpu")
-    mask, pattern, card = scan.load_inversion(scanned["out"] / "inversion.safetensors")
+    mask, pattern, card = proxy.load_inversion(scanned["out"] / "inversion.safetensors")
     dataset = EvalFolder(twins["world"]["eval_dir"], bundle.image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=10)
     classifier = zeroshot_classifier(bundle.model, bundle.tokenizer, dataset.classnames, dataset.templates, "cpu")
     target = card["target_index"]
-    got = scan.proxy_asr(bundle.model, loader, classifier, scan.inverted_trigger(mask, pattern),
+    got = inversion.proxy_asr(bundle.model, loader, classifier, inversion.inverted_trigger(mask, pattern),
                          normalize=(bundle.mean, bundle.std), target_index=target)
     raw = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor(dataset.targets)

@@ -4,6 +4,7 @@ Figure 2: accuracy vs attack success rate of every evaluation, the starting mode
 ASR <= threshold shaded (`plot_pareto`, and `plot_study_pareto` with one panel per pre-training objective).
 Figure 5: cleaning trajectories, one line per trial, markers growing with the epoch (`plot_trajectories`).
 Every function returns the figure and how many evaluation points it drew, so tests can check them.
+The scan figure (`plot_inversions`): an inverted trigger's mask, pattern and mask x pattern, one row per model.
 """
 
 from __future__ import annotations
@@ -178,3 +179,18 @@ def plot_study_pareto(panels: Mapping[str, tuple[pd.DataFrame, Start | None]], t
     if title:
         fig.suptitle(title)
     return fig, counts
+
+
+def plot_inversions(rows: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Figure:
+    """One row per model (label, mask (1, H, W), pattern (3, H, W), both in [0, 1]): the mask, the pattern and
+    mask * pattern side by side (`cleansweep scan`'s inverted_trigger.png)."""
+    fig = Figure(figsize=(7.5, 2.6 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for (label, mask, pattern), ax in zip(rows, axes, strict=True):
+        panels = [(mask[0], "mask"), (np.transpose(pattern, (1, 2, 0)), "pattern"),
+                  (np.transpose(mask * pattern, (1, 2, 0)), "mask x pattern")]
+        for a, (image, title) in zip(ax, panels, strict=True):
+            a.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            a.set_title(f"{label}: {title}" if title == "mask" else title, fontsize=9)
+            a.set_axis_off()
+    return fig
