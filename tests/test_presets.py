@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cleansweep import cli
-from cleansweep.attacks.triggers import TRIGGERS
+from cleansweep.attacks.poison import TRIGGERS  # the registry, re-exported where poisoning uses it
 from cleansweep.config import PretrainConfig, TrainSpec, validate
 from cleansweep.errors import UserError
 from cleansweep.experiments import presets
