@@ -346,7 +346,10 @@ def _optimizer(spec: TrainSpec, task: Task, resumed: dict[str, Any] | None, tota
 
 def _effective_params(spec: TrainSpec, run: _Run, optimizer: torch.optim.Optimizer, world: int,
                       steps_per_epoch: int, resume_from: str | Path | None) -> dict[str, Any]:
-    """The resolved configuration a run really used (example 6 of DESIGN.md), logged once by the drivers."""
+    """The resolved configuration a run really used, logged once by the drivers: read back from the optimizer after
+    any checkpoint was loaded (CleanCLIP's src/main.py restores the checkpoint's optimizer state, and with it the
+    saved weight decay, betas and eps, over the requested ones; torch's `Optimizer.load_state_dict` keeps the saved
+    param_groups' hyperparameters)."""
     decay = next((g for g in optimizer.param_groups if g.get("name") == "decay"), optimizer.param_groups[0])
     return {**flatten(spec.model_dump(mode="json")), "method.num_clusters": run.method.num_clusters,
             "effective.weight_decay": decay["weight_decay"], "effective.betas": list(decay["betas"]),

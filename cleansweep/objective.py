@@ -1,8 +1,10 @@
 """The search objective: maximise zero-shot top-1 subject to ASR <= threshold (the paper's model selection).
 
 Metric names are constants so every module logs and reads the same keys. `BestFeasible` turns a trajectory of
-evaluations into the monotone metric the searcher optimises: Optuna only sees a trial's last result, so the last
-result must carry the best feasible accuracy so far (stack notes).
+evaluations into the monotone metric the searcher optimises: Ray Tune tells a searcher only a trial's last result
+(`TuneController.stop_trial` passes `trial.last_result` to `OptunaSearch.on_trial_complete`, which hands that one
+value to `study.tell`; ray/tune/execution/tune_controller.py, ray 2.60), so the last result must carry the best
+feasible accuracy so far.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layering (DESIGN.md): imports between cleansweep modules only go down, and L0/L1 never pull in ray, mlflow, optuna.
+"""Layering (docs/design.md): imports between package modules only go down, and L0/L1 never pull in ray, mlflow, optuna.
 
 1. `LEVELS` places every module of the package on a floor; an import (at the top of a file or inside a function,
    read from the source) may only name a module on a lower floor. Modules on the same floor stand side by side

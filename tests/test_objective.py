@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
@@ -11,9 +12,42 @@ from cleansweep import objective
 from cleansweep.objective import BestFeasible, is_feasible
 
 
-def test_metric_names():
-    assert (objective.TOP1, objective.TOP5, objective.ASR, objective.BEST, objective.FEASIBLE) == (
-        "zeroshot_top1", "zeroshot_top5", "asr_top1", "best_feasible_top1", "feasible")
+def _independent_best(trajectory: list[tuple[int, float, float]], threshold: float) -> tuple[float, int]:
+    """Best top-1 over evaluations with ASR <= threshold (NaN never feasible), earliest step on ties; (0.0, -1)."""
+    feasible = [(top1, -step) for step, top1, asr in trajectory if asr == asr and asr <= threshold]
+    if not feasible:
+        return 0.0, -1
+    top1, neg_step = max(feasible)
+    return top1, -neg_step
+
+
+def test_tracker_and_checkpoint_score_agree_with_an_independent_selection():
+    # The paper's model selection (best accuracy among evaluations with ASR <= threshold) recomputed from scratch on
+    # random trajectories with ties, NaNs and ASRs exactly at the threshold, after every evaluation.
+    rng = random.Random(0)
+    for _ in range(300):
+        threshold = rng.choice([0.0, 0.05, 0.5])
+        asrs = [math.nan, 0.0, threshold]
+        trajectory = [(10 * i, rng.choice([0.0, 0.5, 0.8, round(rng.random(), 2)]),
+                       rng.choice([*asrs, round(rng.random(), 2)])) for i in range(rng.randint(1, 8))]
+        tracker = BestFeasible(threshold)
+        for n, (step, top1, asr) in enumerate(trajectory, start=1):
+            got = tracker.update({objective.STEP: step, objective.TOP1: top1, objective.ASR: asr})
+            best, best_step = _independent_best(trajectory[:n], threshold)
+            assert (got[objective.BEST], got[objective.BEST_STEP]) == (best, best_step)
+            assert got[objective.FEASIBLE] == float(asr == asr and asr <= threshold)
+        # Tune keeps the checkpoint with the highest score: it must be the evaluation the tracker names.
+        scored = [(objective.checkpoint_score(top1, asr, threshold, step), step) for step, top1, asr in trajectory
+                  if asr == asr]
+        if best_step >= 0:
+            assert max(scored)[1] == best_step
+
+
+def test_the_proxy_constraint_judges_feasibility_on_the_proxy_asr():
+    tracker = BestFeasible(0.05, constraint=objective.PROXY_ASR)
+    got = tracker.update({objective.STEP: 4, objective.TOP1: 0.7, objective.ASR: 0.9, objective.PROXY_ASR: 0.01})
+    assert got == {"feasible": 1.0, "best_feasible_top1": 0.7, "best_feasible_step": 4}
+    assert BestFeasible(0.05).update({objective.STEP: 4, objective.TOP1: 0.7, objective.ASR: 0.9})["feasible"] == 0.0
 
 
 @pytest.mark.parametrize("asr,feasible", [(0.0, True), (0.05, True), (0.0500001, False), (1.0, False),

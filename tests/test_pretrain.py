@@ -328,8 +328,10 @@ def _check_resumed(workdir: Path, name: str, killed_at: int, expected: list[int]
     assert run.info.status == "FINISHED"
     _check_one_value_per_evaluation(client, run, expected)
     resumed_from = run.data.params["resumed_from.v2"]  # the second process started from a checkpoint...
-    # ...the newest one Ray had recorded: on a loaded machine its controller may not have recorded the one we saw on
-    # disk yet (reliability notes), so at most one evaluation interval is redone.
+    # ...the newest one Ray had recorded: Train V2 resumes from its checkpoint manager's snapshot, which the controller
+    # writes after it registers a reported checkpoint (ray/train/v2/_internal/execution/checkpoint/
+    # checkpoint_manager.py); on a loaded machine that can lag the folder we saw on disk, so at most one evaluation
+    # interval is redone.
     assert int(resumed_from.rstrip("/").rsplit("_", 1)[1]) >= killed_at - 1 >= 0
     _check_selected(workdir, name, client, run)
 

@@ -568,9 +568,23 @@ def _kill_group(pid: int) -> None:
 
 
 def test_space_files_reference_real_trial_fields():
-    # demo.yaml and the method spaces validate against TrainSpec at every candidate value (spaces.check).
-    for path in sorted(Path(spaces.__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml")):
-        spaces.load(path)
+    # Every shipped space loads with the registered methods, and the first candidate of each variant becomes a
+    # TrainSpec that carries the sampled values under their dotted names (what a trial of that file would train).
+    from functools import reduce
+
+    from cleansweep.methods import list_methods
+
+    files = sorted(Path(spaces.__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml"))
+    assert {"demo.yaml", "cleanclip.yaml"} <= {p.name for p in files}
+    for path in files:
+        cfg = spaces.load(path, known_methods=list_methods())
+        base = spaces.base_train_dict(cfg)
+        for label, params in spaces.variants(cfg).items():
+            point = {k: getattr(d, d.kind)[0] if isinstance(d, Domain) else d for k, d in params.items()}
+            spec = spaces.trial_spec(base, point, f"{path.name}: {label}")
+            assert spec.method.name in list_methods(), (path.name, label)
+            for key, value in point.items():
+                assert reduce(getattr, key.split("."), spec) == value, (path.name, label, key)
 
 
 def test_failed_trials_never_outrank_trials_that_ran():

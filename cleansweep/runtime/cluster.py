@@ -8,10 +8,11 @@
   workers, the dashboard agent and all three Prometheus endpoints (dashboard head, autoscaler monitor, metrics
   agent: ray/dashboard/head.py, ray/autoscaler/_private/monitor.py, reporter_agent.py bind `get_localhost_ip()`
   when the node is on localhost) are unreachable from other machines; the token file is made private (0600).
-- `check_resources`: fail fast when a request can never be placed (Tune warns every 60 s and waits forever, Train
-  retries forever: reliability notes). Counts live nodes and, when an autoscaler reports its node groups, the nodes
-  it may add (a KubeRay GPU group at 0 replicas can still host GPU trials); an autoscaler that reports no node
-  groups turns a refusal into a warning.
+- `check_resources`: fail fast when a request can never be placed: Tune only warns every 60 s and waits forever
+  (`TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S` in ray/tune/execution/insufficient_resources_manager.py), and
+  Train's controller retries forever (`FailureConfig.controller_failure_limit = -1` in ray/train/v2/api/config.py).
+  Counts live nodes and, when an autoscaler reports its node groups, the nodes it may add (a KubeRay GPU group at 0
+  replicas can still host GPU trials); an autoscaler that reports no node groups turns a refusal into a warning.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The one SIGTERM shim: Kubernetes stops pods with SIGTERM, but Tune saves its final experiment snapshot on SIGINT
-only (reliability notes), and Python's default for SIGTERM is to die without cleanup. Inside `sigterm_as_sigint`,
-SIGTERM takes the SIGINT path: Tune's handler while a Tuner runs, KeyboardInterrupt elsewhere (the CLI turns that
-into "interrupted: ... re-run with --resume", exit 130).
+(and SIGUSR1) only: `_setup_signal_catching` in ray/tune/tune.py installs its handler for those two, and the
+`tune.run` docstring says SIGTERM skips the final checkpoint. Python's default for SIGTERM is to die without
+cleanup. Inside `sigterm_as_sigint`, SIGTERM takes the SIGINT path: Tune's handler while a Tuner runs,
+KeyboardInterrupt elsewhere (the CLI turns that into "interrupted: ... re-run with --resume", exit 130).
 """
 
 from __future__ import annotations
