@@ -28,10 +28,10 @@ PACKAGE = Path(cleansweep.__file__).parent
 # each other freely. The same table, with what each floor is for, is in docs/design.md.
 LEVELS = [
     ["errors", "limits", "runtime.layout", "runtime.atomic"],
-    ["config", "objective", "tracking.outage"],
+    ["config", "objective", "tracking.outage", "tracking.tags"],
     ["tracking.store", "sweep.config"],
-    ["sweep.space", "data", "augment"],
-    ["models", "losses"],
+    ["sweep.space", "data", "augment", "tracking.runs", "tracking.read", "tracking.server"],
+    ["models", "losses", "tracking.trials", "tracking.registry"],
     ["attacks.triggers"],
     ["attacks.poison", "evaluate"],
     ["attacks.badclip", "detect.scan", "experiments.presets", "methods", "optim"],
