@@ -138,7 +138,9 @@ def test_serve_ui_serves_the_store_and_stops_on_ctrl_c(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
-        line = proc.stdout.readline()  # blocks until the server is healthy (or the call failed)
+        # The server's own lines share the pipe; ours comes once it is healthy (EOF if the call failed).
+        lines = iter(proc.stdout.readline, "")
+        line = next((line for line in lines if line.startswith("MLflow UI for")), None)
         assert line == f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)\n"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
             assert r.status == 200
