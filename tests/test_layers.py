@@ -28,10 +28,10 @@ PACKAGE = Path(cleansweep.__file__).parent
 # each other freely. The same table, with what each floor is for, is in docs/design.md.
 LEVELS = [
     ["errors", "limits", "runtime.layout", "runtime.atomic"],
-    ["config", "objective", "tracking.outage"],
+    ["config", "objective", "tracking.outage", "tracking.tags"],
     ["tracking.store", "sweep.config"],
-    ["sweep.space", "data", "augment", "attacks.params"],
-    ["models", "losses", "attacks.noise", "attacks.structured"],
+    ["sweep.space", "data", "augment", "attacks.params", "tracking.runs", "tracking.read", "tracking.server"],
+    ["models", "losses", "attacks.noise", "attacks.structured", "tracking.trials", "tracking.registry"],
     ["attacks.registry"],
     ["attacks.poison", "evaluate"],
     ["attacks.badclip", "detect.inversion", "experiments.presets", "methods", "optim"],

@@ -1,7 +1,8 @@
-"""tracking.py against a real sqlite MLflow store (fast) and a real `mlflow server` over HTTP (integration)."""
+"""cleansweep.tracking against a real sqlite MLflow store (fast) and a real `mlflow server` over HTTP (integration)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
 import subprocess
@@ -10,9 +11,11 @@ import threading
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
+import cleansweep
 from cleansweep import tracking
 from cleansweep.errors import UserError
 
@@ -195,8 +198,11 @@ def test_tags_artifacts_and_status(exp, tmp_path):
     run.end("FAILED")
     info = client.get_run(run.run_id)
     assert info.data.tags["n"] == "3" and info.info.status == "FAILED" and info.info.end_time
-    with pytest.raises(Exception):  # noqa: B017 - MLflow rejects unknown statuses; so do we
-        run.end("DONE")
+    for bad in ("DONE", "RUNNING"):  # a typo, and a status that does not end a run
+        with pytest.raises(ValueError, match=f"^run status '{bad}' does not end a run; use one of FINISHED, FAILED, "
+                                             "KILLED$"):
+            run.end(bad)
+    assert client.get_run(run.run_id).info.status == "FAILED"
 
 
 @pytest.mark.parametrize(("exc", "status"), [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"),
@@ -281,3 +287,50 @@ def test_real_mlflow_server_over_http(tmp_path):
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         log.close()
+
+
+# ------------------------------------------------------------------------------------------------ package shape
+PACKAGE = Path(cleansweep.__file__).parent
+
+
+def _mlflow_imports(source: str) -> list[int]:
+    """Line numbers of the `import mlflow...` / `from mlflow... import` statements of a source text."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "mlflow" for a in node.names)
+            or isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "mlflow"]
+
+
+def test_only_the_tracking_package_imports_mlflow():
+    found = {str(p.relative_to(PACKAGE)): lines for p in sorted(PACKAGE.rglob("*.py"))
+             if (lines := _mlflow_imports(p.read_text()))}
+    outside = {path: lines for path, lines in found.items() if not path.startswith("tracking/")}
+    assert outside == {}, "only cleansweep/tracking/ may import mlflow"
+    assert {"tracking/store.py", "tracking/runs.py", "tracking/read.py"} <= set(found)  # the check sees imports
+
+
+def test_the_mlflow_import_check_catches_every_form():
+    source = "import os\nimport mlflow\nimport mlflow.entities as e\nfrom mlflow.tracking import MlflowClient\n" \
+             "def f():\n    from mlflow import log_metric\nfrom .mlflow import x\nimport mlflowx\n"
+    assert _mlflow_imports(source) == [2, 3, 4, 6]
+
+
+def _top_level(path: Path) -> dict[str, set[str]]:
+    """Names a module binds at top level: `imported` (from-imports) and `defined` (public functions and classes)."""
+    body = ast.parse(path.read_text()).body
+    return {"imported": {a.asname or a.name for n in body if isinstance(n, ast.ImportFrom) for a in n.names},
+            "defined": {n.name for n in body if isinstance(n, ast.FunctionDef | ast.ClassDef)
+                        and not n.name.startswith("_")}}
+
+
+def test_the_facade_lists_every_name_it_re_exports():
+    facade = _top_level(PACKAGE / "tracking" / "__init__.py")
+    assert sorted(facade["imported"] - {"annotations"}) == sorted(tracking.__all__)
+    assert len(tracking.__all__) == len(set(tracking.__all__))
+    assert all(hasattr(tracking, name) for name in tracking.__all__)
+
+
+@pytest.mark.parametrize("module", ["store", "tags", "runs", "trials", "read", "registry", "server"])
+def test_every_public_function_and_class_is_re_exported(module):
+    defined = _top_level(PACKAGE / "tracking" / f"{module}.py")["defined"]
+    assert defined and sorted(defined - set(tracking.__all__)) == []
+    assert all(getattr(tracking, name) is getattr(getattr(tracking, module), name) for name in defined)

@@ -1,6 +1,6 @@
 """Riding out a tracking-server outage once a command has started: MLflow writes wait for the server to come back.
 
-A command checks its tracking server once before it starts anything (`stores.probe_server`: one line, seconds).
+A command checks its tracking server once before it starts anything (`store.probe_server`: one line, seconds).
 Later, a server that goes away for a few minutes (a restart, a redeploy, a network blip) must not fail hours of
 trials: MLflow's own client retries a request for about four minutes (7 retries, back-off factor 2, urllib3's
 120 s cap: `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_BACKOFF_FACTOR`), then raises. `PatientClient` repeats a call
@@ -29,7 +29,7 @@ _UNREACHABLE_NAMES = {"ConnectionError", "ConnectionRefusedError", "ConnectionRe
 
 
 class ServerUnreachable(UserError):
-    """The tracking server did not answer (raised by `stores.probe_server`)."""
+    """The tracking server did not answer (raised by `store.probe_server`)."""
 
 
 def window_s(env: dict[str, str] | None = None) -> float:
