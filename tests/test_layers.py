@@ -33,7 +33,7 @@ LEVELS = [
     ["sweep.space", "data", "augment"],
     ["models", "losses"],
     ["attacks.triggers"],
-    ["attacks.poison", "evaluate"],
+    ["attacks.poison", "evaluate", "attacks.badclip_objective"],
     ["attacks.badclip", "detect.scan", "experiments.presets", "methods", "optim"],
     ["loop"],
     ["fit"],
