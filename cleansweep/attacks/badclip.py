@@ -246,11 +246,13 @@ def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, ta
 # ------------------------------------------------------------------------------------------------ poisoning
 def _optimise_request(checkpoint: str | Path, images: str | Path, target: str, seed: int, patch_size: int | None,
                       location: str, optimise: Mapping[str, Any]) -> dict[str, Any]:
-    """What makes a patch: an earlier patch whose card records the same request is reused."""
+    """What makes a patch: an earlier patch whose card records the same request is reused (one made with another
+    objective never is)."""
     images = Path(images)
     return json.loads(json.dumps({
         "model_sha256": file_sha256(checkpoint), "images": str(images),
         "images_sha256": file_sha256(images) if images.is_file() else None, "target": target, "seed": seed,
+        "objective": OBJECTIVE,
         "patch_size": patch_size, "location": location, **dict(optimise)}, default=str))
 
 
