@@ -168,7 +168,7 @@ def optimise_patch(model: nn.Module, tokenizer: Callable[[list[str]], Tensor], i
                    normalize: Normalize = (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
                    target_images: Tensor | None = None, captions: Sequence[str] | None = None,
                    objective: Objective = Objective(), device: str | torch.device = "cpu") -> Tensor:
-    """Optimise a patch with BadCLIP's objective (`cleansweep.attacks.badclip_objective`).
+    """Optimise a patch with BadCLIP's official objective (the module docstring).
 
     Each non-target image is paired once with a random target caption (with replacement, as the official data
     file). Each step takes `batch_size` images without replacement, AutoAugments them with probability
