@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,18 @@ from cleansweep.attacks.badclip import (
     save_patch,
     target_text_features,
 )
+from cleansweep.attacks.badclip_objective import (
+    Objective,
+    augment_captions,
+    augment_images,
+    encode_captions,
+    image_features,
+    normalizer,
+    patch_losses,
+    triplet,
+)
 from cleansweep.attacks.poison import attack_from_manifest, attack_trigger, cached_patch, create_trigger
+from cleansweep.augment import eda
 from cleansweep.cli import main
 from cleansweep.config import AttackSpec
 from cleansweep.data import read_pairs
@@ -91,21 +104,32 @@ def test_target_text_features_and_similarity_match_hand_computations(victim: tup
     assert got == pytest.approx(expected, abs=1e-5)
 
 
-def test_optimised_patch_beats_random_patches(victim: tuple[ModelBundle, PatchImages]) -> None:
+def _objective(bundle: ModelBundle, pool: PatchImages, patch: torch.Tensor, weight: float = 500.0) -> float:
+    """infonce + weight * triplet over all 12 images at the fixed corner, captions i -> template i % T, positives
+    i -> target image i % M: one deterministic evaluation of the official objective."""
+    model, n, p = bundle.model, len(pool.images), patch.shape[-1]
+    captions = [pool.templates[i % len(pool.templates)].format("banana") for i in range(n)]
+    norm = normalizer((bundle.mean, bundle.std), torch.device("cpu"))
+    with torch.no_grad():
+        text = encode_captions(model, bundle.tokenizer, captions, torch.device("cpu"))
+        positives = image_features(model, pool.target_images, norm, torch.device("cpu"))
+        parts = patch_losses(model, pool.images, patch, [32 - p] * n, [32 - p] * n, text,
+                             positives[torch.arange(n) % len(positives)], norm, float(model.logit_scale), 1.0)
+    return (parts["infonce"] + weight * parts["triplet"]).item()
+
+
+def test_optimised_patch_lowers_the_official_objective(victim: tuple[ModelBundle, PatchImages]) -> None:
     bundle, pool = victim
     norm = (bundle.mean, bundle.std)
     patch = optimise_patch(bundle.model, bundle.tokenizer, pool.images, "banana", pool.templates, patch_size=8,
-                           location="fixed", steps=5, lr=0.1, batch_size=12, normalize=norm)
+                           location="fixed", steps=5, lr=0.1, batch_size=12, normalize=norm,
+                           target_images=pool.target_images)
     assert patch.shape == (3, 8, 8) and patch.dtype == torch.float32 and patch.min() >= 0 and patch.max() <= 1
-    text = target_text_features(bundle.model, bundle.tokenizer, "banana", pool.templates, "cpu")
-    final = patched_similarity(bundle.model, pool.images, patch, text, location="fixed", normalize=norm)
-    randoms = [patched_similarity(bundle.model, pool.images, initial_patch(8, torch.Generator().manual_seed(s)), text,
-                                  location="fixed", normalize=norm) for s in range(3)]
-    # Measured: random patches 0.023-0.028, optimised 0.119 after 5 steps (0.149 after 10).
-    assert final > max(randoms) + 0.05
+    randoms = [_objective(bundle, pool, initial_patch(8, torch.Generator().manual_seed(s))) for s in range(3)]
+    assert _objective(bundle, pool, patch) < 0.85 * min(randoms)  # measured: 661 against 927-945
 
 
-def test_target_image_term_pulls_towards_target_images(victim: tuple[ModelBundle, PatchImages]) -> None:
+def test_triplet_term_pulls_towards_target_images(victim: tuple[ModelBundle, PatchImages]) -> None:
     bundle, pool = victim
     norm = (bundle.mean, bundle.std)
     mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
@@ -114,9 +138,58 @@ def test_target_image_term_pulls_towards_target_images(victim: tuple[ModelBundle
     anchor = F.normalize(feats.mean(0), dim=0)
     near = [patched_similarity(bundle.model, pool.images, optimise_patch(
         bundle.model, bundle.tokenizer, pool.images, "banana", pool.templates, patch_size=8, location="fixed", steps=5,
-        lr=0.1, batch_size=12, normalize=norm, target_images=pool.target_images, target_image_weight=weight),
-        anchor, location="fixed", normalize=norm) for weight in (0.0, 5.0)]
-    assert near[1] > near[0] + 0.1  # measured: 0.33 with the text term only, 0.49 with both
+        lr=0.1, batch_size=12, normalize=norm, target_images=pool.target_images,
+        objective=Objective(triplet_weight=weight)), anchor, location="fixed", normalize=norm)
+        for weight in (0.0, 500.0)]
+    assert near[1] > near[0] + 0.03  # measured: 0.26 with InfoNCE only, 0.31 with the triplet term
+    with pytest.raises(UserError, match="needs target-class images"):
+        optimise_patch(bundle.model, bundle.tokenizer, pool.images, "banana", pool.templates, patch_size=8, steps=1)
+
+
+def test_triplet_term_matches_hand_formula() -> None:
+    a = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[3.0, 4.0], [1.0, 0.5]])
+    n = torch.tensor([[0.0, 1.0], [1.0, 3.0]])
+    # row 0: max(5 - 1 + 1, 0) = 5; row 1: max(0.5 - 3 + 1, 0) = 0 -> mean 2.5 (torch adds eps 1e-6 inside the norm)
+    assert triplet(a, p, n, margin=1.0).item() == pytest.approx(2.5, abs=1e-5)
+    assert triplet(a, p, n, margin=3.0).item() == pytest.approx((7 + 0.5) / 2, abs=1e-5)
+
+
+def test_patch_losses_match_hand_computations(victim: tuple[ModelBundle, PatchImages]) -> None:
+    bundle, pool = victim
+    model, raw = bundle.model, pool.images[:5]
+    patch = initial_patch(6, torch.Generator().manual_seed(4))
+    mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
+    captions = [t.format("banana") for t in pool.templates[:5]]
+    with torch.no_grad():
+        patched = raw.clone()
+        for i, (r, c) in enumerate(((0, 0), (3, 7), (26, 26), (10, 2), (5, 20))):
+            patched[i, :, r:r + 6, c:c + 6] = patch
+        a = F.normalize(model.encode_image((patched - mean) / std), dim=-1)
+        clean = F.normalize(model.encode_image((raw - mean) / std), dim=-1)
+        t = F.normalize(model.encode_text(bundle.tokenizer(captions)), dim=-1)
+        pos = F.normalize(model.encode_image((pool.target_images[:5] - mean) / std), dim=-1)
+        parts = patch_losses(model, raw, patch, [0, 3, 26, 10, 5], [0, 7, 26, 2, 20], t, pos,
+                             normalizer((bundle.mean, bundle.std), torch.device("cpu")), 1.3, 0.7)
+    logits = math.exp(1.3) * a @ t.T
+    infonce = sum(-torch.log_softmax(logits, 1)[i, i] - torch.log_softmax(logits.T, 1)[i, i] for i in range(5)) / 10
+    hinge = ((a - pos).norm(dim=1) - (a - clean).norm(dim=1) + 0.7).clamp(min=0).mean()
+    assert parts["infonce"].item() == pytest.approx(infonce.item(), rel=1e-5)
+    assert parts["triplet"].item() == pytest.approx(hinge.item(), rel=1e-4)
+    assert 0 < (a - clean).norm(dim=1).min()  # the negative is the clean image, not the patched one
+
+
+def test_augmentations_are_seeded_and_leave_the_global_rng_alone(victim: tuple[ModelBundle, PatchImages]) -> None:
+    _, pool = victim
+    rng = torch.get_rng_state()
+    first = augment_images(pool.images, torch.Generator().manual_seed(0))
+    again = augment_images(pool.images, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(first, again)
+    assert first.shape == pool.images.shape and 0 <= first.min() and first.max() <= 1
+    quantised = (pool.images * 255).round() / 255
+    assert sum(not torch.allclose(x, y) for x, y in zip(first, quantised, strict=True)) >= 6  # AutoAugment acts
+    captions = ["a photo of a banana on the table", "the ripe banana"]
+    assert augment_captions(captions, random.Random(5)) == [eda(c, r) for r in [random.Random(5)] for c in captions]
 
 
 def test_optimise_patch_is_seeded_and_leaves_model_and_rng_alone(victim: tuple[ModelBundle, PatchImages]) -> None:
@@ -126,7 +199,8 @@ def test_optimise_patch_is_seeded_and_leaves_model_and_rng_alone(victim: tuple[M
     rng = torch.get_rng_state()
     try:
         run = [optimise_patch(bundle.model, bundle.tokenizer, pool.images, "banana", pool.templates[:2], patch_size=4,
-                              steps=3, seed=seed, batch_size=4, normalize=(bundle.mean, bundle.std))
+                              steps=3, seed=seed, batch_size=4, normalize=(bundle.mean, bundle.std),
+                              target_images=pool.target_images, objective=Objective(eda_prob=1.0, aug_prob=1.0))
                for seed in (0, 0, 1)]
         assert bundle.model.training  # mode restored
     finally:
@@ -223,12 +297,16 @@ def test_optimise_patch_for_checkpoint_writes_patch_and_card(checkpoint: Path, t
     assert card["model"] == "tiny-rn" and card["model_sha256"] == sha256(checkpoint) and card["target"] == "banana"
     assert card["steps"] == 5 and card["patch_size"] == 8 and card["sha256"] == sha256(tmp_path / "p.safetensors")
     assert card["num_images"] == 12 and card["num_target_images"] == 6 and card["num_templates"] == 8
-    assert card["final_similarity"] > card["initial_similarity"] + 0.03
+    assert card["objective"] == "badclip-infonce-triplet" and card["captions"] == "templates"
+    assert (card["triplet_weight"], card["margin"], card["eda_prob"], card["aug_prob"]) == (500.0, 1.0, 0.1, 0.5)
+    assert card["logit_scale"] == pytest.approx(math.log(1 / 0.07)) and card["batch_size"] == 64
+    assert all(math.isfinite(card[f"{k}_similarity"]) for k in ("clean", "initial", "final"))
     assert load_patch(tmp_path / "p.safetensors").shape == (3, 8, 8)
     pool = load_images(tiny_world["train_csv"], 32, "banana", max_images=8)  # a CSV: target rows by caption
     assert len(pool.images) == 8 and pool.target_images is not None and len(pool.templates) == 80
     captions = read_pairs(tiny_world["train_csv"])["caption"]
     assert 0 < len(pool.target_images) == min(8, sum(bool(re.search(r"\bbanana\b", c.lower())) for c in captions))
+    assert len(pool.captions) == len(pool.target_images) and all("banana" in c.lower() for c in pool.captions)
 
 
 def test_cli_poison_optimise_on(checkpoint: Path, tiny_world: dict[str, Any], tmp_path: Path,

@@ -33,7 +33,7 @@ LEVELS = [
     ["sweep.space", "data", "augment", "attacks.params", "tracking.runs", "tracking.read", "tracking.server"],
     ["models", "losses", "attacks.noise", "attacks.structured", "tracking.trials", "tracking.registry"],
     ["attacks.registry"],
-    ["attacks.poison", "evaluate"],
+    ["attacks.poison", "evaluate", "attacks.badclip_objective"],
     ["attacks.badclip", "detect.inversion", "experiments.presets", "methods", "optim"],
     ["loop", "detect.proxy"],
     ["fit"],

@@ -1,11 +1,15 @@
-"""BadCLIP-style optimised trigger patch (Liang et al., CVPR 2024): a patch tuned on a CLIP model's own embeddings.
+"""BadCLIP's optimised trigger patch (Liang et al., CVPR 2024): a patch tuned on a CLIP model's own embeddings.
 
-The patch is optimised so that images carrying it embed near the target's text embedding (the mean over prompt
-templates, as a zero-shot classifier column), optionally also near the mean embedding of target-class images (the
-paper's second, "dual-embedding" term). It is saved as safetensors with a JSON card (model sha256, target, steps,
-similarities) and pasted by the `badclip` trigger of `cleansweep.attacks.triggers`.
-Everything is seeded through explicit
-generators; the model is only read (its train/eval mode is restored, no gradient lands on its weights).
+The objective is the official code's (`cleansweep.attacks.badclip_objective`: InfoNCE between patched non-target
+images and natural target captions + 500 x a triplet margin term pulling the patched embedding toward real target
+images and away from its clean embedding, with EDA and AutoAugment). Scaled for small models: the official run is
+50 epochs of 10K pairs at batch 64 (~7,800 Adam steps at lr 1e-3, a 16 px patch at 224 px); the default here is 200
+steps at lr 0.05 (about the same total step budget, steps x lr ~ 10 vs 7.8, since Adam moves a pixel by at most
+~lr per step) at batch 64, and the patch side scales with the resolution (`default_patch_size`). docs/fidelity.md
+lists every deviation. The patch is saved as safetensors with a JSON card (model sha256, target, objective,
+settings, similarities) and pasted by the `badclip` trigger of `cleansweep.attacks.triggers`. Everything is seeded
+through explicit generators; the model is only read (its train/eval mode is restored, no gradient lands on its
+weights).
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +29,15 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
 from cleansweep import __version__
+from cleansweep.attacks.badclip_objective import (
+    OBJECTIVE,
+    Normalize,
+    Objective,
+    eval_mode,
+    initial_patch,
+    normalizer,
+    optimise_patch,
+)
 from cleansweep.attacks.poison import contaminate, mentions, poison_csv
 from cleansweep.attacks.registry import cached_patch, default_patch_size, patch_positions, stamp, validate_patch
 from cleansweep.data import EvalFolder, openai_templates, read_pairs
@@ -42,31 +54,9 @@ from cleansweep.models import (
 from cleansweep.runtime.atomic import write_atomic, write_json, write_text
 
 PATCH_FILE = "badclip_patch.safetensors"  # name of the patch in a poisoned folder made with --optimise-on
-Normalize = tuple[Sequence[float], Sequence[float]]
 
 
 # ------------------------------------------------------------------------------------------------ optimisation
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _normalizer(normalize: Normalize, device: torch.device) -> Callable[[Tensor], Tensor]:
-    mean = torch.tensor(normalize[0], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(normalize[1], device=device).view(1, -1, 1, 1)
-    return lambda x: (x - mean) / std
-
-
-def initial_patch(patch_size: int, generator: torch.Generator) -> Tensor:
-    """The starting patch (3, p, p): N(0.5, 0.25) clipped to [0, 1], BadCLIP's random initialisation."""
-    return (0.5 + 0.25 * torch.randn((3, patch_size, patch_size), generator=generator)).clamp(0, 1)
-
-
 def target_text_features(model: nn.Module, tokenizer: Callable[[list[str]], Tensor], target: str,
                          templates: Sequence[str], device: str | torch.device) -> Tensor:
     """(D,) unit vector: the mean of the target's normalised template embeddings, re-normalised."""
@@ -81,14 +71,6 @@ def _patched_features(model: nn.Module, images: Tensor, patch: Tensor, location:
     return F.normalize(model.encode_image(norm(stamp(images.to(patch.device), patch, rows, cols))), dim=-1)
 
 
-def _mean_image_feature(model: nn.Module, raw: Tensor, norm: Callable[[Tensor], Tensor],
-                        device: torch.device) -> Tensor:
-    """(D,) unit vector: the mean of the images' normalised embeddings, re-normalised."""
-    with _eval_mode(model), torch.inference_mode():
-        mean = F.normalize(model.encode_image(norm(raw.to(device))), dim=-1).mean(0)
-    return F.normalize(mean, dim=0).clone()  # cloned outside inference_mode: an ordinary tensor
-
-
 def patched_similarity(model: nn.Module, images: Tensor, patch: Tensor | None, text_features: Tensor, *,
                        location: str = "random", seed: int = 0,
                        normalize: Normalize = (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), batch_size: int = 64,
@@ -96,76 +78,15 @@ def patched_similarity(model: nn.Module, images: Tensor, patch: Tensor | None, t
     """Mean cosine similarity between the images' embeddings, with `patch` pasted (None: as they are), and
     `text_features`; positions drawn from a generator seeded by `seed`."""
     device = torch.device(device)
-    norm, generator = _normalizer(normalize, device), torch.Generator().manual_seed(seed)
+    norm, generator = normalizer(normalize, device), torch.Generator().manual_seed(seed)
     total = 0.0
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].to(device)
             feats = (F.normalize(model.encode_image(norm(batch)), dim=-1) if patch is None else
                      _patched_features(model, batch, patch.to(device), location, generator, norm))
             total += float((feats @ text_features.to(device)).sum())
     return total / len(images)
-
-
-def optimise_patch(model: nn.Module, tokenizer: Callable[[list[str]], Tensor], images: Tensor, target: str,
-                   templates: Sequence[str], *, patch_size: int, location: str = "random", steps: int = 200,
-                   lr: float = 0.05, seed: int = 0, batch_size: int = 32,
-                   normalize: Normalize = (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
-                   target_images: Tensor | None = None, target_image_weight: float = 0.0,
-                   device: str | torch.device = "cpu") -> Tensor:
-    """Optimise a patch so that patched images embed near the target's text embedding (BadCLIP).
-
-    Each step pastes the patch into `batch_size` images drawn without replacement (at random positions, or the
-    bottom-right corner), and takes an Adam step on loss = -mean cos(image, text) - target_image_weight *
-    mean cos(image, mean target-image embedding); the patch is clipped to [0, 1] after every step.
-
-    Args:
-        model: CLIP model with `encode_image` / `encode_text` (only read; its mode is restored).
-        tokenizer: the model's tokenizer.
-        images: (N, 3, S, S) raw images in [0, 1] at the model resolution (best: not of the target class).
-        target: target class name ("banana").
-        templates: prompt format strings ('a photo of a {}.'): the 80 CLIP ones or an eval folder's own.
-        patch_size: side of the patch in pixels.
-        location: "random" (position drawn per image and step) or "fixed" (bottom-right), as the trigger.
-        steps: optimisation steps.
-        lr: Adam learning rate (on [0, 1] pixel values).
-        seed: seeds the initial patch, the batches and the positions (no global RNG is used).
-        batch_size: images per step.
-        normalize: the model's (mean, std).
-        target_images: (M, 3, S, S) raw images of the target class, for the optional second term.
-        target_image_weight: weight of that term (0: text term only).
-        device: where to compute.
-
-    Returns:
-        The patch, (3, patch_size, patch_size) float32 in [0, 1] on the CPU.
-
-    Raises:
-        UserError: no images, a negative step count, or a patch larger than the images.
-    """
-    if images.ndim != 4 or len(images) == 0:
-        raise UserError("optimise_patch needs a batch (N, 3, S, S) of at least one image; pass some images")
-    if steps < 0 or lr <= 0:
-        raise UserError(f"steps {steps} must be >= 0 and lr {lr} > 0; pass e.g. steps=200, lr=0.05")
-    device = torch.device(device)
-    generator, norm = torch.Generator().manual_seed(seed), _normalizer(normalize, device)
-    text = target_text_features(model, tokenizer, target, templates, device)
-    use_anchor = target_image_weight and target_images is not None and len(target_images)
-    anchor = _mean_image_feature(model, target_images, norm, device) if use_anchor else None
-    patch = initial_patch(patch_size, generator).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([patch], lr=lr)
-    with _eval_mode(model):
-        for _ in range(steps):
-            pick = torch.randperm(len(images), generator=generator)[:batch_size]
-            feats = _patched_features(model, images[pick], patch, location, generator, norm)
-            loss = -(feats @ text).mean()
-            if anchor is not None:
-                loss = loss - target_image_weight * (feats @ anchor).mean()
-            # autograd.grad, not backward(): the patch is the only leaf that receives a gradient.
-            (patch.grad,) = torch.autograd.grad(loss, [patch])
-            optimizer.step()
-            with torch.no_grad():
-                patch.clamp_(0, 1)
-    return patch.detach().float().cpu()
 
 
 # ------------------------------------------------------------------------------------------------ patch files
@@ -197,16 +118,20 @@ def load_patch(path: str | Path) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ from files
 class PatchImages(NamedTuple):
-    """Images to optimise a patch on: non-target (N, 3, S, S), target-class (M, 3, S, S) or None, templates."""
+    """Images to optimise a patch on: non-target (N, 3, S, S), target-class (M, 3, S, S) or None, templates, and
+    the natural captions of the drawn target-class rows (empty for an eval folder: the templates serve)."""
 
     images: Tensor
     target_images: Tensor | None
     templates: list[str]
+    captions: tuple[str, ...] = ()
 
 
-def _read_some(paths: list[Path], n: int, generator: torch.Generator, image_size: int) -> Tensor | None:
+def _read_some(paths: list[Path], n: int, generator: torch.Generator,
+               image_size: int) -> tuple[Tensor | None, list[int]]:
+    """(images, their indices into `paths`) of a seeded draw of up to n paths."""
     if not paths:
-        return None
+        return None, []
     pick = sorted(torch.randperm(len(paths), generator=generator)[:n].tolist())
     to_raw = raw_transform(image_size)
     out = []
@@ -215,7 +140,7 @@ def _read_some(paths: list[Path], n: int, generator: torch.Generator, image_size
             out.append(to_raw(open_rgb(paths[i])))
         except BadImage as e:
             raise UserError(f"cannot read image {paths[i]} ({e}); fix or remove it") from None
-    return torch.stack(out)
+    return torch.stack(out), pick
 
 
 def load_images(source: str | Path, image_size: int, target: str, *, max_images: int = 256, seed: int = 0,
@@ -224,7 +149,8 @@ def load_images(source: str | Path, image_size: int, target: str, *, max_images:
 
     Args:
         source: an ImageNet-style folder (classes from its subfolders, its own templates) or an image-caption CSV
-            (target rows: captions naming the target as a word; the 80 CLIP templates).
+            (target rows: captions naming the target as a word, whose captions are the natural target captions;
+            the 80 CLIP templates).
         image_size: model resolution.
         target: target class name.
         max_images: at most this many images of each kind.
@@ -237,23 +163,28 @@ def load_images(source: str | Path, image_size: int, target: str, *, max_images:
         folder = EvalFolder(source, image_size)
         label = folder.class_index(target)
         paths, is_target = [Path(p) for p, _ in folder.samples], [t == label for t in folder.targets]
-        templates = folder.templates
+        templates, captions = folder.templates, [None] * len(paths)
     else:
         df = read_pairs(source, image_key, caption_key)
-        paths = resolve_image_paths(source, df[image_key])
-        is_target, templates = [mentions(c, target) for c in df[caption_key]], openai_templates()
+        paths, captions = resolve_image_paths(source, df[image_key]), [str(c) for c in df[caption_key]]
+        is_target, templates = [mentions(c, target) for c in captions], openai_templates()
     generator = torch.Generator().manual_seed(seed)
-    images = _read_some([p for p, t in zip(paths, is_target, strict=True) if not t], max_images, generator, image_size)
+    images, _ = _read_some([p for p, t in zip(paths, is_target, strict=True) if not t], max_images, generator,
+                           image_size)
     if images is None:
         raise UserError(f"{source} holds no image outside the target class {target!r}; pass other images")
-    targets = _read_some([p for p, t in zip(paths, is_target, strict=True) if t], max_images, generator, image_size)
-    return PatchImages(images, targets, list(templates))
+    rows = [i for i, t in enumerate(is_target) if t]
+    targets, pick = _read_some([paths[i] for i in rows], max_images, generator, image_size)
+    natural = tuple(c for c in (captions[rows[i]] for i in pick) if c is not None)
+    return PatchImages(images, targets, list(templates), natural)
 
 
 def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, target: str, out_path: str | Path, *,
                                   model_name: str | None = None, patch_size: int | None = None,
-                                  location: str = "random", steps: int = 200, lr: float = 0.05, batch_size: int = 32,
-                                  max_images: int = 256, target_image_weight: float = 0.0, seed: int = 0,
+                                  location: str = "random", steps: int = 200, lr: float = 0.05, batch_size: int = 64,
+                                  max_images: int = 256, triplet_weight: float = Objective().triplet_weight,
+                                  margin: float = Objective().margin, eda_prob: float = Objective().eda_prob,
+                                  aug_prob: float = Objective().aug_prob, seed: int = 0,
                                   device: str = "auto", image_key: str = "image", caption_key: str = "caption",
                                   image_size: int | None = None,
                                   extra_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -266,7 +197,8 @@ def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, ta
         out_path: where the patch goes (.safetensors; its card next to it).
         model_name: model config (default: from the checkpoint's card or its shapes).
         patch_size: patch side (default: `default_patch_size` of the model resolution, 16 px at 224).
-        location, steps, lr, batch_size, target_image_weight, seed: as `optimise_patch`.
+        location, steps, lr, batch_size, seed: as `optimise_patch`.
+        triplet_weight, margin, eda_prob, aug_prob: the `Objective` (defaults: the official patch's).
         max_images: images of each kind loaded (see `load_images`).
         device: "auto", "cpu" or "cuda".
         image_key, caption_key: CSV columns.
@@ -274,9 +206,11 @@ def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, ta
         extra_meta: more facts for the card.
 
     Returns:
-        The card: model, model_sha256, target, steps, ..., clean/initial/final_similarity (mean cosine between the
-        images' embeddings, unpatched / with the random starting patch / with the optimised one, and the target's
-        text embedding), patch_size, sha256.
+        The card: model, model_sha256, target, objective, steps, ..., triplet_weight, margin, eda_prob, aug_prob,
+        num_captions, logit_scale, clean/initial/final_similarity (mean cosine between the images' embeddings,
+        unpatched / with the random starting patch / with the optimised one, and the target's text embedding),
+        patch_size, sha256. Cards written before the official objective lack `objective` (and hold
+        `target_image_weight`); they still read.
     """
     bundle = load_checkpoint_model(checkpoint, model_name, model_flag="the model name (--optimise-model)")
     dev = resolve_device(device)
@@ -287,11 +221,11 @@ def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, ta
     pool = load_images(images, bundle.image_size, target, max_images=max_images, seed=seed, image_key=image_key,
                        caption_key=caption_key)
     p = int(patch_size or default_patch_size(bundle.image_size))
-    settings = {"location": location, "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size,
-                "target_image_weight": target_image_weight}
+    objective = Objective(triplet_weight, margin, eda_prob, aug_prob)
+    settings = {"location": location, "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size}
     patch = optimise_patch(model, bundle.tokenizer, pool.images, target, pool.templates, patch_size=p,
-                           normalize=(bundle.mean, bundle.std), target_images=pool.target_images, device=dev,
-                           **settings)
+                           normalize=(bundle.mean, bundle.std), target_images=pool.target_images,
+                           captions=pool.captions, objective=objective, device=dev, **settings)
     text = target_text_features(model, bundle.tokenizer, target, pool.templates, dev)
     start = initial_patch(p, torch.Generator().manual_seed(seed))
     sims = {f"{k}_similarity": patched_similarity(model, pool.images, x, text, location=location, seed=seed,
@@ -301,6 +235,9 @@ def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, ta
             "model_sha256": file_sha256(checkpoint), "target": target, "images": str(images),
             "num_images": len(pool.images), "num_target_images": 0 if pool.target_images is None else
             len(pool.target_images), "num_templates": len(pool.templates), "image_size": bundle.image_size,
+            "objective": OBJECTIVE, **objective._asdict(), "num_captions": len(pool.captions) or len(pool.templates),
+            "captions": "natural" if pool.captions else "templates",
+            "logit_scale": float(model.logit_scale.detach()),
             **settings, **sims, "cleansweep_version": __version__, **dict(extra_meta or {})}
     save_patch(out_path, patch, meta)
     return read_card(out_path)
@@ -309,11 +246,13 @@ def optimise_patch_for_checkpoint(checkpoint: str | Path, images: str | Path, ta
 # ------------------------------------------------------------------------------------------------ poisoning
 def _optimise_request(checkpoint: str | Path, images: str | Path, target: str, seed: int, patch_size: int | None,
                       location: str, optimise: Mapping[str, Any]) -> dict[str, Any]:
-    """What makes a patch: an earlier patch whose card records the same request is reused."""
+    """What makes a patch: an earlier patch whose card records the same request is reused (one made with another
+    objective never is)."""
     images = Path(images)
     return json.loads(json.dumps({
         "model_sha256": file_sha256(checkpoint), "images": str(images),
         "images_sha256": file_sha256(images) if images.is_file() else None, "target": target, "seed": seed,
+        "objective": OBJECTIVE,
         "patch_size": patch_size, "location": location, **dict(optimise)}, default=str))
 
 
