@@ -34,7 +34,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cleansweep.data.images import BadImage, open_rgb
-from cleansweep.data.pairs import BAD_IMAGE_POLICIES, item_seed
+from cleansweep.data.pairs import BAD_IMAGE_POLICIES, item_seed, read_pairs, resolve_image_paths
 from cleansweep.errors import UserError
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -296,3 +296,11 @@ def write_shards(pairs: list[tuple[Path, str]], out_dir: Path, *, per_shard: int
         sizes[name] = len(chunk)
     (out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
     return str(out_dir / f"{{00000..{count - 1:05d}}}.tar")
+
+
+def csv_to_shards(csv_path: str | Path, out_dir: Path, *, per_shard: int = 1000, image_key: str = "image",
+                  caption_key: str = "caption") -> str:
+    """An image-caption CSV written as shards (rows in order); returns the brace pattern."""
+    df = read_pairs(csv_path, image_key, caption_key)
+    images = resolve_image_paths(csv_path, df[image_key])
+    return write_shards(list(zip(images, df[caption_key].tolist(), strict=True)), out_dir, per_shard=per_shard)
