@@ -116,9 +116,11 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Callable[[], dict[str, Any]]:
+def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device, rank: int = 0,
+               world: int = 1) -> Callable[[], dict[str, Any]]:
     """Zero-shot accuracy + ASR (+ the proxy ASR of an inverted trigger) of the current model; the classifier is
-    rebuilt each time (the text tower trains)."""
+    rebuilt each time (the text tower trains). With several ranks each evaluates every world-th batch and the counts
+    are summed, so all ranks get the whole set's metrics at 1/world of the cost."""
     folder = EvalFolder(spec.data.eval_dir, bundle.image_size, subset=spec.data.eval_subset, seed=spec.seed)
     a = spec.attack
     known = a.name != NO_ATTACK  # a defender who does not know the trigger measures the proxy ASR only
@@ -138,23 +140,12 @@ def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Ca
         try:
             classifier = zeroshot_classifier(model, bundle.tokenizer, folder.classnames, folder.templates, device)
             return evaluate(model, loader, classifier, normalize=(bundle.mean, bundle.std), target_index=target,
-                            trigger=trigger, seed=a.seed, device=device, extra_triggers=extra)
+                            trigger=trigger, seed=a.seed, device=device, extra_triggers=extra, amp=spec.amp,
+                            rank=rank, world=world)
         finally:
             model.train(was_training)
 
     return evaluate_fn
-
-
-def _rank0_broadcast(fn: Callable[[], dict[str, Any]], rank: int, world: int) -> Callable[[], dict[str, Any]]:
-    if world == 1:
-        return fn
-
-    def shared() -> dict[str, Any]:
-        box = [fn() if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    return shared
 
 
 def _save_state_fn(task: Task, optimizer: torch.optim.Optimizer, spec: TrainSpec) -> loop.SaveState:
@@ -246,7 +237,7 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
     summary = loop.run(
         trained, run.train_loader, optimizer, lr_fn, epochs=spec.epochs,
         eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start and resumed is None,
-        evaluate_fn=_rank0_broadcast(_evaluator(spec, run.bundle, run.device), rank, world),
+        evaluate_fn=_evaluator(spec, run.bundle, run.device, rank, world),
         report=_with_params(report, params), start_step=int(loop_state["step"]), device=run.device, amp=spec.amp,
         grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
         save_state=_save_state_fn(run.task, optimizer, spec) if rank == 0 and checkpoints != "none" else None,
