@@ -32,7 +32,12 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    train_csv: Path = Field(description="Image-caption CSV (paths relative to the CSV) to train or clean on.")
+    train_csv: Path | None = Field(None, description="Image-caption CSV (paths relative to the CSV) to train or clean "
+                                   "on; or train_shards.")
+    train_shards: str | None = Field(None, description="WebDataset shards to train or clean on, a brace pattern "
+                                     "DIR/{00000..00099}.tar (KEY.jpg|png|webp + KEY.txt); or train_csv.")
+    train_num_samples: int | None = Field(None, ge=1, le=MAX_COUNT**2, description="Pairs per epoch with "
+                                          "train_shards (None = every pair once, from sizes.json or the tars).")
     image_key: str = Field("image", description="CSV column holding image paths.")
     caption_key: str = Field("caption", description="CSV column holding captions.")
     on_bad_image: Literal["skip", "fail"] = Field(
@@ -45,9 +50,23 @@ class DataSpec(Strict):
     eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="Evaluation batch size.")
     workers: int = Field(0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes per training process.")
 
+    @model_validator(mode="after")
+    def _one_train_source(self) -> DataSpec:
+        if (self.train_csv is None) == (self.train_shards is None):
+            raise ValueError("give exactly one of train_csv (an image-caption CSV) or train_shards (a WebDataset "
+                             "brace pattern DIR/{00000..00099}.tar)")
+        if self.train_num_samples is not None and self.train_shards is None:
+            raise ValueError("train_num_samples sets the epoch of train_shards; a CSV's epoch is its rows")
+        return self
+
+    @property
+    def train_source(self) -> str:
+        """The training data as written: the CSV path or the shard pattern."""
+        return str(self.train_csv if self.train_csv is not None else self.train_shards)
+
 
 class AttackSpec(Strict):
-    name: str = Field("badnet", description="Trigger used for ASR evaluation (cleansweep.attacks.triggers.TRIGGERS).")
+    name: str = Field("badnet", description="Trigger used for ASR evaluation (cleansweep.attacks.registry.TRIGGERS).")
     target: str = Field("banana", description="Target class name of the backdoor.")
     patch_size: int | None = Field(None, ge=1, le=MAX_IMAGE_SIDE,
                                    description="BadNet patch side in pixels; None = 16 at 224 px, scaled.")
@@ -57,7 +76,7 @@ class AttackSpec(Strict):
     trigger_seed: Seed = Field(0, description="Seed of the trigger's per-run parts (a fixed patch, Blended noise, "
                               "WaNet grid): the value the data was poisoned with (its manifest's trigger_params).")
     params: dict[str, Scalar] = Field(default_factory=dict, description="Other parameters of this trigger "
-                                      "(cleansweep.attacks.triggers.TRIGGERS[name].defaults), e.g. {alpha: 0.2}.")
+                                      "(cleansweep.attacks.registry.TRIGGERS[name].defaults), e.g. {alpha: 0.2}.")
     seed: Seed = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -87,71 +88,94 @@ def normalizer(normalize: Normalize) -> Callable[[Tensor], Tensor]:
     return lambda x: (x - mean_t.to(x)) / std_t.to(x)
 
 
-def _predict(module: nn.Module, images: Tensor, classifier: Tensor, k: int) -> Tensor:
-    """(B, k) class indices, best first."""
-    features = F.normalize(module.encode_image(images), dim=-1)
+def _predict(module: nn.Module, images: Tensor, classifier: Tensor, k: int, amp: bool) -> Tensor:
+    """(B, k) class indices, best first; bf16 autocast on CUDA when `amp` (as the training forward pass)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and images.device.type == "cuda"):
+        features = F.normalize(module.encode_image(images).float(), dim=-1)
     return (features @ classifier.to(features.dtype)).topk(k, dim=-1).indices
+
+
+def batch_generator(seed: int, batch: int) -> torch.Generator:
+    """The trigger's generator for one evaluation batch: a function of (seed, batch number) alone, so a batch is
+    triggered the same way whichever process evaluates it (ranks split the batches) and at every evaluation."""
+    state = np.random.SeedSequence([seed, batch]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1)
+    return torch.Generator().manual_seed(int(state))
 
 
 def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], classifier: Tensor, *, normalize: Normalize,
              target_index: int, trigger: Trigger | None = None, seed: int = 0, device: str | torch.device = "cpu",
-             max_images: int | None = None, extra_triggers: Mapping[str, tuple[Trigger, int]] | None = None
-             ) -> dict[str, float | int]:
+             max_images: int | None = None, extra_triggers: Mapping[str, tuple[Trigger, int]] | None = None,
+             amp: bool = False, rank: int = 0, world: int = 1) -> dict[str, float | int]:
     """Zero-shot top-1/top-5 and ASR in one pass, without gradients; the model's train/eval mode is restored.
 
     Args:
         model: a CLIP model with `encode_image` (DDP wrappers are unwrapped).
-        loader: yields `(raw_images (B, 3, S, S) in [0, 1], labels (B,))`.
+        loader: yields `(raw_images (B, 3, S, S) in [0, 1], labels (B,))`, the same batches in every process.
         classifier: (D, C) from `zeroshot_classifier`.
         normalize: callable on raw image batches, or `(mean, std)` per channel.
         target_index: label of the attack target class.
         trigger: `trigger(raw_images, generator) -> raw_images`; None skips the ASR.
-        seed: seeds the trigger's generator (same triggered set at every evaluation).
+        seed: seeds the trigger's generator of each batch (same triggered set at every evaluation).
         device: where to compute.
-        max_images: stop after this many images.
+        max_images: stop after this many images (single process only).
         extra_triggers: more ASRs measured in the same pass, by metric name: `(trigger, its target index)` (e.g.
             `proxy_asr_top1` with the trigger `cleansweep scan` inverted and the class it suspects).
+        amp: bf16 autocast of the image tower on CUDA.
+        rank, world: this process evaluates batches rank, rank + world, ...; the counts are summed over the
+            initialised process group, so every rank returns the whole set's metrics (the same as one process).
 
     Returns:
         `zeroshot_top1`, `zeroshot_top5` (top-min(5, C)), `asr_top1` (NaN when there is no trigger or no
         non-target image), `num_images`, `num_asr_images` (non-target images that were triggered), and one value
         per extra trigger.
     """
-    device = torch.device(device)
-    module = unwrap(model)
-    classifier = classifier.to(device)
-    k = min(5, classifier.shape[1])
-    norm = normalizer(normalize)
+    if world > 1 and max_images is not None:
+        raise ValueError("max_images is for single-process evaluation")
     attacks = {ASR: (trigger, target_index)} if trigger is not None else {}
     attacks.update(extra_triggers or {})
-    generators = {name: torch.Generator().manual_seed(seed) for name in attacks}
-    hits = dict.fromkeys(attacks, 0)
-    counts = dict.fromkeys(attacks, 0)
-    seen = top1 = topk = 0
+    counts = _counts(unwrap(model), loader, classifier.to(device), attacks, normalizer(normalize), seed,
+                     torch.device(device), max_images, amp, rank, world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+    seen, top1, topk = (int(x) for x in counts[:3])
+    hits = dict(zip(attacks, counts[3::2].tolist(), strict=True))
+    triggered = dict(zip(attacks, counts[4::2].tolist(), strict=True))
+    nan = float("nan")
+    out = {TOP1: top1 / seen if seen else nan, TOP5: topk / seen if seen else nan, ASR: nan, "num_images": seen,
+           "num_asr_images": int(triggered.get(ASR, 0))}
+    return {**out, **{name: hits[name] / triggered[name] if triggered[name] else nan for name in attacks}}
+
+
+def _counts(module: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], classifier: Tensor,
+            attacks: Mapping[str, tuple[Trigger, int]], norm: Callable[[Tensor], Tensor], seed: int,
+            device: torch.device, max_images: int | None, amp: bool, rank: int, world: int) -> Tensor:
+    """[images, top-1 hits, top-k hits, then per attack: target hits, triggered images] of this rank's batches."""
+    k = min(5, classifier.shape[1])
+    counts = torch.zeros(3 + 2 * len(attacks), dtype=torch.float64)
     with EvalMode(module), torch.inference_mode():
-        for raw, labels in loader:
+        for batch, (raw, labels) in enumerate(loader):
+            if batch % world != rank:
+                continue
             if max_images is not None:
-                raw, labels = raw[: max_images - seen], labels[: max_images - seen]
+                raw, labels = raw[: max_images - int(counts[0])], labels[: max_images - int(counts[0])]
             if len(labels) == 0:
                 break
             labels = torch.as_tensor(labels).to(device)
-            pred = _predict(module, norm(raw.to(device)), classifier, k)
-            top1 += int((pred[:, 0] == labels).sum())
-            topk += int((pred == labels[:, None]).any(dim=1).sum())
-            seen += len(labels)
-            for name, (fn, target) in attacks.items():
+            pred = _predict(module, norm(raw.to(device)), classifier, k, amp)
+            counts[:3] += torch.tensor([len(labels), int((pred[:, 0] == labels).sum()),
+                                        int((pred == labels[:, None]).any(dim=1).sum())], dtype=torch.float64)
+            for i, (fn, target) in enumerate(attacks.values()):
                 others = (labels != target).cpu()
                 if others.any():
-                    triggered = fn(raw[others].cpu(), generators[name])
-                    hits[name] += int((_predict(module, norm(triggered.to(device)), classifier, 1)[:, 0]
-                                       == target).sum())
-                    counts[name] += int(others.sum())
-            if max_images is not None and seen >= max_images:
+                    triggered = fn(raw[others].cpu(), batch_generator(seed, batch))
+                    hit = _predict(module, norm(triggered.to(device)), classifier, 1, amp)[:, 0] == target
+                    counts[3 + 2 * i: 5 + 2 * i] += torch.tensor([int(hit.sum()), int(others.sum())],
+                                                                 dtype=torch.float64)
+            if max_images is not None and counts[0] >= max_images:
                 break
-    nan = float("nan")
-    out = {TOP1: top1 / seen if seen else nan, TOP5: topk / seen if seen else nan, ASR: nan, "num_images": seen,
-           "num_asr_images": counts.get(ASR, 0)}
-    return {**out, **{name: hits[name] / counts[name] if counts[name] else nan for name in attacks}}
+    return counts
 
 
 def recorded_attack(card: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -33,11 +33,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cleansweep import loop
+from cleansweep import loop, train_data
 from cleansweep.attacks.registry import attack_trigger
-from cleansweep.augment import eda, ssl_image_transform
 from cleansweep.config import MethodSpec, TrainSpec, validate
-from cleansweep.data import EvalFolder, ImageCaptionDataset, collate_skip, read_pairs
+from cleansweep.data import EvalFolder, collate_skip
 from cleansweep.errors import UserError
 from cleansweep.evaluate import NO_ATTACK, evaluate, zeroshot_classifier
 from cleansweep.methods import Task, create_task, list_methods
@@ -117,40 +116,11 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _datasets(spec: TrainSpec, bundle: ModelBundle) -> tuple[ImageCaptionDataset, Callable[[], ImageCaptionDataset]]:
-    """The plain set (no SSL views; deep clustering embeds it) and a factory of the set with SSL views."""
-    d = spec.data
-    common = {"image_key": d.image_key, "caption_key": d.caption_key, "on_bad_image": d.on_bad_image, "seed": spec.seed}
-    # Training uses the deterministic preprocess, as the reference does (no random crops that cut the trigger out).
-    plain = ImageCaptionDataset(d.train_csv, bundle.preprocess_val, bundle.tokenizer, **common)
-
-    def with_views() -> ImageCaptionDataset:
-        return ImageCaptionDataset(d.train_csv, bundle.preprocess_val, bundle.tokenizer,
-                                   ssl_image_transform=ssl_image_transform(bundle.preprocess_val), ssl_text_fn=eda,
-                                   **common)
-
-    return plain, with_views
-
-
-def _train_loader(spec: TrainSpec, dataset: ImageCaptionDataset, rank: int, world: int, cuda: bool) -> DataLoader:
-    batch = spec.data.batch_size
-    if batch % world:
-        raise UserError(f"data.batch_size {batch} is not divisible by the {world} workers; use a multiple of {world}")
-    per_rank = batch // world
-    if len(dataset) < batch:
-        raise UserError(f"{spec.data.train_csv} has {len(dataset)} rows, fewer than one batch of {batch}; "
-                        "lower data.batch_size or add rows")
-    sampler = loop.ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed,
-                                    drop_last=True)
-    # Its own generator: an iterator created mid-epoch on resume must not draw from the global RNG.
-    generator = torch.Generator().manual_seed(spec.seed)
-    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate_skip,
-                      num_workers=spec.data.workers, pin_memory=cuda, generator=generator)
-
-
-def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Callable[[], dict[str, Any]]:
+def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device, rank: int = 0,
+               world: int = 1) -> Callable[[], dict[str, Any]]:
     """Zero-shot accuracy + ASR (+ the proxy ASR of an inverted trigger) of the current model; the classifier is
-    rebuilt each time (the text tower trains)."""
+    rebuilt each time (the text tower trains). With several ranks each evaluates every world-th batch and the counts
+    are summed, so all ranks get the whole set's metrics at 1/world of the cost."""
     folder = EvalFolder(spec.data.eval_dir, bundle.image_size, subset=spec.data.eval_subset, seed=spec.seed)
     a = spec.attack
     known = a.name != NO_ATTACK  # a defender who does not know the trigger measures the proxy ASR only
@@ -170,23 +140,12 @@ def _evaluator(spec: TrainSpec, bundle: ModelBundle, device: torch.device) -> Ca
         try:
             classifier = zeroshot_classifier(model, bundle.tokenizer, folder.classnames, folder.templates, device)
             return evaluate(model, loader, classifier, normalize=(bundle.mean, bundle.std), target_index=target,
-                            trigger=trigger, seed=a.seed, device=device, extra_triggers=extra)
+                            trigger=trigger, seed=a.seed, device=device, extra_triggers=extra, amp=spec.amp,
+                            rank=rank, world=world)
         finally:
             model.train(was_training)
 
     return evaluate_fn
-
-
-def _rank0_broadcast(fn: Callable[[], dict[str, Any]], rank: int, world: int) -> Callable[[], dict[str, Any]]:
-    if world == 1:
-        return fn
-
-    def shared() -> dict[str, Any]:
-        box = [fn() if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    return shared
 
 
 def _save_state_fn(task: Task, optimizer: torch.optim.Optimizer, spec: TrainSpec) -> loop.SaveState:
@@ -278,7 +237,7 @@ def fit(spec: TrainSpec | dict[str, Any], report: Report, *, resume_from: str | 
     summary = loop.run(
         trained, run.train_loader, optimizer, lr_fn, epochs=spec.epochs,
         eval_every_steps=spec.eval_every * steps_per_epoch, eval_at_start=spec.eval_at_start and resumed is None,
-        evaluate_fn=_rank0_broadcast(_evaluator(spec, run.bundle, run.device), rank, world),
+        evaluate_fn=_evaluator(spec, run.bundle, run.device, rank, world),
         report=_with_params(report, params), start_step=int(loop_state["step"]), device=run.device, amp=spec.amp,
         grad_clip=o.grad_clip, logit_scale_max=spec.logit_scale_max,
         save_state=_save_state_fn(run.task, optimizer, spec) if rank == 0 and checkpoints != "none" else None,
@@ -312,19 +271,19 @@ def _build(spec: TrainSpec, rank: int, world: int) -> _Run:
         checkpoint_model_name(spec.model.init, spec.model.name, model_flag="model.name")  # a card that disagrees
         load_weights(bundle.model, load_state_dict_file(spec.model.init))
         init_sha = file_sha256(spec.model.init)
-    plain_ds, with_views = _datasets(spec, bundle)
+    plain_ds, training_set = train_data.datasets(spec, bundle.preprocess_val, bundle.tokenizer, rank, world)
     method = spec.method
     if method.name == "deep_cluster" and method.num_clusters > len(plain_ds):
         warnings.warn(f"deep_cluster: num_clusters {method.num_clusters} > {len(plain_ds)} rows; "
                       f"using k = {len(plain_ds)}", stacklevel=3)
         method = method.model_copy(update={"num_clusters": len(plain_ds)})
     task = create_task(method, bundle.model, distributed=world > 1)
-    train_ds = with_views() if task.needs_ssl_views else plain_ds
-    train_loader = _train_loader(spec, train_ds, rank, world, device.type == "cuda")
+    train_ds = training_set(task.needs_ssl_views)
+    train_loader = train_data.train_loader(spec, train_ds, rank, world, device.type == "cuda")
     embed_loader = DataLoader(plain_ds, batch_size=spec.data.eval_batch_size, shuffle=False,
                               collate_fn=collate_skip, num_workers=spec.data.workers)
     task.to(device)
-    return _Run(bundle, device, task, method, len(train_ds), train_loader, embed_loader, init_sha)
+    return _Run(bundle, device, task, method, len(plain_ds), train_loader, embed_loader, init_sha)
 
 
 def _optimizer(spec: TrainSpec, task: Task, resumed: dict[str, Any] | None, total_steps: int,
@@ -391,16 +350,16 @@ def preflight(spec: TrainSpec | dict[str, Any]) -> TrainSpec:
         raise UserError(f"init checkpoint not found: {spec.model.init}; pass an existing .safetensors or .pt file")
     if spec.model.init is not None:
         checkpoint_model_name(spec.model.init, spec.model.name, model_flag="model.name")
-    if not Path(spec.data.train_csv).is_file():
+    if spec.data.train_csv is not None and not Path(spec.data.train_csv).is_file():
         raise UserError(f"training CSV not found: {spec.data.train_csv}; point data.train_csv (--train-csv) at an "
                         "existing image-caption CSV")
     if not Path(spec.data.eval_dir).is_dir():
         raise UserError(f"evaluation folder not found: {spec.data.eval_dir}; point data.eval_dir (--eval-data) at a "
                         "folder with one subfolder per class")
-    rows = len(read_pairs(spec.data.train_csv, spec.data.image_key, spec.data.caption_key))
+    rows = train_data.train_pairs(spec.data)
     if rows < spec.data.batch_size and spec.epochs > 0:
-        raise UserError(f"{spec.data.train_csv} has {rows} rows, fewer than one batch of {spec.data.batch_size}; "
-                        "lower data.batch_size or add rows")
+        raise UserError(f"{spec.data.train_source} has {rows} pairs, fewer than one batch of {spec.data.batch_size}; "
+                        "lower data.batch_size or add pairs")
     folder = EvalFolder(spec.data.eval_dir, size, subset=spec.data.eval_subset, seed=spec.seed)
     if spec.attack.name != NO_ATTACK:
         folder.class_index(spec.attack.target)

@@ -36,6 +36,7 @@ LEVELS = [
     ["attacks.poison", "evaluate", "attacks.badclip_objective"],
     ["attacks.badclip", "detect.inversion", "experiments.presets", "methods", "optim"],
     ["loop", "detect.proxy"],
+    ["train_data"],
     ["fit"],
     ["tracking", "runtime.scratch", "runtime.cluster", "runtime.interrupts", "runtime.diskguard", "sweep.delivery",
      "sweep.records"],
@@ -50,7 +51,8 @@ LEVELS = [
 ]
 # L0 science and L1 behaviour (and the pure tables of L2): never import ray, mlflow or optuna.
 # tracking.* sit low (they import no cleansweep module) but belong to the one package that imports mlflow.
-LOWER_LAYERS = [name for floor in LEVELS[:10] for name in floor if not name.startswith("tracking.")] + [
+LOWER_LAYERS = [name for floor in LEVELS[:[i for i, f in enumerate(LEVELS) if "fit" in f][0] + 1] for name in floor
+                if not name.startswith("tracking.")] + [
     "results.analysis", "results.figures"]
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 400

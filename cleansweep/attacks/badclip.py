@@ -7,7 +7,7 @@ images and away from its clean embedding, with EDA and AutoAugment). Scaled for 
 steps at lr 0.05 (about the same total step budget, steps x lr ~ 10 vs 7.8, since Adam moves a pixel by at most
 ~lr per step) at batch 64, and the patch side scales with the resolution (`default_patch_size`). docs/fidelity.md
 lists every deviation. The patch is saved as safetensors with a JSON card (model sha256, target, objective,
-settings, similarities) and pasted by the `badclip` trigger of `cleansweep.attacks.triggers`. Everything is seeded
+settings, similarities) and pasted by the `badclip` trigger of `cleansweep.attacks.registry`. Everything is seeded
 through explicit generators; the model is only read (its train/eval mode is restored, no gradient lands on its
 weights).
 """
@@ -112,7 +112,7 @@ def save_patch(path: str | Path, patch: Tensor, meta: Mapping[str, Any]) -> Path
 
 def load_patch(path: str | Path) -> Tensor:
     """The patch (3, p, p) in [0, 1] saved at `path` by `save_patch` (a fresh copy; safetensors only, never a
-    pickle); errors as `cleansweep.attacks.triggers.cached_patch`, which the `badclip` trigger reads it through."""
+    pickle); errors as `cleansweep.attacks.registry.cached_patch`, which the `badclip` trigger reads it through."""
     return cached_patch(path)[0].clone()
 
 

@@ -30,7 +30,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 from torchvision import transforms
 
-from cleansweep.attacks.triggers import patch_positions, stamp
+from cleansweep.attacks.structured import patch_positions, stamp
 from cleansweep.augment import eda
 from cleansweep.errors import UserError
 from cleansweep.losses import mmcl_loss
