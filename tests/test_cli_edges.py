@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import sqlite3
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cleansweep import cli, limits, tracking
+from cleansweep.cli.parser import print_json
 from cleansweep.data.pairs import read_pairs
 from cleansweep.errors import UserError
 
@@ -75,7 +77,7 @@ NUMERIC = _numeric_flags()
 
 
 def test_every_numeric_flag_has_a_bounded_type():
-    assert len(NUMERIC) >= 38  # demo 5, poison 7, evaluate 5, scan 3, pretrain 9, study 4, search 2, 1 each: the rest
+    assert len(NUMERIC) >= 41  # demo 5, poison 7, evaluate 5, scan 3, pretrain 9, study 4, matrix 3, search 2, 1 each
     bare = [f"{' '.join(path)} {a.option_strings[0]}" for path, a in NUMERIC if not hasattr(a.type, "bounds")]
     assert not bare, f"numeric flags without a bounded limits.* type: {bare}"
     seeds = [(path, a) for path, a in NUMERIC if a.dest.endswith("seed")]
@@ -139,7 +141,7 @@ def test_a_knob_of_the_wrong_type_is_one_line(sandbox, capsys):
 
 def test_json_output_is_strict(capsys):
     """An ASR with no non-target image is NaN: written as null, so the printed JSON parses everywhere."""
-    cli._print_json({"asr_top1": float("nan"), "top": [0.5, float("inf")], "path": Path("/x")})
+    print_json({"asr_top1": float("nan"), "top": [0.5, float("inf")], "path": Path("/x")})
     out = capsys.readouterr().out
     assert "NaN" not in out and json.loads(out) == {"asr_top1": None, "top": [0.5, None], "path": "/x"}
 
@@ -226,6 +228,26 @@ def test_a_token_file_as_train_csv_is_not_printed_back(sandbox, capsys):
     line = refused(["pretrain", "--train-csv", str(token), "--eval-data", str(sandbox / "eval"), "--name", "x",
                     "--workdir", str(sandbox / "work")], sandbox, capsys)
     assert SECRET not in line and "missing column(s) 'image', 'caption'" in line
+
+
+def test_one_function_checks_a_sweep_name(tmp_path):
+    from cleansweep.runtime import layout
+    from cleansweep.sweep.names import check_sweep_name
+
+    free, taken = tmp_path / "free", tmp_path / "taken"
+    taken.mkdir()
+    (taken / layout.SWEEP_FILE).write_text("{}")
+    assert check_sweep_name("free", free, resume=False) == "free"
+    assert check_sweep_name("taken", taken, resume=True) == "taken"
+    for name, sweep_dir, kwargs, needle in [
+        ("bad/name", free, {"resume": False}, "--name: name 'bad/name' must be 1-100 characters"),
+        ("-x", free, {"resume": True}, "--name: name '-x' must be"),  # the alphabet first, before the folder
+        ("taken", taken, {"resume": False}, f"sweep 'taken' already exists ({taken})"),
+        ("free", free, {"resume": False, "in_mlflow": True}, "sweep 'free' already exists (MLflow)"),
+        ("free", free, {"resume": True}, f"--resume: no sweep named 'free' in {tmp_path}"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            check_sweep_name(name, sweep_dir, **kwargs)
 
 
 def test_limits_are_the_documented_numbers():

@@ -302,6 +302,31 @@ def entrypoint_problems(entrypoint: str, parser: argparse.ArgumentParser, docker
     return problems
 
 
+DEPRECATED_COMMANDS = {"study matrix": "matrix"}  # an old spelling the CLI still accepts -> the command to document
+
+
+def documented_commands(text: str) -> list[str]:
+    """The `cleansweep ...` commands of a Markdown text: inline code, and lines of fenced blocks that start with one."""
+    inline = re.findall(r"`cleansweep ([^`]+)`", text)
+    fenced = [line.strip().removeprefix("cleansweep ") for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
+              for line in block.splitlines() if line.strip().startswith("cleansweep ")]
+    return [c.split("#")[0].strip() for c in inline + fenced]
+
+
+def documented_command_problems(text: str, parser: argparse.ArgumentParser) -> list[str]:
+    """Every documented `cleansweep <subcommand>` is a subcommand of the real CLI, never a deprecated spelling."""
+    problems, subcommands = [], cli_subcommands(parser)
+    for command in documented_commands(text):
+        words = command.split()
+        if not words or words[0].startswith("-"):
+            continue  # `cleansweep --version`
+        if words[0] not in subcommands:
+            problems.append(f"`cleansweep {command}`: {words[0]} is not a subcommand ({sorted(subcommands)})")
+        if (old := " ".join(words[:2])) in DEPRECATED_COMMANDS:
+            problems.append(f"`cleansweep {command}`: document `cleansweep {DEPRECATED_COMMANDS[old]}` instead")
+    return problems
+
+
 # ------------------------------------------------------------------------------------------ Dockerfiles
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
@@ -627,6 +652,14 @@ def test_rayjob_entrypoint_is_a_cleansweep_command(path):
     assert entrypoint_problems(entrypoint, parser, (DEPLOY / "Dockerfile").read_text()) == []
 
 
+@pytest.mark.parametrize("path", [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_documented_commands_are_subcommands(path):
+    text = path.read_text()
+    assert documented_command_problems(text, build_parser()) == []
+    if path.name == "README.md":  # the check does read the commands
+        assert {c.split()[0] for c in documented_commands(text)} >= {"search", "study", "matrix", "ui"}
+
+
 def test_cleansweep_dockerfile():
     pins = constraint_pins((DEPLOY / "constraints.txt").read_text())
     assert cleansweep_dockerfile_problems((DEPLOY / "Dockerfile").read_text(), pins) == []
@@ -808,6 +841,8 @@ BROKEN = {
     "entrypoint missing file": lambda: entrypoint_problems(
         "cleansweep evaluate /app/search_spaces/nope.yaml --eval-data d", build_parser(), "COPY search_spaces ./x\n"),
     "entrypoint not cleansweep": lambda: entrypoint_problems("python train.py", build_parser(), ""),
+    "documented typo": lambda: documented_command_problems("run `cleansweep serach s.yaml`", build_parser()),
+    "documented old spelling": lambda: documented_command_problems("```\ncleansweep study matrix\n```", build_parser()),
     "dockerfile root": lambda: _dockerfile("USER 1000:1000", "USER root"),
     "dockerfile latest": lambda: _dockerfile("FROM python:3.11-slim", "FROM python:latest"),
     "dockerfile untagged": lambda: _dockerfile("FROM python:3.11-slim", "FROM python"),

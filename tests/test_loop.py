@@ -277,7 +277,7 @@ def test_progress_reports_steps_and_the_mean_loss_since_the_last_call() -> None:
 
 
 def test_pretrain_progress_line_numbers() -> None:
-    from cleansweep.pretrain.driver import ProgressLine
+    from cleansweep.pretrain.worker import ProgressLine
 
     line = ProgressLine("demo-mmcl")
     assert "no evaluation yet" in line.render({"step": 10, "total_steps": 200, "epoch": 0.25, "loss": 3.5,

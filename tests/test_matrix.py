@@ -1,4 +1,4 @@
-"""`cleansweep study matrix`: its tables by hand, every cell's sweep config valid, one real cell end to end."""
+"""`cleansweep matrix`: its tables by hand, every cell's sweep config valid, one real cell end to end."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_every_method_cell_is_a_valid_sweep(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     card = {"checkpoint": str(ckpt), "attack_spec": {"name": "badnet", "target": "banana", "patch_size": 8}}
     paths = {"clean_csv": str(tmp_path / "clean.csv"), "eval_dir": str(tmp_path / "eval")}
-    for method in matrix.METHODS:
+    for method in matrix.MATRIX_METHODS:
         cfg = matrix.cell_config(method, card, paths, "sqlite:////tmp/x.db", epochs=2, num_samples=3)
         assert cfg.search.num_samples == 3 and cfg.epochs == 2 and cfg.attack.patch_size == 8
         assert str(cfg.model.checkpoint) == str(ckpt)
@@ -27,11 +27,19 @@ def test_every_method_cell_is_a_valid_sweep(tmp_path):
 def test_unknown_names_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="unknown attack 'nope'.*badnet"):
         matrix.run_matrix(workdir=tmp_path, attacks=["nope"])
-    assert main(["study", "matrix", "--methods", "cleanclip,nope", "--workdir", str(tmp_path)]) == 2
+    assert main(["matrix", "--methods", "cleanclip,nope", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: study matrix: unknown method 'nope'") and "\n" not in err
+    assert err.startswith("error: matrix: unknown method 'nope'") and "\n" not in err
     assert main(["study", "toy", "--attacks", "badnet", "--workdir", str(tmp_path)]) == 2
-    assert "study matrix" in capsys.readouterr().err
+    assert "cleansweep matrix" in capsys.readouterr().err
+
+
+def test_study_matrix_is_a_deprecated_alias(tmp_path, capsys):
+    # The old spelling still runs the matrix command, after one line naming the new one.
+    assert main(["study", "matrix", "--methods", "cleanclip,nope", "--workdir", str(tmp_path)]) == 2
+    note, err = capsys.readouterr().err.strip().splitlines()
+    assert note == "note: `cleansweep study matrix` is deprecated; run `cleansweep matrix` (same flags)"
+    assert err.startswith("error: matrix: unknown method 'nope'")
 
 
 def test_matrix_table_and_markdown_by_hand():

@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 
 from cleansweep import cli, tracking
-from cleansweep.config import PretrainConfig
+from cleansweep.cli import train as cli_train
+from cleansweep.config import PretrainConfig, TrainSpec
 from cleansweep.errors import UserError
 from cleansweep.pretrain import driver as pretrain
-from cleansweep.runtime import scratch
+from cleansweep.pretrain import selection, worker
+from cleansweep.runtime import layout, scratch
 
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI, so both nodes run this environment
 EVAL_KEYS = ("zeroshot_top1", "zeroshot_top5", "asr_top1", "feasible", "best_feasible_top1", "epoch", "lr")
@@ -43,14 +45,14 @@ def _ev(step: int, top1: float) -> dict[str, float]:
 ])
 def test_selector_rules(rule, ref, expected_step):
     history = [_ev(0, 0.05), _ev(10, 0.3), _ev(20, 0.6), _ev(30, 0.4), _ev(40, 0.6), _ev(50, 0.5)]
-    sel = pretrain.Selector(rule, ref)
+    sel = selection.Selector(rule, ref)
     taken = [ev["step"] for ev in history if sel.consider(ev)]
     assert sel.current["step"] == expected_step
     assert taken[-1] == expected_step
 
 
 def test_selector_resumes_from_candidate_and_skips_nan():
-    sel = pretrain.Selector("best_top1", current=_ev(20, 0.6))
+    sel = selection.Selector("best_top1", current=_ev(20, 0.6))
     assert not sel.consider(_ev(30, 0.59))
     assert not sel.consider(_ev(40, float("nan")))
     assert sel.consider(_ev(50, 0.61)) and sel.current["step"] == 50
@@ -58,7 +60,7 @@ def test_selector_resumes_from_candidate_and_skips_nan():
 
 def test_selector_closest_needs_reference():
     with pytest.raises(UserError, match="reference"):
-        pretrain.Selector("closest_top1")
+        selection.Selector("closest_top1")
 
 
 # ------------------------------------------------------------------------------------------------ resources
@@ -99,7 +101,7 @@ def test_worker_user_error_becomes_one_line():
 
 
 def test_objective_and_flat_metrics():
-    assert pretrain.flat_metrics({"a": 1, "b": True, "params": {"x": 1}, "s": "x"}) == {"a": 1.0, "b": 1.0}
+    assert worker.flat_metrics({"a": 1, "b": True, "params": {"x": 1}, "s": "x"}) == {"a": 1.0, "b": 1.0}
 
 
 # ------------------------------------------------------------------------------------------------ CLI errors
@@ -161,12 +163,27 @@ def test_cli_yaml_then_flags(fake_inputs, tmp_path):
     args = cli.build_parser().parse_args(["pretrain", str(tmp_path / "c.yaml"), "--lr", "0.002",
                                           "--objective", "mmcl+ssl", "--set", "train.optim.weight_decay=0.2",
                                           *fake_inputs])
-    cfg = cli._pretrain_config(args, tmp_path)
+    cfg = cli_train.pretrain_config(args, tmp_path)
     assert isinstance(cfg, PretrainConfig)
     assert (cfg.name, cfg.train.epochs, cfg.train.optim.lr, cfg.train.optim.weight_decay) == ("from-yaml", 3, 0.002,
                                                                                               0.2)
     assert (cfg.train.method.mmcl_weight, cfg.train.method.ssl_weight) == (1.0, 1.0)
-    assert pretrain.objective_name(cfg.train) == "mmcl+ssl"
+    assert selection.objective_name(cfg.train) == "mmcl+ssl"
+
+
+def test_config_sources_in_order(fake_inputs, tmp_path):
+    # Flags (None = not given) over the defaults, then --set over the flags; a key both value and section is refused.
+    from cleansweep.pretrain.options import nest, pretrain_config
+
+    flags = {"name": "r", "train.data.train_csv": Path(fake_inputs[1]), "train.data.eval_dir": fake_inputs[3],
+             "train.optim.lr": 0.5, "train.epochs": None}
+    cfg = pretrain_config(tmp_path, flags=flags, sets=["train.optim.lr=0.25", "train.optim.weight_decay=3"])
+    assert (cfg.train.optim.lr, cfg.train.optim.weight_decay) == (0.25, 3.0)
+    assert cfg.train.epochs == TrainSpec.model_fields["epochs"].default  # None: not given
+    assert str(cfg.train.data.train_csv) == fake_inputs[1]
+    assert nest({"a.b.c": 1, "a.d": 2}) == {"a": {"b": {"c": 1}, "d": 2}}
+    with pytest.raises(UserError, match="train.optim.lr: optim is set both as a value and as a section"):
+        nest({"train.optim": 1, "train.optim.lr": 2})
 
 
 def test_existing_run_needs_resume(capsys, fake_inputs, tmp_path):
@@ -307,7 +324,7 @@ def _kill_after_checkpoint(cmd: list[str], env: dict, run_dir: Path, min_step: i
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            done = [int(p.name.rsplit("_", 1)[1]) for p in run_dir.glob(f"{pretrain.CHECKPOINT_PREFIX}*")
+            done = [int(p.name.rsplit("_", 1)[1]) for p in run_dir.glob(f"{layout.CHECKPOINT_PREFIX}*")
                     if p.is_dir() and not p.name.startswith(".")]
             if max(done, default=-1) >= min_step:
                 time.sleep(2.0)  # let Ray record the checkpoint it just wrote before the kill

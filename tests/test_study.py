@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from cleansweep.cli import main
 from cleansweep.errors import UserError
 from cleansweep.experiments import study
-from cleansweep.pretrain import driver as pretrain
+from cleansweep.pretrain.selection import selected_card
 
 
 # ------------------------------------------------------------------------------------------------ fast
@@ -124,7 +124,7 @@ def test_toy_study_end_to_end_and_rerun_skips(tmp_path, monkeypatch, capsys):
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     table = pd.read_csv(out / "table2.csv").set_index("objective")
-    cards = {o: pretrain.selected_card(work, n["pretrain"]) for o, n in study.run_names("toy").items()}
+    cards = {o: selected_card(work, n["pretrain"]) for o, n in study.run_names("toy").items()}
     assert cards["mmcl+ssl"]["selection"] == "closest_top1"
     assert cards["mmcl+ssl"]["reference_top1"] == pytest.approx(cards["mmcl"]["zeroshot_top1"])
     for objective, label in study.OBJECTIVES.items():

@@ -16,8 +16,9 @@ import psutil
 import pytest
 from sweep_store import SWEEP, TRIALS, make_sweep
 
-from cleansweep.cli import main, mlflow_ui_command
+from cleansweep.cli import main
 from cleansweep.errors import UserError
+from cleansweep.tracking.server import mlflow_ui_command
 
 
 def test_command_serves_the_sqlite_store_on_loopback(tmp_path):

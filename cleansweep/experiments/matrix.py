@@ -1,10 +1,10 @@
-"""`cleansweep study matrix`: which cleaning method removes which backdoor? Every attack x every method, demo world.
+"""`cleansweep matrix`: which cleaning method removes which backdoor? Every attack x every method, demo world.
 
 Per attack: poison the demo world's training set (`ATTACKS`: the calibrated poison fraction and trigger; BadCLIP's
 patch is first optimised on a clean demo model), pre-train tiny-rn with MMCL and check that the backdoor took
 (`ASR_TAKEN`: ASR >= 0.9 before cleaning; if not, the fraction doubles, at most `MAX_TRIES` times), then run one
-small sweep per method (`METHODS`: the demo's learning-rate band and the method's own knob; Optuna TPE under the
-ASR constraint, every evaluation in MLflow). Output in `<workdir>/study/matrix/`: `matrix.csv/.md` (per cell the
+small sweep per method (`MATRIX_METHODS`: the demo's learning-rate band and the method's own knob; Optuna TPE under
+the ASR constraint, every evaluation in MLflow). Output in `<workdir>/study/matrix/`: `matrix.csv/.md` (per cell the
 best top-1 with ASR <= 5% and its ASR, per attack its start), `calibration.csv` (every pre-training try) and
 `matrix.json`. Every finished stage is reused when the study runs again.
 """
@@ -41,7 +41,7 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "badclip": {"fraction": 0.05, "params": {"patch_size": 8, "location": "fixed"}},
 }
 LR = {"loguniform": [5.0e-4, 5.0e-3]}  # where CleanCLIP removes the demo backdoor (search_spaces/demo.yaml)
-METHODS: dict[str, dict[str, Any]] = {
+MATRIX_METHODS: dict[str, dict[str, Any]] = {
     "cleanclip": {"base": {"method.name": "contrastive", "method.ssl_weight": 1}, "space": {"optim.lr": LR}},
     "heavy_reg": {"base": {"method.name": "contrastive", "method.ssl_weight": 1},
                   "space": {"optim.lr": LR, "optim.weight_decay": {"loguniform": [1.0, 100.0]}}},
@@ -59,11 +59,11 @@ METHODS: dict[str, dict[str, Any]] = {
 
 
 def _check_names(attacks: Sequence[str], methods: Sequence[str]) -> None:
-    for given, known, what in ((attacks, ATTACKS, "attack"), (methods, METHODS, "method")):
+    for given, known, what in ((attacks, ATTACKS, "attack"), (methods, MATRIX_METHODS, "method")):
         unknown = [x for x in given if x not in known]
         if unknown or not given:
             name = repr(unknown[0]) if unknown else "(none given)"
-            raise UserError(f"study matrix: unknown {what} {name}; choose from: {', '.join(known)}")
+            raise UserError(f"matrix: unknown {what} {name}; choose from: {', '.join(known)}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -91,17 +91,19 @@ def _pretrain(name: str, train_csv: str, attack: Mapping[str, Any], paths: Mappi
               uri: str, epochs: int | None) -> dict[str, Any]:
     """Pre-train (or find) run `name` in this process; returns its selected model's card (+ `checkpoint`)."""
     from cleansweep.experiments import presets
-    from cleansweep.pretrain import driver as pretrain
-    card = pretrain.selected_card(workdir, name)
+    from cleansweep.pretrain.driver import pretrain
+    from cleansweep.pretrain.selection import selected_card
+
+    card = selected_card(workdir, name)
     if card is not None:
         return card
     spec = presets.pretrain_spec("demo", "mmcl", {"train_csv": train_csv, "eval_dir": paths["eval_dir"]},
                                  **({"epochs": epochs} if epochs else {}))
     spec["attack"] = dict(attack)
-    cfg = PretrainConfig(name=name, train=validate(TrainSpec, spec, f"study matrix {name}"), ray=RaySpec(num_workers=0),
+    cfg = PretrainConfig(name=name, train=validate(TrainSpec, spec, f"matrix {name}"), ray=RaySpec(num_workers=0),
                          mlflow=MlflowSpec(tracking_uri=uri, experiment="cleansweep-pretrain"))
-    pretrain.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
-    return pretrain.selected_card(workdir, name)
+    pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
+    return selected_card(workdir, name)
 
 
 def calibrated_model(attack: str, paths: Mapping[str, str], workdir: Path, uri: str, *, clean_model: Path | None,
@@ -131,8 +133,8 @@ def cell_config(method: str, card: Mapping[str, Any], paths: Mapping[str, str], 
     from cleansweep.methods import list_methods
     from cleansweep.sweep import space as spaces
 
-    m = METHODS[method]
-    values = {
+    m = MATRIX_METHODS[method]
+    values = {  # the description is part of a sweep's recorded config: changing it would refuse `--resume`
         "description": f"study matrix: {method} cleaning of the {card['attack_spec']['name']}-poisoned demo model",
         "model": {"checkpoint": card["checkpoint"]}, "attack": dict(card["attack_spec"]),
         "data": {"train_csv": paths["clean_csv"], "eval_dir": paths["eval_dir"], "batch_size": 64,
@@ -143,8 +145,8 @@ def cell_config(method: str, card: Mapping[str, Any], paths: Mapping[str, str], 
                    "n_startup_trials": num_samples},
         "scheduler": {"name": "none"}, "resources": {"cpu": 1}, "mlflow": {"tracking_uri": uri},
     }
-    cfg = validate(SearchConfig, values, f"study matrix {method}")
-    spaces.check(cfg, f"study matrix {method}", list_methods())
+    cfg = validate(SearchConfig, values, f"matrix {method}")
+    spaces.check(cfg, f"matrix {method}", list_methods())
     return cfg
 
 
@@ -209,7 +211,7 @@ def run_matrix(*, workdir: Path, attacks: Sequence[str] | None = None, methods: 
     Args:
         workdir: Holds data, models, sweeps, the default MLflow database and the study folder.
         attacks: Subset of `ATTACKS` (default all).
-        methods: Subset of `METHODS` (default all).
+        methods: Subset of `MATRIX_METHODS` (default all).
         tracking_uri: MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite in the workdir).
         pretrain_epochs: Override the demo's pre-training epochs.
         clean_epochs: Cleaning epochs per trial.
@@ -224,7 +226,7 @@ def run_matrix(*, workdir: Path, attacks: Sequence[str] | None = None, methods: 
     from cleansweep import tracking
     from cleansweep.experiments import presets
 
-    attacks, methods = list(attacks or ATTACKS), list(methods or METHODS)
+    attacks, methods = list(attacks or ATTACKS), list(methods or MATRIX_METHODS)
     _check_names(attacks, methods)
     workdir = Path(workdir).resolve()
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)

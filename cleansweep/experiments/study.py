@@ -27,7 +27,8 @@ import pandas as pd
 
 from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, TrainSpec, deep_update, read_yaml, validate
 from cleansweep.errors import UserError
-from cleansweep.pretrain import driver as pretrain
+from cleansweep.pretrain import driver
+from cleansweep.pretrain.selection import selected_card
 from cleansweep.results import report
 from cleansweep.runtime import atomic, cluster, layout
 from cleansweep.sweep import driver as search
@@ -220,7 +221,7 @@ def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = N
     data = resolve_data(preset, workdir, paths, seed)
     log.stage("data", time.monotonic() - t, skipped=False, paths=data)
     names = run_names(preset)
-    pending = [o for o in OBJECTIVES if pretrain.selected_card(workdir, names[o]["pretrain"]) is None
+    pending = [o for o in OBJECTIVES if selected_card(workdir, names[o]["pretrain"]) is None
                or search.sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
     with cluster.connect(address, echo=echo) if pending else contextlib.nullcontext():
         # One Ray for all four stages (pre-training and sweeps reuse an initialised Ray): start-up costs seconds.
@@ -241,15 +242,15 @@ def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], 
     names, cards = run_names(preset), {}
     for objective in OBJECTIVES:
         t, name = time.monotonic(), names[objective]["pretrain"]
-        card = pretrain.selected_card(workdir, name)
+        card = selected_card(workdir, name)
         skipped = card is not None
         if card is None:
             reference = cards["mmcl"]["zeroshot_top1"] if objective != "mmcl" else None
             cfg = pretrain_config(preset, objective, data, name=name, tracking_uri=uri, reference_top1=reference,
                                   overrides=overrides)
             echo(f"[study] pre-training {OBJECTIVES[objective]} ({name})")
-            pretrain.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
-            card = pretrain.selected_card(workdir, name)
+            driver.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
+            card = selected_card(workdir, name)
         else:
             echo(f"[study] pre-trained {OBJECTIVES[objective]} model found: {card['checkpoint']}")
         cards[objective] = card

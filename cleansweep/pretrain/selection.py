@@ -1,0 +1,131 @@
+"""Which evaluation's model a pre-training run hands to cleaning, and the card that describes it.
+
+During training rank 0 offers every evaluation to a `Selector`; the best one so far under the run's `selection` rule
+is copied eagerly to `candidate/` (so Ray pruning old checkpoints never loses it). When training has ended,
+`export_selected` writes `selected/model.safetensors` + `model.json` (the card) from it: what cleaning consumes and
+what `selected_card` reads back. No Ray and no MLflow here: the driver logs the card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cleansweep.config import PretrainConfig, TrainSpec
+from cleansweep.errors import UserError
+from cleansweep.runtime import atomic, layout
+
+CARD_KEYS = ("zeroshot_top1", "zeroshot_top5", "asr_top1", "epoch")  # the card's headline metrics (+ step)
+
+
+class Selector:
+    """Which evaluation's model goes to cleaning (the paper's rules), decided one evaluation at a time.
+
+    `best_top1`: highest zeroshot_top1 (earliest on ties). `closest_top1`: accuracy closest to `reference_top1`
+    (how the paper matches its MMCL and MMCL+SSL models). `last`: the final evaluation.
+    """
+
+    def __init__(self, rule: str, reference_top1: float | None = None, current: Mapping[str, float] | None = None):
+        if rule == "closest_top1" and reference_top1 is None:
+            raise UserError("selection 'closest_top1' needs reference_top1; pass --reference-top1 (e.g. 0.2376)")
+        self.rule = rule
+        self.reference = reference_top1
+        self.current = dict(current) if current else None
+
+    def _score(self, metrics: Mapping[str, float]) -> float:
+        top1 = float(metrics["zeroshot_top1"])
+        if self.rule == "best_top1":
+            return top1
+        if self.rule == "closest_top1":
+            return -abs(top1 - self.reference)
+        return float(metrics["step"])  # last
+
+    def consider(self, metrics: Mapping[str, float]) -> bool:
+        """Take `metrics` as the new selection if it beats the current one; return whether it did."""
+        if "zeroshot_top1" not in metrics or not math.isfinite(float(metrics["zeroshot_top1"])):
+            return False
+        if self.current is not None and self._score(metrics) <= self._score(self.current):
+            return False
+        self.current = dict(metrics)
+        return True
+
+
+# ------------------------------------------------------------------------------------------------ candidate/
+def write_candidate(checkpoint_dir: Path, dest: Path, metrics: Mapping[str, float]) -> None:
+    """Copy a checkpoint's weights and its metrics to `dest` (the run's `candidate/`), replacing it atomically."""
+    weights = checkpoint_dir / layout.MODEL_FILE
+    if not weights.is_file():
+        raise RuntimeError(f"session checkpoint {checkpoint_dir} has no {layout.MODEL_FILE}; cannot keep the selected "
+                           "model")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(weights, tmp / layout.MODEL_FILE)
+    atomic.write_json(tmp / layout.CANDIDATE_FILE, dict(metrics))
+    atomic.replace_dir(tmp, dest)
+
+
+def candidate_dir(run_dir: Path) -> Path:
+    """The run's `candidate/` folder, or the previous one that a crash inside `atomic.replace_dir` left as `.old`."""
+    current = run_dir / layout.CANDIDATE
+    return current if current.is_dir() else atomic.previous_dir(current)
+
+
+def read_candidate(run_dir: Path) -> dict[str, float] | None:
+    """The metrics of the run's current candidate, or None before its first evaluation with a checkpoint."""
+    path = candidate_dir(run_dir) / layout.CANDIDATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------ selected/
+def objective_name(spec: TrainSpec) -> str:
+    """mmcl, mmcl+ssl or ssl, from the loss weights."""
+    parts = [n for n, w in (("mmcl", spec.method.mmcl_weight), ("ssl", spec.method.ssl_weight)) if w > 0]
+    return "+".join(parts) or spec.method.name
+
+
+def data_hashes(spec: TrainSpec) -> dict[str, Any]:
+    """sha256 of the training CSV and of the poison manifest beside it (None without one), and the eval folder."""
+    from cleansweep.models import file_sha256
+
+    manifest = spec.data.train_csv.parent / "manifest.json"
+    return {"train_csv": str(spec.data.train_csv), "train_csv_sha256": file_sha256(spec.data.train_csv),
+            "poison_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
+            "eval_dir": str(spec.data.eval_dir)}
+
+
+def export_selected(cfg: PretrainConfig, run_dir: Path, mlflow_run_id: str) -> tuple[Path, dict[str, Any]]:
+    """candidate/ -> selected/model.safetensors + model.json (via `models.save_checkpoint`), replaced atomically.
+
+    Returns:
+        The selected weights' path and the card written beside them.
+    """
+    from cleansweep.models import create_model, load_state_dict_file, load_weights, save_checkpoint
+
+    candidate = read_candidate(run_dir)
+    if candidate is None:
+        raise RuntimeError(f"run {cfg.name} reported no evaluation with a checkpoint; nothing to select")
+    model = create_model(cfg.train.model.name).model
+    load_weights(model, load_state_dict_file(candidate_dir(run_dir) / layout.MODEL_FILE))
+    card = {**{k: candidate.get(k) for k in CARD_KEYS}, "step": int(candidate["step"]), "selection": cfg.selection,
+            "reference_top1": cfg.reference_top1, "metrics": candidate, "config": cfg.model_dump(mode="json"),
+            "data": data_hashes(cfg.train), "objective": objective_name(cfg.train), "mlflow_run_id": mlflow_run_id,
+            "model": cfg.train.model.name}
+    staging = Path(tempfile.mkdtemp(prefix=".selected-", dir=run_dir))
+    weights = save_checkpoint(staging / layout.MODEL_FILE, model, card)
+    atomic.replace_dir(staging, run_dir / layout.SELECTED)
+    return run_dir / layout.SELECTED / weights.name, card
+
+
+def selected_card(workdir: Path, run_name: str) -> dict[str, Any] | None:
+    """The card (`selected/model.json`) of a finished pre-training run, with its `checkpoint` path, or None."""
+    card = layout.selected_checkpoint(workdir, run_name).with_suffix(".json")
+    if not card.is_file():
+        return None
+    data = json.loads(card.read_text())
+    return {**data, "checkpoint": str(card.with_name(layout.MODEL_FILE))}
