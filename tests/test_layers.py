@@ -27,16 +27,16 @@ PACKAGE = Path(cleansweep.__file__).parent
 # one module of a package; a bare package name (data, methods, tracking) is the whole package, whose modules import
 # each other freely. The same table, with what each floor is for, is in docs/design.md.
 LEVELS = [
-    ["errors", "limits", "runtime.layout", "runtime.atomic"],
+    ["errors", "limits", "runtime.layout", "runtime.atomic", "rng"],
     ["config", "objective", "tracking.outage"],
     ["tracking.store", "sweep.config"],
-    ["sweep.space", "data", "augment"],
+    ["data", "augment"],
     ["models", "losses"],
     ["attacks.triggers"],
     ["attacks.poison", "evaluate"],
     ["attacks.badclip", "detect.scan", "experiments.presets", "methods", "optim"],
-    ["loop"],
-    ["fit"],
+    ["loop", "train_config"],
+    ["fit", "sweep.space"],
     ["tracking", "runtime.scratch", "runtime.cluster", "runtime.interrupts", "runtime.diskguard", "sweep.delivery",
      "sweep.records"],
     ["results.analysis"],

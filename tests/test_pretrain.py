@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from cleansweep import cli, tracking
-from cleansweep.config import PretrainConfig
 from cleansweep.errors import UserError
 from cleansweep.pretrain import driver as pretrain
 from cleansweep.runtime import scratch
+from cleansweep.train_config import PretrainConfig
 
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI, so both nodes run this environment
 EVAL_KEYS = ("zeroshot_top1", "zeroshot_top5", "asr_top1", "feasible", "best_feasible_top1", "epoch", "lr")

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from cleansweep import fit as session
-from cleansweep.config import TrainSpec, deep_update
+from cleansweep.config import deep_update
 from cleansweep.errors import UserError
 from cleansweep.methods import list_methods
 from cleansweep.models import file_sha256, load_state_dict_file
+from cleansweep.train_config import TrainSpec
 
 
 class Recorder:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from cleansweep import cli
-from cleansweep.config import TrainSpec
 from cleansweep.errors import UserError
 from cleansweep.sweep import space as spaces
 from cleansweep.sweep.config import Domain
+from cleansweep.train_config import TrainSpec
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

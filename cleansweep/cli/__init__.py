@@ -321,7 +321,8 @@ def _pretrain_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN202 -
 
 
 def _pretrain_config_on(args: argparse.Namespace, paths: dict, *, check_paths: bool = True):  # noqa: ANN202
-    from cleansweep.config import PretrainConfig, deep_update, read_yaml, validate
+    from cleansweep.config import deep_update, read_yaml, validate
+    from cleansweep.train_config import PretrainConfig
 
     data: dict = {}
     if args.preset:

@@ -14,13 +14,27 @@ threshold; here every sample is capped on its own. With unit embeddings ||f - f0
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from cleansweep.losses import capped_distance
+from cleansweep.methods.base import ContrastiveWeights
 from cleansweep.methods.contrastive import Contrastive
+
+
+class PerturbRecoverSpec(ContrastiveWeights):
+    name: Literal["perturb_recover"] = "perturb_recover"
+    par_weight: float = Field(
+        1.0, ge=0, description="Perturb-and-Recover: weight of the capped push away from the frozen starting model's "
+        "image + text embeddings (1.0 = the PAR paper's 0.5 x (image + text) squared L2)."
+    )
+    par_cap: float = Field(
+        1.075, gt=0, le=2, description="Perturb-and-Recover: cap of the per-sample distance 1 - cos(f, f0) beyond "
+        "which there is no push; 2 = uncapped (1.075 = the PAR paper's tau 2.15 on squared L2)."
+    )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -42,6 +56,9 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 class PerturbRecover(Contrastive):
     """Contrastive objective minus `par_weight * capped_distance` of image and text embeddings to the frozen start."""
+
+    spec_class = PerturbRecoverSpec
+    spec: PerturbRecoverSpec
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

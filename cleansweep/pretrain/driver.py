@@ -34,9 +34,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cleansweep import tracking
-from cleansweep.config import PretrainConfig, TrainSpec
 from cleansweep.errors import UserError
 from cleansweep.runtime import atomic, cluster, layout, scratch
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 CHECKPOINT_PREFIX = layout.CHECKPOINT_PREFIX
 WEIGHTS, RUN_FILE, DONE_FILE = layout.MODEL_FILE, layout.PRETRAIN_RUN_FILE, layout.PRETRAIN_DONE_FILE
