@@ -22,7 +22,8 @@ class TrainSpec(Strict):
     model: ModelSpec = ModelSpec()
     data: DataSpec
     attack: AttackSpec = AttackSpec()
-    method: MethodSpec = method_spec({})
+    method: MethodSpec = Field(method_spec({}), description="Training/cleaning method: `name` picks one of "
+                               "cleansweep.methods.list_methods() (default contrastive); the other keys are its own.")
     optim: OptimSpec = OptimSpec()
     epochs: int = Field(10, ge=0, le=MAX_STEPS, description="Training epochs (0 = prepare + evaluate only).")
     eval_every: float = Field(1.0, gt=0, description="Evaluate every this many epochs (1/3 = the short paper).")

@@ -284,8 +284,9 @@ def _preselect_method(cfg: SearchConfig, source: str) -> str:
     perturbing = [m for m in list_methods() if spec_class(m).perturbs_start]
     named -= {None}
     if len(named) != 1 or not spec_class(str(next(iter(named)))).perturbs_start:
+        fix = f"; set base: {{method.name: {perturbing[0]}}}" if perturbing else ""
         raise UserError(f"{source}: preselect: the two-stage option is for a method that perturbs the starting "
-                        f"weights ({', '.join(perturbing)}); set base: {{method.name: {perturbing[0]}}}")
+                        f"weights ({', '.join(perturbing) or 'none is registered'}){fix}")
     return str(next(iter(named)))
 
 
