@@ -150,6 +150,7 @@ def test_weight_decay_really_shrinks_the_weights(tiny_spec: dict, tmp_path: Path
     assert norms[100.0][1] == pytest.approx(norms[0.0][1], abs=0.01)  # logit_scale is not decayed
 
 
+@pytest.mark.filterwarnings("ignore:deep_cluster. num_clusters")  # k capped: test_deep_cluster_k_is_capped_...
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_trains_through_fit(name: str, tiny_spec: dict) -> None:
     # The method as its shipped search space runs it (k-means' k capped at the 64 rows, as fit does).
