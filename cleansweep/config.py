@@ -1,5 +1,8 @@
 """Typed, validated configuration: one pydantic model per concept, checked once at the edge.
 
+The sections of a run (model, data, attack, optimizer, Ray, MLflow) live here; `cleansweep.train_config` puts them
+together with a method's Spec (`cleansweep.methods`) into `TrainSpec` and `PretrainConfig`.
+
 Every model is frozen and rejects unknown keys, so a typo in a YAML file is an error naming the key, never a
 silently ignored setting. Inner functions take plain values pulled out of these objects.
 """
@@ -11,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cleansweep.errors import UserError
-from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_IMAGE_SIDE, MAX_STEPS, MAX_WORKERS, SEED_MAX
+from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_IMAGE_SIDE, MAX_WORKERS, SEED_MAX
 
 Scalar = bool | int | float | str
 # A seed numpy, Optuna's samplers and torch all accept: a negative one used to fail only once Ray had started.
@@ -80,35 +83,6 @@ class AttackSpec(Strict):
     seed: Seed = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
 
 
-class MethodSpec(Strict):
-    name: str = Field("contrastive", description="Training/cleaning method (cleansweep.methods.list_methods()).")
-    mmcl_weight: float = Field(1.0, ge=0, description="Weight of the multimodal CLIP loss (eq. 1).")
-    ssl_weight: float = Field(0.0, ge=0, description="Weight of the in-modal self-supervised loss (eq. 2).")
-    cluster_weight: float = Field(0.0, ge=0, description="Weight of the deep-clustering cross-entropy.")
-    num_clusters: int = Field(1000, ge=2, le=MAX_COUNT, description="k of the spherical k-means for deep clustering.")
-    cluster_iters: int = Field(20, ge=1, le=MAX_STEPS, description="k-means iterations per epoch.")
-    l2_init_weight: float = Field(0.0, ge=0, description="Weight of the L2 pull toward the initial weights.")
-    shrink: float = Field(1.0, ge=0, description="Shrink-and-perturb lambda: theta <- lambda*theta + sigma*noise.")
-    perturb: float = Field(0.0, ge=0, description="Shrink-and-perturb sigma (scale of the noise, see perturb_kind).")
-    perturb_kind: Literal["init", "gaussian"] = Field(
-        "init", description="Noise of shrink-and-perturb: a fresh random init (the paper's code) or N(0, 1) per weight."
-    )
-    par_weight: float = Field(
-        1.0, ge=0, description="Perturb-and-Recover: weight of the capped push away from the frozen starting model's "
-        "image + text embeddings (1.0 = the PAR paper's 0.5 x (image + text) squared L2)."
-    )
-    par_cap: float = Field(
-        1.075, gt=0, le=2, description="Perturb-and-Recover: cap of the per-sample distance 1 - cos(f, f0) beyond "
-        "which there is no push; 2 = uncapped (1.075 = the PAR paper's tau 2.15 on squared L2)."
-    )
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> MethodSpec:
-        if self.mmcl_weight == 0 and self.ssl_weight == 0 and self.cluster_weight == 0:
-            raise ValueError("all loss weights are 0; set mmcl_weight, ssl_weight or cluster_weight > 0")
-        return self
-
-
 class OptimSpec(Strict):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norm/bias/logit_scale).")
@@ -118,35 +92,6 @@ class OptimSpec(Strict):
     warmup_steps: int = Field(50, ge=0, le=MAX_COUNT, description="Linear warm-up steps.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warm-up.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
-
-
-class TrainSpec(Strict):
-    """One training run: pre-training, or one cleaning trial."""
-
-    model: ModelSpec = ModelSpec()
-    data: DataSpec
-    attack: AttackSpec = AttackSpec()
-    method: MethodSpec = MethodSpec()
-    optim: OptimSpec = OptimSpec()
-    epochs: int = Field(10, ge=0, le=MAX_STEPS, description="Training epochs (0 = prepare + evaluate only).")
-    eval_every: float = Field(1.0, gt=0, description="Evaluate every this many epochs (1/3 = the short paper).")
-    eval_at_start: bool = Field(True, description="Evaluate before the first step (the starting model).")
-    asr_threshold: float = Field(0.05, ge=0, le=1, description="An evaluation is feasible when asr_top1 <= this.")
-    constraint: Literal["asr_top1", "proxy_asr_top1"] = Field(
-        "asr_top1", description="The ASR feasibility is judged on (proxy_asr_top1 needs `proxy`).")
-    proxy: Path | None = Field(None, description="Inverted trigger (`cleansweep scan`'s inversion.safetensors): every "
-                               "evaluation also reports proxy_asr_top1, the share of non-target images it sends to "
-                               "the suspected target.")
-    seed: Seed = Field(0, description="Seed of initialisation, data order and augmentations.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-    amp: bool = Field(True, description="Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
-    logit_scale_max: float = Field(4.6052, gt=0, description="Clamp logit_scale to [0, this] (ln 100, as CLIP).")
-
-    @model_validator(mode="after")
-    def _proxy_given(self) -> TrainSpec:
-        if self.constraint == "proxy_asr_top1" and self.proxy is None:
-            raise ValueError("constraint proxy_asr_top1 needs proxy: the inversion.safetensors of `cleansweep scan`")
-        return self
 
 
 class RaySpec(Strict):
@@ -159,29 +104,6 @@ class RaySpec(Strict):
 class MlflowSpec(Strict):
     tracking_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI or sqlite in the working dir.")
     experiment: str = Field("cleansweep", description="MLflow experiment name.")
-
-
-class PretrainConfig(Strict):
-    name: str = Field(description="Run name (also the storage folder and the MLflow run name).")
-    train: TrainSpec
-    ray: RaySpec = RaySpec()
-    mlflow: MlflowSpec = MlflowSpec(experiment="cleansweep-pretrain")
-    keep_checkpoints: int = Field(3, ge=1, le=MAX_STEPS, description="Checkpoints kept besides the selected one.")
-    selection: Literal["best_top1", "closest_top1", "last"] = Field(
-        "best_top1", description="Which evaluation's model to hand to cleaning (the paper's rules)."
-    )
-    reference_top1: float | None = Field(None, ge=0, le=1, description="Target accuracy for closest_top1.")
-
-    @model_validator(mode="after")
-    def _reference(self) -> PretrainConfig:
-        if self.selection == "closest_top1" and self.reference_top1 is None:
-            raise ValueError("selection 'closest_top1' needs reference_top1 (e.g. 0.2376)")
-        return self
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        return check_name(v)
 
 
 def check_name(name: str) -> str:

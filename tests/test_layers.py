@@ -27,17 +27,17 @@ PACKAGE = Path(cleansweep.__file__).parent
 # one module of a package; a bare package name (data, methods, tracking) is the whole package, whose modules import
 # each other freely. The same table, with what each floor is for, is in docs/design.md.
 LEVELS = [
-    ["errors", "limits", "runtime.layout", "runtime.atomic"],
+    ["errors", "limits", "runtime.layout", "runtime.atomic", "rng"],
     ["config", "objective", "tracking.outage", "tracking.tags"],
     ["tracking.store", "sweep.config", "sweep.names"],
-    ["sweep.space", "data", "augment", "attacks.params", "tracking.runs", "tracking.read", "tracking.server"],
+    ["data", "augment", "attacks.params", "tracking.runs", "tracking.read", "tracking.server"],
     ["models", "losses", "attacks.noise", "attacks.structured", "tracking.trials", "tracking.registry"],
     ["attacks.registry"],
     ["attacks.poison", "evaluate", "attacks.badclip_objective"],
     ["attacks.badclip", "detect.inversion", "experiments.presets", "methods", "optim"],
-    ["loop", "detect.proxy", "pretrain.options", "pretrain.selection"],
-    ["train_data"],
-    ["fit"],
+    ["loop", "train_config", "detect.proxy"],
+    ["train_data", "pretrain.options", "pretrain.selection"],
+    ["fit", "sweep.space"],
     ["tracking", "runtime.scratch", "runtime.cluster", "runtime.interrupts", "runtime.diskguard", "sweep.delivery",
      "sweep.records"],
     ["results.analysis"],

@@ -1,4 +1,5 @@
-"""Methods: one contract test over the registry, then each method's math against a hand computation."""
+"""Methods: contract tests over the registry (each method's example values come from a shipped search space), then
+each method's math against a hand computation."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_examples import shipped_example
 from torch.utils.data import DataLoader, Dataset
 
-from cleansweep.config import MethodSpec
 from cleansweep.errors import UserError
-from cleansweep.methods import METHODS, create_task, list_methods
+from cleansweep.methods import DEFAULT_METHOD, METHODS, create_task, list_methods, method_spec, spec_class
+from cleansweep.methods.base import BaseMethodSpec, ContrastiveWeights
+from cleansweep.methods.contrastive import ContrastiveSpec
 from cleansweep.methods.deep_cluster import DeepCluster
 from cleansweep.models import create_model
+from cleansweep.train_config import TrainSpec
 
 SPECS = {
     "contrastive": {"ssl_weight": 1.0},
@@ -60,20 +64,24 @@ def _batch(tokenizer, n: int = 6, ssl: bool = True) -> dict[str, torch.Tensor]:
 
 
 def _task(name: str, **overrides):
-    spec = MethodSpec(name=name, **{**SPECS[name], **overrides})
+    spec = method_spec({"name": name, **SPECS[name], **overrides})
     return create_task(spec, _model())
 
 
 @pytest.mark.parametrize("name", list_methods())
 def test_contract(name: str, bundle) -> None:
-    task = _task(name)
+    spec = shipped_example(name)
+    task = create_task(spec, _model())
     ds = RowsDataset(8, bundle.tokenizer, ssl=task.needs_ssl_views)
     task.prepare(torch.Generator().manual_seed(0))
     task.on_epoch_start(0, DataLoader(ds, batch_size=4), torch.device("cpu"))
     out = task(next(iter(DataLoader(ds, batch_size=8))))
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     parts = {k for k in out if k != "loss"}
-    assert parts and parts <= {"mmcl_loss", "ssl_loss", "cluster_loss", "l2_init_loss", "par_loss"}
+    # A field `<part>_weight` weights the loss part `<part>_loss`: every weighted part is reported, nothing else.
+    weighted = {f.removesuffix("_weight") + "_loss" for f, v in spec.model_dump().items() if f.endswith("_weight")}
+    assert {f.removesuffix("_weight") + "_loss" for f, v in spec.model_dump().items()
+            if f.endswith("_weight") and v > 0} <= parts <= weighted
     assert all(not out[k].requires_grad for k in parts)
     out["loss"].backward()
     grads = [p.grad for p in task.parameters() if p.requires_grad]
@@ -82,10 +90,77 @@ def test_contract(name: str, bundle) -> None:
     assert METHODS[name][1]  # every entry has a description
 
 
+@pytest.mark.parametrize("name", list_methods())
+def test_spec_contract(name: str) -> None:
+    cls = spec_class(name)
+    assert issubclass(cls, BaseMethodSpec) and cls().name == name == METHODS[name][0].spec_class().name
+    assert all(field.description for key, field in cls.model_fields.items() if key != "name")  # documented
+    example = shipped_example(name)
+    # Round trips: Python, JSON, and through TrainSpec (what a trial and the effective params see).
+    assert method_spec(example.model_dump()) == example
+    assert method_spec(__import__("json").loads(example.model_dump_json())) == example
+    train = TrainSpec.model_validate({"data": {"train_csv": "c.csv", "eval_dir": "e"},
+                                      "method": example.model_dump(mode="json")})
+    assert train.method == example and type(train.method) is cls
+    assert isinstance(example.changes_start_weights(), bool) and example.for_rows(10**6) == example
+    assert cls.model_config["frozen"] and cls.model_config["extra"] == "forbid"
+    assert not cls.model_config["allow_inf_nan"]
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_a_field_of_another_method_is_refused(name: str) -> None:
+    own = set(spec_class(name).model_fields)
+    foreign = sorted({(f, m) for m in METHODS for f in spec_class(m).model_fields if f not in own})
+    assert foreign or len(METHODS) == 1
+    for field, owner in foreign:
+        with pytest.raises(UserError) as err:
+            method_spec({"name": name, field: 1})
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"method: {field}: not a field of method {name!r}") and owner in msg
+
+
+def test_default_method_and_its_defaults() -> None:
+    spec = TrainSpec.model_validate({"data": {"train_csv": "c.csv", "eval_dir": "e"}})
+    assert DEFAULT_METHOD == "contrastive" and spec.method == ContrastiveSpec()
+    assert spec.method.model_dump() == {"name": "contrastive", "mmcl_weight": 1.0, "ssl_weight": 0.0}
+    assert method_spec({"ssl_weight": 2}) == ContrastiveSpec(ssl_weight=2)  # no name: the default method
+
+
 def test_unknown_method_lists_choices() -> None:
-    spec = MethodSpec.model_construct(name="cleanclipp")
+    with pytest.raises(UserError, match=r"^method: unknown method 'cleanclipp'; choose from: contrastive, deep_clus"):
+        method_spec({"name": "cleanclipp"})
+    spec = ContrastiveSpec.model_construct(name="cleanclipp")
     with pytest.raises(UserError, match=r"unknown method 'cleanclipp'; choose from: contrastive, deep_cluster"):
         create_task(spec, _model())
+
+
+def test_method_errors_name_the_field_without_the_union_tag() -> None:
+    with pytest.raises(UserError, match=r"^method.ssl_weight: Input should be greater than or equal to 0$"):
+        method_spec({"name": "perturb_recover", "ssl_weight": -1})
+    with pytest.raises(UserError, match=r"^method.par_cap: Input should be less than or equal to 2$"):
+        method_spec({"name": "perturb_recover", "par_cap": 3})
+    with pytest.raises(UserError, match=r"^method.shrink: Input should be a finite number$"):
+        method_spec({"name": "shrink_perturb", "shrink": float("inf")})
+    with pytest.raises(UserError, match=r"^method: all loss weights are 0; set mmcl_weight or ssl_weight > 0$"):
+        method_spec({"mmcl_weight": 0})
+    with pytest.raises(UserError, match=r"set mmcl_weight, ssl_weight or cluster_weight > 0"):
+        method_spec({"name": "deep_cluster", "mmcl_weight": 0})
+    assert isinstance(method_spec({"name": "deep_cluster", "mmcl_weight": 0, "cluster_weight": 1}), ContrastiveWeights)
+
+
+def test_only_a_perturbing_setting_changes_the_start_weights() -> None:
+    assert not method_spec({"name": "shrink_perturb"}).changes_start_weights()
+    assert method_spec({"name": "shrink_perturb", "shrink": 0.9}).changes_start_weights()
+    assert method_spec({"name": "shrink_perturb", "perturb": 1e-3}).changes_start_weights()
+    others = [m for m in list_methods() if not spec_class(m).perturbs_start]
+    assert others and not any(spec_class(m)().changes_start_weights() for m in others)
+
+
+def test_deep_cluster_caps_k_at_the_rows() -> None:
+    spec = method_spec({"name": "deep_cluster", "num_clusters": 100})
+    with pytest.warns(UserWarning, match="num_clusters 100 > 64 rows"):
+        assert spec.for_rows(64).num_clusters == 64
+    assert spec.for_rows(100) is spec
 
 
 def _hand_contrastive(model, batch, w_mmcl: float, w_ssl: float) -> tuple[float, float, float]:
@@ -106,7 +181,7 @@ def _hand_contrastive(model, batch, w_mmcl: float, w_ssl: float) -> tuple[float,
 
 
 def test_contrastive_matches_hand_formula(bundle) -> None:
-    task = create_task(MethodSpec(mmcl_weight=0.7, ssl_weight=2.0), _model())
+    task = create_task(ContrastiveSpec(mmcl_weight=0.7, ssl_weight=2.0), _model())
     batch = _batch(bundle.tokenizer)
     out = task(batch)
     # One forward over cat([orig, aug]) in train mode (BN batch statistics of both views); compare the same.
@@ -118,8 +193,8 @@ def test_contrastive_matches_hand_formula(bundle) -> None:
 
 
 def test_contrastive_views_only_when_ssl_weighted(bundle) -> None:
-    mmcl_only = create_task(MethodSpec(mmcl_weight=1, ssl_weight=0), _model())
-    ssl_only = create_task(MethodSpec(mmcl_weight=0, ssl_weight=1), _model())
+    mmcl_only = create_task(ContrastiveSpec(mmcl_weight=1, ssl_weight=0), _model())
+    ssl_only = create_task(ContrastiveSpec(mmcl_weight=0, ssl_weight=1), _model())
     assert not mmcl_only.needs_ssl_views and ssl_only.needs_ssl_views
     assert set(mmcl_only(_batch(bundle.tokenizer, ssl=False))) == {"loss", "mmcl_loss"}
     out = ssl_only(_batch(bundle.tokenizer))
@@ -265,7 +340,8 @@ def test_perturb_recover_matches_hand_formula(bundle) -> None:
     assert d_img.min() < cap < d_img.max() and d_txt.max() > 0
     # The same state under a cap that splits the batch, loaded into a task around other weights (seed 1): the frozen
     # copy must come from the state (state_dict loads "_extra_state" before the "model." weights).
-    spec = MethodSpec(name="perturb_recover", mmcl_weight=0.7, ssl_weight=2.0, par_weight=0.5, par_cap=cap)
+    spec = method_spec({"name": "perturb_recover", "mmcl_weight": 0.7, "ssl_weight": 2.0, "par_weight": 0.5,
+                        "par_cap": cap})
     task = create_task(spec, create_model("tiny-rn", seed=1).model).train()
     task.load_state_dict(moved.state_dict())
     out = task(batch)
@@ -352,7 +428,7 @@ def test_perturb_recover_resume_restores_the_frozen_model(tiny_spec: dict, tmp_p
     # The checkpoint holds the model as it was at prepare time: fit's seeded start, not the step-2 weights.
     saved = torch.load(tmp_path / "step2" / session.STATE_FILE, weights_only=True)["task"]["_extra_state"]
     start = create_model("tiny-rn", seed=0).model.eval()
-    restored = create_task(MethodSpec(**spec["method"]), create_model("tiny-rn", seed=1).model)
+    restored = create_task(method_spec(spec["method"]), create_model("tiny-rn", seed=1).model)
     restored.load_state_dict({"_extra_state": saved}, strict=False)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

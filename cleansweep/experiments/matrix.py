@@ -19,12 +19,13 @@ from typing import Any
 
 import pandas as pd
 
-from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, TrainSpec, validate
+from cleansweep.config import MlflowSpec, RaySpec, validate
 from cleansweep.errors import UserError
 from cleansweep.objective import ASR, TOP1
 from cleansweep.results import report
 from cleansweep.runtime import atomic, cluster, layout
 from cleansweep.sweep.config import SearchConfig
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 ASR_TAKEN = 0.9  # a backdoor "took" when the pre-trained model's ASR reaches this
 MAX_TRIES = 3  # poison fraction f, 2f, 4f

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, TrainSpec, deep_update, read_yaml, validate
+from cleansweep.config import MlflowSpec, RaySpec, deep_update, read_yaml, validate
 from cleansweep.errors import UserError
 from cleansweep.pretrain import driver
 from cleansweep.pretrain.selection import selected_card
@@ -33,6 +33,7 @@ from cleansweep.results import report
 from cleansweep.runtime import atomic, cluster, layout
 from cleansweep.sweep import driver as search
 from cleansweep.sweep.config import SearchConfig
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 OBJECTIVES = {o: layout.objective_label(o) for o in layout.OBJECTIVES}  # key -> label in tables and figures
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"

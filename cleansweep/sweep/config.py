@@ -1,7 +1,7 @@
 """A sweep's configuration (search_spaces/*.yaml): the model to clean, the objective, the spaces, the searcher.
 
 Validated once at the edge like every config (see `cleansweep.config`); the training fields a trial receives are
-`cleansweep.config.TrainSpec`'s.
+`cleansweep.train_config.TrainSpec`'s.
 """
 
 from __future__ import annotations

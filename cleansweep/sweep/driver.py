@@ -44,7 +44,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cleansweep import tracking
-from cleansweep.config import TrainSpec, deep_update
+from cleansweep.config import deep_update
 from cleansweep.errors import UserError
 from cleansweep.objective import (
     ASR,
@@ -67,6 +67,7 @@ from cleansweep.sweep import delivery
 from cleansweep.sweep import records as tune_records
 from cleansweep.sweep import space as spaces
 from cleansweep.sweep.config import Domain, SearchConfig
+from cleansweep.train_config import TrainSpec
 
 POINT = "point"  # grid sweeps: Tune grid-searches over whole points (method-conditional grids, duplicates kept)
 DEFAULT_SAMPLES = 8
@@ -171,7 +172,7 @@ class TrialReporter:
 
 def changes_start_weights(spec: TrainSpec) -> bool:
     """Whether a trial trains from other weights than the sweep's starting model (shrink-and-perturb does)."""
-    return spec.method.shrink != 1.0 or spec.method.perturb != 0.0
+    return spec.method.changes_start_weights()
 
 
 def clean_trial(config: dict[str, Any], ctx: TrialContext) -> None:

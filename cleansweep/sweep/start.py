@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cleansweep.config import AttackSpec, DataSpec, PretrainConfig, TrainSpec, validate
+from cleansweep.config import AttackSpec, DataSpec, validate
 from cleansweep.errors import UserError
 from cleansweep.objective import ASR, PROXY_ASR, TOP1
 from cleansweep.runtime import layout
 from cleansweep.sweep import space as spaces
 from cleansweep.sweep.config import SearchConfig
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,8 @@ def build_preset_model(preset: str, objective: str, workdir: Path,
 
 def start_eval_spec(base: dict[str, Any]) -> TrainSpec:
     """The run that evaluates the starting model as the trials see it: epochs=0, unperturbed, evaluate only."""
-    return spaces.trial_spec(base, {"epochs": 0, "eval_at_start": True, "method.name": "contrastive",
-                                    "method.shrink": 1.0, "method.perturb": 0.0})
+    # The default method (`method: {}`), whose `prepare` leaves the starting weights as they are.
+    return spaces.trial_spec({**base, "method": {}}, {"epochs": 0, "eval_at_start": True})
 
 
 def evaluate_start(spec: TrainSpec) -> dict[str, float]:
