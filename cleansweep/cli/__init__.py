@@ -515,16 +515,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(f"--name: {e}") from None
     from cleansweep.results import report
-    from cleansweep.sweep import delivery
-    from cleansweep.sweep import driver as search
+    from cleansweep.sweep import delivery, driver
     from cleansweep.sweep import start as start_model
 
     workdir = (args.workdir or default_workdir()).resolve()
     # Everything that can be refused is refused here, before a model is pre-trained or Ray starts.
-    search.check_name(search.sweep_location(cfg, name, workdir, args.storage_path), name, resume=args.resume)
+    driver.check_name(driver.sweep_location(cfg, name, workdir, args.storage_path), name, resume=args.resume)
     _store(cfg.mlflow.tracking_uri, workdir)
     start = start_model.resolve(cfg, workdir)
-    out = search.search(cfg, start, name=name, workdir=workdir, space_file=args.space,
+    out = driver.search(cfg, start, name=name, workdir=workdir, space_file=args.space,
                         storage_path=args.storage_path, num_samples=args.num_samples, address=args.address,
                         resume=args.resume)
     print(report.format_leaderboard(out["leaderboard"], "table", args.top_k))

@@ -65,7 +65,7 @@ class Domain(Strict):
             raise ValueError("give exactly one of choice, uniform, loguniform, grid")
         for k in ("uniform", "loguniform"):
             bounds = getattr(self, k)
-            # Tune accepts tune.uniform(1, 0) silently (reliability notes): reject it here.
+            # Tune's `tune.uniform(1, 0)` builds a domain without complaint (ray/tune/search/sample.py): reject it here.
             if bounds is not None and not bounds[0] < bounds[1]:
                 raise ValueError(f"{k}: low {bounds[0]} must be < high {bounds[1]}")
         if self.loguniform is not None and self.loguniform[0] <= 0:

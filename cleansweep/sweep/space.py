@@ -7,7 +7,8 @@ starts:
 - every dotted key (`optim.lr`, `method.ssl_weight`, `epochs`) names a real `TrainSpec` field;
 - every candidate value (all grid/choice values, both ends of a range) makes a valid `TrainSpec` together with the
   base values, so a bad value is a one-line error now, not a failed trial in an hour;
-- the algorithm fits the space (Optuna cannot take `grid`, reliability notes; `grid` needs every domain a grid).
+- the algorithm fits the space (Ray's OptunaSearch refuses grid-search parameters,
+  ray/tune/search/optuna/optuna_search.py; `grid` needs every domain a grid).
 """
 
 from __future__ import annotations
