@@ -9,12 +9,13 @@ silently ignored setting. Inner functions take plain values pulled out of these 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleansweep.errors import UserError
 from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_IMAGE_SIDE, MAX_WORKERS, SEED_MAX
@@ -104,6 +105,54 @@ class RaySpec(Strict):
 class MlflowSpec(Strict):
     tracking_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI or sqlite in the working dir.")
     experiment: str = Field("cleansweep", description="MLflow experiment name.")
+
+
+# A searched parameter lives here, below every config that holds one; Tune state of sweeps saved before the
+# package moved pickled it as `cleansweep.config.Domain`.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def number_or_text(value: Any) -> Any:
+    """'1e-5' -> 1e-05: YAML 1.1 reads exponents without a dot as strings, but users (and the paper) write them."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    return value
+
+
+class Domain(Strict):
+    """One searched parameter in Tune's own words: exactly one of choice, uniform, loguniform, grid."""
+
+    choice: list[Scalar] | None = Field(None, min_length=1, description="Sample one of these values.")
+    uniform: tuple[float, float] | None = Field(None, description="Sample uniformly from [low, high).")
+    loguniform: tuple[float, float] | None = Field(None, description="Sample log-uniformly; 0 < low < high.")
+    grid: list[Scalar] | None = Field(None, min_length=1, description="Try every value (duplicates kept).")
+
+    @field_validator("choice", "grid", mode="before")
+    @classmethod
+    def _numbers(cls, v: Any) -> Any:
+        values = [number_or_text(x) for x in v] if isinstance(v, list) else v
+        if isinstance(values, list) and any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ValueError("every value must be finite (no .inf or .nan)")
+        return values
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Domain:
+        kinds = [k for k in ("choice", "uniform", "loguniform", "grid") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, grid")
+        for k in ("uniform", "loguniform"):
+            bounds = getattr(self, k)
+            # Tune's `tune.uniform(1, 0)` builds a domain without complaint (ray/tune/search/sample.py): reject it here.
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{k}: low {bounds[0]} must be < high {bounds[1]}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low {self.loguniform[0]} must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "grid") if getattr(self, k) is not None)
+
 
 
 def check_name(name: str) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cleansweep.config import MethodSpec, check_name
+from cleansweep.config import check_name
+from cleansweep.methods import MethodSpec
 from cleansweep.runtime import atomic, layout
 
 

@@ -155,16 +155,16 @@ def run_cell(attack: str, method: str, card: Mapping[str, Any], paths: Mapping[s
              *, epochs: int, num_samples: int, echo: Callable[[str], None]) -> dict[str, Any]:
     """Sweep one cell (or reuse its finished sweep); returns its best feasible evaluation (NaN when none)."""
     from cleansweep import tracking
-    from cleansweep.sweep import driver as search_module
+    from cleansweep.sweep import driver
     from cleansweep.sweep import start as start_model
 
     name = f"matrix-{attack}-{method}"
-    state = search_module.sweep_state(uri, workdir, name)
+    state = driver.sweep_state(uri, workdir, name)
     if state != "finished":
         cfg = cell_config(method, card, paths, uri, epochs=epochs, num_samples=num_samples)
         echo(f"[matrix] {attack} x {method}: sweep {name} ({state})")
-        search_module.search(cfg, start_model.resolve(cfg, workdir, echo=echo), name=name, workdir=workdir,
-               resume=state == "started", echo=lambda line: None)
+        driver.search(cfg, start_model.resolve(cfg, workdir, echo=echo), name=name, workdir=workdir,
+                      resume=state == "started", echo=lambda line: None)
     board = report.sweep_leaderboard(tracking.load_sweep(name, uri))
     best = board[board["feasible"]].head(1)
     top1, asr = (float(best.iloc[0][TOP1]), float(best.iloc[0][ASR])) if len(best) else (math.nan, math.nan)

@@ -27,11 +27,11 @@ import pandas as pd
 
 from cleansweep.config import MlflowSpec, RaySpec, deep_update, read_yaml, validate
 from cleansweep.errors import UserError
-from cleansweep.pretrain import driver
+from cleansweep.pretrain import driver as pretrain_driver
 from cleansweep.pretrain.selection import selected_card
 from cleansweep.results import report
 from cleansweep.runtime import atomic, cluster, layout
-from cleansweep.sweep import driver as search
+from cleansweep.sweep import driver as sweep_driver
 from cleansweep.sweep.config import SearchConfig
 from cleansweep.train_config import PretrainConfig, TrainSpec
 
@@ -223,7 +223,7 @@ def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = N
     log.stage("data", time.monotonic() - t, skipped=False, paths=data)
     names = run_names(preset)
     pending = [o for o in OBJECTIVES if selected_card(workdir, names[o]["pretrain"]) is None
-               or search.sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
+               or sweep_driver.sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
     with cluster.connect(address, echo=echo) if pending else contextlib.nullcontext():
         # One Ray for all four stages (pre-training and sweeps reuse an initialised Ray): start-up costs seconds.
         return _train_clean_report(preset, workdir, uri, data, log, pretrain_overrides, sweep_overrides, echo)
@@ -250,7 +250,7 @@ def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], 
             cfg = pretrain_config(preset, objective, data, name=name, tracking_uri=uri, reference_top1=reference,
                                   overrides=overrides)
             echo(f"[study] pre-training {OBJECTIVES[objective]} ({name})")
-            driver.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
+            pretrain_driver.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
             card = selected_card(workdir, name)
         else:
             echo(f"[study] pre-trained {OBJECTIVES[objective]} model found: {card['checkpoint']}")
@@ -269,13 +269,13 @@ def _sweep_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log
 
     for objective, names in run_names(preset).items():
         t, name = time.monotonic(), names["sweep"]
-        state = search.sweep_state(uri, workdir, name)
+        state = sweep_driver.sweep_state(uri, workdir, name)
         if state != "finished":
             cfg = sweep_config(preset, objective, data, cards[objective]["checkpoint"], tracking_uri=uri,
                                overrides=overrides)
             echo(f"[study] cleaning sweep of the {OBJECTIVES[objective]} model ({name}, {state})")
             start = start_model.resolve(cfg, workdir, echo=echo)
-            search.search(cfg, start, name=name, workdir=workdir, resume=state == "started", echo=echo)
+            sweep_driver.search(cfg, start, name=name, workdir=workdir, resume=state == "started", echo=echo)
         else:
             echo(f"[study] sweep {name} already finished")
         log.stage(f"sweep {objective}", time.monotonic() - t, skipped=state == "finished", sweep=name)

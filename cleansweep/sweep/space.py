@@ -8,8 +8,8 @@ starts:
   a field of the method it is searched with (each method's Spec has only its own fields);
 - every candidate value (all grid/choice values, both ends of a range) makes a valid `TrainSpec` together with the
   base values, so a bad value is a one-line error now, not a failed trial in an hour;
-- the algorithm fits the space (Tune's OptunaSearch samples but cannot enumerate a grid; `grid` needs every domain
-  a grid).
+- the algorithm fits the space (Ray's OptunaSearch refuses grid-search parameters,
+  ray/tune/search/optuna/optuna_search.py; `grid` needs every domain a grid).
 """
 
 from __future__ import annotations
