@@ -78,7 +78,8 @@ from cleansweep.runtime import layout
 OBJECTIVES = layout.OBJECTIVES  # the pre-training objectives (their loss weights: layout.objective_weights)
 
 _DEMO: dict[str, Any] = {
-    "description": "synthetic 32 px world (30 classes incl. banana), 5% BadNet (fixed 8x8 patch), tiny-rn on CPU",
+    "description": "synthetic 32 px world (30 classes incl. banana), 5% BadNet (fixed 8x8 patch), tiny-rn on CPU;"
+                   " cleaning on 128 pairs (3%) from 15 of the classes",
     "model": "tiny-rn",
     # The paper's regime: 128 clean pairs = 3.2% of the 4,000 pre-training pairs (CleanCLIP: 100K of 3M-6M), drawn
     # from 15 of the 30 classes (a shift from the evaluation set, which covers all 30).
