@@ -38,13 +38,14 @@ from cleansweep import fit as session
 from cleansweep.attacks.poison import poison_csv
 from cleansweep.data import make_demo_world
 from cleansweep.experiments import presets
+from cleansweep.runtime import layout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo = presets.get_preset("demo")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--objectives", nargs="*", default=list(presets.OBJECTIVES), choices=list(presets.OBJECTIVES))
+    p.add_argument("--objectives", nargs="*", default=list(layout.OBJECTIVES), choices=list(layout.OBJECTIVES))
     p.add_argument("--fraction", type=float, default=demo["poison"]["fraction"], help="poisoned fraction of train")
     p.add_argument("--patch-size", type=int, default=demo["poison"]["patch_size"])
     p.add_argument("--patch", default=demo["poison"]["patch"], choices=["fresh", "fixed"],
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-pretrain", action="store_true", help="reuse the pre-trained checkpoints in --workdir")
     p.add_argument("--clean-lrs", type=float, nargs="*", default=[1e-4, 3e-4, 1e-3, 3e-3])
     p.add_argument("--clean-epochs", type=int, default=demo["clean"]["epochs"])
-    p.add_argument("--clean-objective", default="mmcl", choices=list(presets.OBJECTIVES),
+    p.add_argument("--clean-objective", default="mmcl", choices=list(layout.OBJECTIVES),
                    help="which pre-trained model to clean")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
