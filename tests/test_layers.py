@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,13 @@ def test_no_module_over_400_lines():
 def test_the_length_checks_catch_a_long_one():
     # Both checks can fail: with a limit of 5 lines, real modules and functions are reported.
     assert _long_modules(limit=5) and _long_functions(limit=5)
+
+
+def test_the_design_page_lists_the_floors():
+    # docs/design.md's floors table is the documentation of LEVELS: the same modules on the same floors.
+    page = (PACKAGE.parent / "docs" / "design.md").read_text()
+    page = page[page.index("| floor | modules |"):]
+    page = page[: page.index("\n\n")]
+    rows = re.findall(r"^\| (\d+) \| ([^|]+) \|", page, flags=re.M)
+    documented = [sorted(re.findall(r"`([\w.]+)`", modules)) for _, modules in rows]
+    assert documented == [sorted(floor) for floor in LEVELS]
