@@ -31,8 +31,8 @@ SLEEPER = """
 import signal, sys, time
 if sys.argv[1] == "ignore":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-print("ready", flush=True)
-try:
+try:  # "ready" inside the try: a SIGINT right after it must still land in the handler below
+    print("ready", flush=True)
     time.sleep(600)
 except KeyboardInterrupt:
     sys.exit(3)
