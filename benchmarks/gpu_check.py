@@ -34,6 +34,7 @@ def sweep(workdir: Path, *, model: str, trials: int, gpu: float, cpu: float, dev
         model: {{checkpoint: {checkpoint}, name: {model}}}
         data: {{train_csv: {world['clean_csv']}, eval_dir: {world['eval_dir']}, batch_size: {batch},
                 eval_batch_size: {eval_images}}}
+        attack: {{name: badnet, location: fixed, patch: fixed}}
         epochs: 2
         eval_every: 1
         objective: {{threshold: 1.0}}
