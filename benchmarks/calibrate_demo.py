@@ -1,12 +1,22 @@
 """Calibrate the demo preset: pre-train tiny CLIPs on the poisoned synthetic world, then CleanCLIP-clean one.
 
-Reproduces the table in `cleansweep/presets.py`. For each pre-training objective it reports wall time, zero-shot
-top-1 and ASR after every epoch; for cleaning the MMCL model it reports, per learning rate, the trajectory and the
-best accuracy among evaluations with ASR <= 5%. Runs through `session.fit` with a printing report adapter (no Ray).
+Reproduces the table in `cleansweep/experiments/presets.py`. For each pre-training objective it reports wall time,
+zero-shot top-1 and ASR after every epoch; for cleaning a pre-trained model it reports, per learning rate, the
+trajectory and the best accuracy among evaluations with ASR <= 5%. Runs through `fit.fit` with a printing report
+adapter (no Ray).
 
     python benchmarks/calibrate_demo.py --workdir /tmp/calib                # the preset as shipped
     python benchmarks/calibrate_demo.py --workdir /tmp/calib --fraction 0.01 --epochs 12 --objectives mmcl+ssl
     python benchmarks/calibrate_demo.py --workdir /tmp/calib --skip-pretrain --clean-lrs 1e-3 3e-3
+
+The table's rows (one workdir per row; at most two at once on 2 cores, each with --threads 1):
+
+    python benchmarks/calibrate_demo.py --workdir W1 --objectives mmcl --threads 1 --clean-lrs 3e-4 1e-3 3e-3
+    python benchmarks/calibrate_demo.py --workdir W2 --objectives mmcl+ssl --threads 1 --clean-lrs 3e-4 1e-3 3e-3 \
+        --clean-objective mmcl+ssl
+    python benchmarks/calibrate_demo.py --workdir W3 --objectives mmcl+ssl --threads 1 --fraction 0.15 --clean-lrs
+    # the clean set with every class (the shift's effect): reuse W1's model
+    python benchmarks/calibrate_demo.py --workdir W1 --skip-pretrain --knob clean_classes=0 --clean-lrs 1e-3
 
 Timing on a shared machine is noisy: the table prints wall seconds and the thread count used.
 """
@@ -28,13 +38,14 @@ from cleansweep import fit as session
 from cleansweep.attacks.poison import poison_csv
 from cleansweep.data import make_demo_world
 from cleansweep.experiments import presets
+from cleansweep.runtime import layout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo = presets.get_preset("demo")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--objectives", nargs="*", default=list(presets.OBJECTIVES), choices=list(presets.OBJECTIVES))
+    p.add_argument("--objectives", nargs="*", default=list(layout.OBJECTIVES), choices=list(layout.OBJECTIVES))
     p.add_argument("--fraction", type=float, default=demo["poison"]["fraction"], help="poisoned fraction of train")
     p.add_argument("--patch-size", type=int, default=demo["poison"]["patch_size"])
     p.add_argument("--patch", default=demo["poison"]["patch"], choices=["fresh", "fixed"],
@@ -43,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="BadNet patch position: random or bottom-right")
     p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the preset's)")
     p.add_argument("--n-train", type=int, default=demo["world"]["n_train"])
+    p.add_argument("--n-clean", type=int, default=demo["world"]["n_clean"], help="clean pairs for cleaning")
     p.add_argument("--knob", action="append", default=[], help="world knob NAME=VALUE (JSON value); repeatable")
     p.add_argument("--model", default=demo["model"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -50,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-pretrain", action="store_true", help="reuse the pre-trained checkpoints in --workdir")
     p.add_argument("--clean-lrs", type=float, nargs="*", default=[1e-4, 3e-4, 1e-3, 3e-3])
     p.add_argument("--clean-epochs", type=int, default=demo["clean"]["epochs"])
-    p.add_argument("--clean-objective", default="mmcl", choices=list(presets.OBJECTIVES),
+    p.add_argument("--clean-objective", default="mmcl", choices=list(layout.OBJECTIVES),
                    help="which pre-trained model to clean")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -60,9 +72,9 @@ def build_data(args: argparse.Namespace) -> dict[str, str]:
     demo = presets.get_preset("demo")
     w = demo["world"]
     knobs = {**w["knobs"], **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.knob)}}
-    tag = f"n{args.n_train}-" + "-".join(f"{k}{v}" for k, v in sorted(knobs.items()))
+    tag = f"n{args.n_train}-c{args.n_clean}-" + "-".join(f"{k}{v}" for k, v in sorted(knobs.items()))
     world = make_demo_world(args.workdir / f"world-{tag}", seed=args.seed, n_train=args.n_train,
-                            n_clean=w["n_clean"], n_eval=w["n_eval"], image_size=w["image_size"], **knobs)
+                            n_clean=args.n_clean, n_eval=w["n_eval"], image_size=w["image_size"], **knobs)
     p = demo["poison"]
     out = args.workdir / f"poison-{tag}-f{args.fraction}-p{args.patch_size}-{args.patch}-{args.location}"
     manifest = poison_csv(world["train_csv"], out, attack=p["attack"], target=p["target"], fraction=args.fraction,
@@ -139,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             results["pretrain"].append(pretrain(args, paths, objective))
     for lr in args.clean_lrs:
         results["clean"].append(clean(args, paths, lr))
-    print("\n| objective | epochs | wall s | top1 | ASR |\n|---|---|---|---|---|")
+    print("\n| poisons | objective | epochs | wall s | top1 | ASR |\n|---|---|---|---|---|---|")
     for r in results["pretrain"]:
-        print(f"| {r['objective']} | {r['epochs']} | {r['seconds']:.0f} | {r['top1']:.3f} | {r['asr']:.3f} |")
+        print(f"| {args.fraction:.0%} ({paths['num_poison']}) | {r['objective']} | {r['epochs']} | "
+              f"{r['seconds']:.0f} | {r['top1']:.3f} | {r['asr']:.3f} |")
     if results["clean"]:
-        print(f"\nCleanCLIP on the {args.clean_objective} model ({args.clean_epochs} epochs):\n"
+        print(f"\nCleanCLIP on the {args.clean_objective} model ({args.clean_epochs} epochs, "
+              f"{args.n_clean} clean pairs):\n"
               "| lr | wall s | start top1/ASR | final top1/ASR | min ASR | best feasible top1 |\n"
               "|---|---|---|---|---|---|")
         for r in results["clean"]:

@@ -31,7 +31,7 @@ from cleansweep import tracking
 from cleansweep.config import validate
 from cleansweep.objective import ASR, PROXY_ASR, TOP1
 from cleansweep.results import analysis
-from cleansweep.sweep import driver as search
+from cleansweep.sweep import driver
 from cleansweep.sweep import start as start_model
 from cleansweep.sweep.config import SearchConfig
 
@@ -77,7 +77,7 @@ def measure(kind: str, workdir: Path, samples: int | None) -> dict:
     name = f"proxy-{kind}-{int(time.time())}"
     t0 = time.monotonic()
     start = start_model.resolve(cfg, workdir)
-    out = search.search(cfg, start, name=name, workdir=workdir, echo=lambda s: None)
+    out = driver.search(cfg, start, name=name, workdir=workdir, echo=lambda s: None)
     record = tracking.load_sweep(name, out["tracking_uri"])
     trials, history = analysis.main_stage(record)
     evals = analysis.evaluations(history, trials).dropna(subset=[PROXY_ASR])

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cleansweep import tracking
-from cleansweep.sweep import driver as search
+from cleansweep.sweep import driver
 from cleansweep.sweep import space as spaces
 from cleansweep.sweep import start as start_model
 
@@ -120,11 +120,11 @@ def main() -> None:
     work = root / "work"
     t0 = time.monotonic()
     g_cfg, o_cfg = spaces.load(grid), spaces.load(tpe)
-    g = search.search(g_cfg, start_model.resolve(g_cfg, work), name=f"eff-grid-{stamp}", workdir=work,
+    g = driver.search(g_cfg, start_model.resolve(g_cfg, work), name=f"eff-grid-{stamp}", workdir=work,
                       echo=lambda s: None)
     grid_s = time.monotonic() - t0
     t0 = time.monotonic()
-    o = search.search(o_cfg, start_model.resolve(o_cfg, work), name=f"eff-optuna-{stamp}", workdir=work,
+    o = driver.search(o_cfg, start_model.resolve(o_cfg, work), name=f"eff-optuna-{stamp}", workdir=work,
                       echo=lambda s: None)
     optuna_s = time.monotonic() - t0
     g_evals, o_evals = evaluations(g["tracking_uri"], g["name"]), evaluations(o["tracking_uri"], o["name"])

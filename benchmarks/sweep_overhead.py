@@ -2,7 +2,7 @@
 
 Side by side in one run, on the same tiny world and the same starting model:
 
-1. the sweep: `search.search` (local Ray, constrained Optuna, sqlite MLflow run per trial, checkpoints for resume
+1. the sweep: `driver.search` (local Ray, constrained Optuna, sqlite MLflow run per trial, checkpoints for resume
    and the best feasible model) of many short trials, `--slots` at a time;
 2. the throwaway script a researcher would otherwise write: the same work (the starting model evaluated once, then
    as many trials of the same spec, learning rates drawn from the same range), `session.fit` in a pool of
@@ -158,9 +158,10 @@ def main() -> None:
     import ray
 
     from cleansweep import tracking
-    from cleansweep.sweep import driver as search
     from cleansweep.sweep import space as spaces
     from cleansweep.sweep import start as start_model
+    from cleansweep.sweep.driver import search
+    from cleansweep.sweep.trial import changes_start_weights
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,7 @@ def main() -> None:
     specs = [start_model.start_eval_spec(base).model_dump(mode="json")]
     for _ in range(args.trials):
         spec = spaces.trial_spec(base, {"optim.lr": math.exp(rng.uniform(*map(math.log, LR_RANGE)))})
-        spec = spec.model_copy(update={"eval_at_start": spec.eval_at_start and search.changes_start_weights(spec)})
+        spec = spec.model_copy(update={"eval_at_start": spec.eval_at_start and changes_start_weights(spec)})
         specs.append(spec.model_dump(mode="json"))
     half = 1 + args.trials // 2
     threads = max(1, 2 // args.slots)
@@ -191,8 +192,8 @@ def main() -> None:
     try:
         daemons0, driver0 = ray_daemons_cpu_s(), resource.getrusage(resource.RUSAGE_SELF)
         started, t0 = time.time(), time.monotonic()
-        out = search.search(cfg, start, name=f"overhead-{int(time.time())}", workdir=root / "work",
-                            echo=lambda s: None)
+        out = search(cfg, start, name=f"overhead-{int(time.time())}", workdir=root / "work",
+                     echo=lambda s: None)
         sweep = time.monotonic() - t0
         daemons, driver1 = ray_daemons_cpu_s() - daemons0, resource.getrusage(resource.RUSAGE_SELF)
         driver = driver1.ru_utime + driver1.ru_stime - driver0.ru_utime - driver0.ru_stime

@@ -26,8 +26,8 @@ import open_clip
 import torch
 
 from cleansweep import loop
-from cleansweep.config import MethodSpec
 from cleansweep.methods import create_task
+from cleansweep.methods.contrastive import ContrastiveSpec
 from cleansweep.models import create_model
 from cleansweep.optim import create_optimizer, lr_at
 
@@ -57,7 +57,7 @@ def _sync(device: torch.device) -> None:
 
 def cleansweep_steps(model: torch.nn.Module, batches: list[dict], amp: bool = False) -> float:
     """Seconds for one epoch over `batches` through cleansweep's task + optimizer + loop."""
-    task = create_task(MethodSpec(mmcl_weight=1.0, ssl_weight=0.0), model)
+    task = create_task(ContrastiveSpec(mmcl_weight=1.0, ssl_weight=0.0), model)
     optimizer = create_optimizer(task, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
     total = len(batches)
 

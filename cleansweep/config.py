@@ -1,11 +1,15 @@
 """Typed, validated configuration: one pydantic model per concept, checked once at the edge.
 
+The sections of a run (model, data, attack, optimizer, Ray, MLflow) live here; `cleansweep.train_config` puts them
+together with a method's Spec (`cleansweep.methods`) into `TrainSpec` and `PretrainConfig`.
+
 Every model is frozen and rejects unknown keys, so a typo in a YAML file is an error naming the key, never a
 silently ignored setting. Inner functions take plain values pulled out of these objects.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleansweep.errors import UserError
-from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_IMAGE_SIDE, MAX_STEPS, MAX_WORKERS, SEED_MAX
+from cleansweep.limits import MAX_BATCH, MAX_COUNT, MAX_IMAGE_SIDE, MAX_WORKERS, SEED_MAX
 
 Scalar = bool | int | float | str
 # A seed numpy, Optuna's samplers and torch all accept: a negative one used to fail only once Ray had started.
@@ -80,35 +84,6 @@ class AttackSpec(Strict):
     seed: Seed = Field(0, description="Seed of the evaluation triggers (same triggered set at every evaluation).")
 
 
-class MethodSpec(Strict):
-    name: str = Field("contrastive", description="Training/cleaning method (cleansweep.methods.list_methods()).")
-    mmcl_weight: float = Field(1.0, ge=0, description="Weight of the multimodal CLIP loss (eq. 1).")
-    ssl_weight: float = Field(0.0, ge=0, description="Weight of the in-modal self-supervised loss (eq. 2).")
-    cluster_weight: float = Field(0.0, ge=0, description="Weight of the deep-clustering cross-entropy.")
-    num_clusters: int = Field(1000, ge=2, le=MAX_COUNT, description="k of the spherical k-means for deep clustering.")
-    cluster_iters: int = Field(20, ge=1, le=MAX_STEPS, description="k-means iterations per epoch.")
-    l2_init_weight: float = Field(0.0, ge=0, description="Weight of the L2 pull toward the initial weights.")
-    shrink: float = Field(1.0, ge=0, description="Shrink-and-perturb lambda: theta <- lambda*theta + sigma*noise.")
-    perturb: float = Field(0.0, ge=0, description="Shrink-and-perturb sigma (scale of the noise, see perturb_kind).")
-    perturb_kind: Literal["init", "gaussian"] = Field(
-        "init", description="Noise of shrink-and-perturb: a fresh random init (the paper's code) or N(0, 1) per weight."
-    )
-    par_weight: float = Field(
-        1.0, ge=0, description="Perturb-and-Recover: weight of the capped push away from the frozen starting model's "
-        "image + text embeddings (1.0 = the PAR paper's 0.5 x (image + text) squared L2)."
-    )
-    par_cap: float = Field(
-        1.075, gt=0, le=2, description="Perturb-and-Recover: cap of the per-sample distance 1 - cos(f, f0) beyond "
-        "which there is no push; 2 = uncapped (1.075 = the PAR paper's tau 2.15 on squared L2)."
-    )
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> MethodSpec:
-        if self.mmcl_weight == 0 and self.ssl_weight == 0 and self.cluster_weight == 0:
-            raise ValueError("all loss weights are 0; set mmcl_weight, ssl_weight or cluster_weight > 0")
-        return self
-
-
 class OptimSpec(Strict):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norm/bias/logit_scale).")
@@ -118,35 +93,6 @@ class OptimSpec(Strict):
     warmup_steps: int = Field(50, ge=0, le=MAX_COUNT, description="Linear warm-up steps.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warm-up.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
-
-
-class TrainSpec(Strict):
-    """One training run: pre-training, or one cleaning trial."""
-
-    model: ModelSpec = ModelSpec()
-    data: DataSpec
-    attack: AttackSpec = AttackSpec()
-    method: MethodSpec = MethodSpec()
-    optim: OptimSpec = OptimSpec()
-    epochs: int = Field(10, ge=0, le=MAX_STEPS, description="Training epochs (0 = prepare + evaluate only).")
-    eval_every: float = Field(1.0, gt=0, description="Evaluate every this many epochs (1/3 = the short paper).")
-    eval_at_start: bool = Field(True, description="Evaluate before the first step (the starting model).")
-    asr_threshold: float = Field(0.05, ge=0, le=1, description="An evaluation is feasible when asr_top1 <= this.")
-    constraint: Literal["asr_top1", "proxy_asr_top1"] = Field(
-        "asr_top1", description="The ASR feasibility is judged on (proxy_asr_top1 needs `proxy`).")
-    proxy: Path | None = Field(None, description="Inverted trigger (`cleansweep scan`'s inversion.safetensors): every "
-                               "evaluation also reports proxy_asr_top1, the share of non-target images it sends to "
-                               "the suspected target.")
-    seed: Seed = Field(0, description="Seed of initialisation, data order and augmentations.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-    amp: bool = Field(True, description="Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
-    logit_scale_max: float = Field(4.6052, gt=0, description="Clamp logit_scale to [0, this] (ln 100, as CLIP).")
-
-    @model_validator(mode="after")
-    def _proxy_given(self) -> TrainSpec:
-        if self.constraint == "proxy_asr_top1" and self.proxy is None:
-            raise ValueError("constraint proxy_asr_top1 needs proxy: the inversion.safetensors of `cleansweep scan`")
-        return self
 
 
 class RaySpec(Strict):
@@ -161,27 +107,52 @@ class MlflowSpec(Strict):
     experiment: str = Field("cleansweep", description="MLflow experiment name.")
 
 
-class PretrainConfig(Strict):
-    name: str = Field(description="Run name (also the storage folder and the MLflow run name).")
-    train: TrainSpec
-    ray: RaySpec = RaySpec()
-    mlflow: MlflowSpec = MlflowSpec(experiment="cleansweep-pretrain")
-    keep_checkpoints: int = Field(3, ge=1, le=MAX_STEPS, description="Checkpoints kept besides the selected one.")
-    selection: Literal["best_top1", "closest_top1", "last"] = Field(
-        "best_top1", description="Which evaluation's model to hand to cleaning (the paper's rules)."
-    )
-    reference_top1: float | None = Field(None, ge=0, le=1, description="Target accuracy for closest_top1.")
+# A searched parameter lives here, below every config that holds one; Tune state of sweeps saved before the
+# package moved pickled it as `cleansweep.config.Domain`.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def number_or_text(value: Any) -> Any:
+    """'1e-5' -> 1e-05: YAML 1.1 reads exponents without a dot as strings, but users (and the paper) write them."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    return value
+
+
+class Domain(Strict):
+    """One searched parameter in Tune's own words: exactly one of choice, uniform, loguniform, grid."""
+
+    choice: list[Scalar] | None = Field(None, min_length=1, description="Sample one of these values.")
+    uniform: tuple[float, float] | None = Field(None, description="Sample uniformly from [low, high).")
+    loguniform: tuple[float, float] | None = Field(None, description="Sample log-uniformly; 0 < low < high.")
+    grid: list[Scalar] | None = Field(None, min_length=1, description="Try every value (duplicates kept).")
+
+    @field_validator("choice", "grid", mode="before")
+    @classmethod
+    def _numbers(cls, v: Any) -> Any:
+        values = [number_or_text(x) for x in v] if isinstance(v, list) else v
+        if isinstance(values, list) and any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ValueError("every value must be finite (no .inf or .nan)")
+        return values
 
     @model_validator(mode="after")
-    def _reference(self) -> PretrainConfig:
-        if self.selection == "closest_top1" and self.reference_top1 is None:
-            raise ValueError("selection 'closest_top1' needs reference_top1 (e.g. 0.2376)")
+    def _one_kind(self) -> Domain:
+        kinds = [k for k in ("choice", "uniform", "loguniform", "grid") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, grid")
+        for k in ("uniform", "loguniform"):
+            bounds = getattr(self, k)
+            # Tune's `tune.uniform(1, 0)` builds a domain without complaint (ray/tune/search/sample.py): reject it here.
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{k}: low {bounds[0]} must be < high {bounds[1]}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low {self.loguniform[0]} must be > 0")
         return self
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        return check_name(v)
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "grid") if getattr(self, k) is not None)
+
 
 
 def check_name(name: str) -> str:

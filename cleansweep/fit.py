@@ -19,14 +19,11 @@ best-feasible tracker; written by the loop).
 from __future__ import annotations
 
 import json
-import random
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,11 +32,12 @@ from torch.utils.data import DataLoader
 
 from cleansweep import loop, train_data
 from cleansweep.attacks.registry import attack_trigger
-from cleansweep.config import MethodSpec, TrainSpec, validate
+from cleansweep.config import validate
 from cleansweep.data import EvalFolder, collate_skip
 from cleansweep.errors import UserError
 from cleansweep.evaluate import NO_ATTACK, evaluate, zeroshot_classifier
-from cleansweep.methods import Task, create_task, list_methods
+from cleansweep.methods import Task, create_task
+from cleansweep.methods.base import BaseMethodSpec
 from cleansweep.models import (
     ModelBundle,
     checkpoint_model_name,
@@ -52,7 +50,9 @@ from cleansweep.models import (
 )
 from cleansweep.objective import PROXY_ASR
 from cleansweep.optim import apply_hyperparameters, create_optimizer, lr_at
+from cleansweep.rng import rng_state, seed_everything, set_rng_state
 from cleansweep.runtime import layout
+from cleansweep.train_config import TrainSpec
 
 MODEL_FILE, STATE_FILE = layout.MODEL_FILE, layout.STATE_FILE  # the checkpoint directory (module docstring)
 Report = Callable[[dict[str, Any], str | None], None]
@@ -65,37 +65,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states, in a form `torch.load(weights_only=True)` accepts."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
-    random.setstate(_tuples(state["python"]))
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(x: Any) -> Any:
-    return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -255,7 +224,7 @@ class _Run:
     bundle: ModelBundle
     device: torch.device
     task: Task
-    method: MethodSpec
+    method: BaseMethodSpec  # the spec's method as it runs on this data (`for_rows`)
     train_rows: int
     train_loader: DataLoader
     embed_loader: DataLoader
@@ -272,11 +241,7 @@ def _build(spec: TrainSpec, rank: int, world: int) -> _Run:
         load_weights(bundle.model, load_state_dict_file(spec.model.init))
         init_sha = file_sha256(spec.model.init)
     plain_ds, training_set = train_data.datasets(spec, bundle.preprocess_val, bundle.tokenizer, rank, world)
-    method = spec.method
-    if method.name == "deep_cluster" and method.num_clusters > len(plain_ds):
-        warnings.warn(f"deep_cluster: num_clusters {method.num_clusters} > {len(plain_ds)} rows; "
-                      f"using k = {len(plain_ds)}", stacklevel=3)
-        method = method.model_copy(update={"num_clusters": len(plain_ds)})
+    method = spec.method.for_rows(len(plain_ds))
     task = create_task(method, bundle.model, distributed=world > 1)
     train_ds = training_set(task.needs_ssl_views)
     train_loader = train_data.train_loader(spec, train_ds, rank, world, device.type == "cuda")
@@ -310,7 +275,8 @@ def _effective_params(spec: TrainSpec, run: _Run, optimizer: torch.optim.Optimiz
     saved weight decay, betas and eps, over the requested ones; torch's `Optimizer.load_state_dict` keeps the saved
     param_groups' hyperparameters)."""
     decay = next((g for g in optimizer.param_groups if g.get("name") == "decay"), optimizer.param_groups[0])
-    return {**flatten(spec.model_dump(mode="json")), "method.num_clusters": run.method.num_clusters,
+    # The method's own fields only (its Spec has no others), as run on this data.
+    return {**flatten({**spec.model_dump(mode="json"), "method": run.method.model_dump(mode="json")}),
             "effective.weight_decay": decay["weight_decay"], "effective.betas": list(decay["betas"]),
             "effective.eps": decay["eps"], "device": str(run.device), "world_size": world,
             "num_params": sum(p.numel() for p in run.task.parameters()), "steps_per_epoch": steps_per_epoch,
@@ -335,8 +301,8 @@ def preflight(spec: TrainSpec | dict[str, Any]) -> TrainSpec:
     """Check, without training or building a model, what would fail a run in its first seconds.
 
     The drivers call it before any cluster starts (a sweep's base and starting evaluation, a pre-training run):
-    model and method names, the init checkpoint, the training CSV (columns, rows, one batch), the evaluation
-    folder and its target class, the trigger for the model's resolution.
+    the model name (`TrainSpec` has checked the method), the init checkpoint, the training CSV (columns, rows, one
+    batch), the evaluation folder and its target class, the trigger for the model's resolution.
 
     Raises:
         UserError: the first problem found, in one line.
@@ -344,8 +310,6 @@ def preflight(spec: TrainSpec | dict[str, Any]) -> TrainSpec:
     if isinstance(spec, dict):
         spec = validate(TrainSpec, spec, "train spec")
     size = model_image_size(spec.model.name)  # unknown model -> one-line error
-    if spec.method.name not in list_methods():
-        raise UserError(f"unknown method {spec.method.name!r}; choose from: {', '.join(list_methods())}")
     if spec.model.init is not None and not Path(spec.model.init).is_file():
         raise UserError(f"init checkpoint not found: {spec.model.init}; pass an existing .safetensors or .pt file")
     if spec.model.init is not None:

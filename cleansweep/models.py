@@ -1,7 +1,8 @@
 """CLIP models by name (open_clip configs, random init, no downloads) and safe checkpoint I/O.
 
 Every model is open_clip's `CLIP` built from a JSON config: open_clip's own (`RN50`, `ViT-B-32`, ...) or ours in
-`model_configs/` (tiny ones for CPU tests and the demo), registered with `open_clip.add_model_config`.
+`model_configs/` (tiny ones for CPU tests and the demo), registered with `open_clip.add_model_config`: a new model
+is its JSON file there, named by its stem.
 `LogScaleCLIP.forward` returns the *log* inverse temperature under `logit_scale` (open_clip returns exp() of it);
 the losses take exp() themselves.
 
@@ -35,13 +36,27 @@ from cleansweep.runtime.atomic import write_atomic
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
-MODELS: dict[str, str] = {
-    "tiny-rn": "ModifiedResNet [1,1,1,1] width 32, 32 px, 2-layer text width 64, embed 64 (8.5M params; CPU tests)",
-    "tiny-vit": "ViT width 64, 2 layers, patch 8, 32 px, 2-layer text width 64, embed 64 (CPU tests)",
+# open_clip's own configs that cleansweep offers (ours: every JSON in CONFIG_DIR, see MODELS).
+OPEN_CLIP_MODELS: dict[str, str] = {
     "RN50": "open_clip RN50 (ModifiedResNet-50, 224 px, GELU text transformer); the paper's architecture",
     "RN50-quickgelu": "open_clip RN50 with QuickGELU: the activation of OpenAI/CleanCLIP RN50 checkpoints",
     "ViT-B-32": "open_clip ViT-B/32 (224 px)",
 }
+
+
+def _describe(path: Path) -> str:
+    """One line about a config of ours, read from its JSON (towers, resolution, embedding width)."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    layers = vision.get("layers")
+    tower = (f"ModifiedResNet {layers}" if isinstance(layers, list)
+             else f"ViT {layers} layers, patch {vision.get('patch_size')}")
+    return (f"{tower}, width {vision.get('width')}, {vision.get('image_size')} px, {text.get('layers')}-layer text "
+            f"width {text.get('width')}, embed {cfg.get('embed_dim')} ({CONFIG_DIR.name}/{path.name})")
+
+
+# Name -> description: ours first (one per JSON file, by its stem), then open_clip's.
+MODELS: dict[str, str] = {**{p.stem: _describe(p) for p in sorted(CONFIG_DIR.glob("*.json"))}, **OPEN_CLIP_MODELS}
 
 # Registered once per process; open_clip rescans its config folders on every add_model_config call.
 if not set(MODELS) <= set(open_clip.list_models()):

@@ -14,10 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cleansweep import loop
 from cleansweep.augment import eda, ssl_image_transform
-from cleansweep.config import DataSpec, TrainSpec
+from cleansweep.config import DataSpec
 from cleansweep.data import ImageCaptionDataset, collate_skip, read_pairs
 from cleansweep.data.shards import ShardDataset, expand_shards, shard_sizes
 from cleansweep.errors import UserError
+from cleansweep.train_config import TrainSpec
 
 
 def train_pairs(data: DataSpec) -> int:

@@ -17,7 +17,7 @@ import yaml
 from cleansweep.errors import UserError
 from cleansweep.pretrain import driver as pretrain
 from cleansweep.runtime import cluster
-from cleansweep.sweep import driver as search
+from cleansweep.sweep import driver
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -54,13 +54,13 @@ def test_placements_count_whole_bundles():
 def test_gpu_trials_fit_the_shipped_autoscaling_cluster():
     cpu, gpu = _paper_resources()
     with pytest.raises(UserError, match="no live nodes|2 CPU/0 GPU"):  # live nodes only: refused (the old check)
-        search.check_trial_resources(cpu, gpu, cluster.Capacity.from_nodes(HEAD_ONLY))
-    search.check_trial_resources(cpu, gpu, cluster.Capacity.from_nodes(HEAD_ONLY, _shipped_node_groups()))
+        driver.check_trial_resources(cpu, gpu, cluster.Capacity.from_nodes(HEAD_ONLY))
+    driver.check_trial_resources(cpu, gpu, cluster.Capacity.from_nodes(HEAD_ONLY, _shipped_node_groups()))
     pretrain.check_resources(2, 8, True, cluster.Capacity.from_nodes(HEAD_ONLY, _shipped_node_groups()))
     with pytest.raises(UserError, match="room for 2 such worker"):  # 2 GPU nodes at most
         pretrain.check_resources(3, 8, True, cluster.Capacity.from_nodes(HEAD_ONLY, _shipped_node_groups()))
     with pytest.raises(UserError) as e:  # a GPU group that may never grow: still refused, saying what it has
-        search.check_trial_resources(cpu, gpu, cluster.Capacity.from_nodes(HEAD_ONLY, _shipped_node_groups(0)))
+        driver.check_trial_resources(cpu, gpu, cluster.Capacity.from_nodes(HEAD_ONLY, _shipped_node_groups(0)))
     assert "autoscaler may add cpu: up to 4 x 4 CPU/0 GPU" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -108,7 +108,7 @@ def test_capacity_reads_what_an_autoscaler_reports_to_a_real_cluster(local_ray):
     plain = cluster.cluster_capacity()
     assert len(plain.live) == 1 and plain.live[0]["CPU"] == 2 and not plain.autoscaling and not plain.groups
     with pytest.raises(UserError, match="resources.gpu"):
-        search.check_trial_resources(cpu, gpu, plain)
+        driver.check_trial_resources(cpu, gpu, plain)
 
     # What an autoscaler reports into the GCS (the key Ray Train V2 reads too): the shipped cluster's node groups.
     config = autoscaler_pb2.ClusterConfig()
@@ -120,7 +120,7 @@ def test_capacity_reads_what_an_autoscaler_reports_to_a_real_cluster(local_ray):
                                  namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
     reported = cluster.cluster_capacity()
     assert reported.autoscaling and {g.name: g.max_count for g in reported.groups} == {"cpu": 4, "gpu": 2}
-    search.check_trial_resources(cpu, gpu, reported)
+    driver.check_trial_resources(cpu, gpu, reported)
 
     # The v1 autoscaler reports only a status; a cluster without one writes it marked "legacy" (or, in its first
     # seconds, not yet at all): this local cluster's own status, whichever it is now, says no autoscaler runs.

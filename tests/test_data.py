@@ -351,6 +351,29 @@ def test_demo_world_reuse_and_conflicts(tmp_path: Path) -> None:
         make_demo_world(tmp_path / "x", **SMALL, noise=-1)
 
 
+def test_demo_world_clean_classes_shift_only_the_clean_set(tmp_path: Path) -> None:
+    sizes = {**SMALL, "n_clean": 40, "num_classes": 10}
+    a = make_demo_world(tmp_path / "a", seed=3, **sizes, clean_classes=4)
+    b = make_demo_world(tmp_path / "b", seed=3, **sizes, clean_classes=4)
+    c = make_demo_world(tmp_path / "c", seed=4, **sizes, clean_classes=4)
+    full = make_demo_world(tmp_path / "f", seed=3, **sizes)
+    names = [cls["name"] for cls in a["classes"]]
+    clean = read_pairs(a["clean_csv"])
+    assert len(a["clean_class_names"]) == 4 and set(a["clean_class_names"]) <= set(names)
+    assert sorted(set(clean["label"])) == sorted(a["clean_class_names"])
+    assert clean["label"].value_counts().tolist() == [10] * 4  # balanced over the 4 classes
+    assert b["clean_class_names"] == a["clean_class_names"] != c["clean_class_names"]  # seeded (seed 4 differs)
+    assert (tmp_path / "a" / "clean.csv").read_text() == (tmp_path / "b" / "clean.csv").read_text()
+    assert full["clean_class_names"] == names and set(read_pairs(full["clean_csv"])["label"]) == set(names)
+    # Training and evaluation do not move: same bytes as the world without the knob.
+    assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "f" / "train.csv").read_text()
+    assert sorted(p.name for p in (tmp_path / "a" / "eval").rglob("*.png")) == \
+        sorted(p.name for p in (tmp_path / "f" / "eval").rglob("*.png"))
+    assert json.loads((tmp_path / "a" / "world.json").read_text())["knobs"]["clean_classes"] == 4
+    with pytest.raises(UserError, match=r"clean_classes=11 is out of range; use an integer in 0..num_classes \(10\)"):
+        make_demo_world(tmp_path / "x", seed=3, **sizes, clean_classes=11)
+
+
 @pytest.mark.parametrize("caption_noise", [0.0, 1.0])
 def test_demo_world_caption_noise(tmp_path: Path, caption_noise: float) -> None:
     info = make_demo_world(tmp_path / "w", **SMALL, caption_noise=caption_noise)

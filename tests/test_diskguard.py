@@ -185,8 +185,8 @@ def _trial_error(inner: BaseException) -> BaseException:
 def test_a_trial_that_hit_a_full_disk_stops_the_stage_before_it_is_closed():
     from types import SimpleNamespace
 
-    from cleansweep.sweep import driver as search
     from cleansweep.sweep import records as tune_records
+    from cleansweep.sweep.lifecycle import AlreadyFailed
 
     enospc = _trial_error(OSError(errno.ENOSPC, "No space left on device", "/mnt/work/sweeps/x/ckpt"))
     diverged = _trial_error(FloatingPointError("evaluation metric zeroshot_top1 is nan; the model diverged"))
@@ -197,9 +197,9 @@ def test_a_trial_that_hit_a_full_disk_stops_the_stage_before_it_is_closed():
     assert "--name sw --resume" in str(got.value)
     diskguard.raise_if_trials_hit_full_disk(grid[:2], "sw")  # a diverged trial is a verdict, not a full disk
     # A trial a resume restored although it had failed keeps its first cause (the driver skips re-tagging it).
-    again = _trial_error(search.AlreadyFailed("trial t failed before this resume and is not run again (x)"))
-    assert tune_records.error_is(again, search.AlreadyFailed)
-    assert not tune_records.error_is(diverged, search.AlreadyFailed) and not tune_records.error_is(None, OSError)
+    again = _trial_error(AlreadyFailed("trial t failed before this resume and is not run again (x)"))
+    assert tune_records.error_is(again, AlreadyFailed)
+    assert not tune_records.error_is(diverged, AlreadyFailed) and not tune_records.error_is(None, OSError)
 
 
 @pytest.mark.integration

@@ -1,4 +1,5 @@
-"""Methods: one contract test over the registry, then each method's math against a hand computation."""
+"""Methods: contract tests over the registry (each method's example values come from a shipped search space), then
+each method's math against a hand computation."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_examples import shipped_example
 from torch.utils.data import DataLoader, Dataset
 
-from cleansweep.config import MethodSpec
 from cleansweep.errors import UserError
-from cleansweep.methods import METHODS, create_task, list_methods
+from cleansweep.methods import DEFAULT_METHOD, METHODS, create_task, list_methods, method_spec, spec_class
+from cleansweep.methods.base import BaseMethodSpec, ContrastiveWeights
+from cleansweep.methods.contrastive import ContrastiveSpec
 from cleansweep.methods.deep_cluster import DeepCluster
 from cleansweep.models import create_model
+from cleansweep.train_config import TrainSpec
 
 SPECS = {
     "contrastive": {"ssl_weight": 1.0},
@@ -60,20 +64,24 @@ def _batch(tokenizer, n: int = 6, ssl: bool = True) -> dict[str, torch.Tensor]:
 
 
 def _task(name: str, **overrides):
-    spec = MethodSpec(name=name, **{**SPECS[name], **overrides})
+    spec = method_spec({"name": name, **SPECS[name], **overrides})
     return create_task(spec, _model())
 
 
 @pytest.mark.parametrize("name", list_methods())
 def test_contract(name: str, bundle) -> None:
-    task = _task(name)
+    spec = shipped_example(name)
+    task = create_task(spec, _model())
     ds = RowsDataset(8, bundle.tokenizer, ssl=task.needs_ssl_views)
     task.prepare(torch.Generator().manual_seed(0))
     task.on_epoch_start(0, DataLoader(ds, batch_size=4), torch.device("cpu"))
     out = task(next(iter(DataLoader(ds, batch_size=8))))
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     parts = {k for k in out if k != "loss"}
-    assert parts and parts <= {"mmcl_loss", "ssl_loss", "cluster_loss", "l2_init_loss", "par_loss"}
+    # A field `<part>_weight` weights the loss part `<part>_loss`: every weighted part is reported, nothing else.
+    weighted = {f.removesuffix("_weight") + "_loss" for f, v in spec.model_dump().items() if f.endswith("_weight")}
+    assert {f.removesuffix("_weight") + "_loss" for f, v in spec.model_dump().items()
+            if f.endswith("_weight") and v > 0} <= parts <= weighted
     assert all(not out[k].requires_grad for k in parts)
     out["loss"].backward()
     grads = [p.grad for p in task.parameters() if p.requires_grad]
@@ -82,10 +90,77 @@ def test_contract(name: str, bundle) -> None:
     assert METHODS[name][1]  # every entry has a description
 
 
+@pytest.mark.parametrize("name", list_methods())
+def test_spec_contract(name: str) -> None:
+    cls = spec_class(name)
+    assert issubclass(cls, BaseMethodSpec) and cls().name == name == METHODS[name][0].spec_class().name
+    assert all(field.description for key, field in cls.model_fields.items() if key != "name")  # documented
+    example = shipped_example(name)
+    # Round trips: Python, JSON, and through TrainSpec (what a trial and the effective params see).
+    assert method_spec(example.model_dump()) == example
+    assert method_spec(__import__("json").loads(example.model_dump_json())) == example
+    train = TrainSpec.model_validate({"data": {"train_csv": "c.csv", "eval_dir": "e"},
+                                      "method": example.model_dump(mode="json")})
+    assert train.method == example and type(train.method) is cls
+    assert isinstance(example.changes_start_weights(), bool) and example.for_rows(10**6) == example
+    assert cls.model_config["frozen"] and cls.model_config["extra"] == "forbid"
+    assert not cls.model_config["allow_inf_nan"]
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_a_field_of_another_method_is_refused(name: str) -> None:
+    own = set(spec_class(name).model_fields)
+    foreign = sorted({(f, m) for m in METHODS for f in spec_class(m).model_fields if f not in own})
+    assert foreign or len(METHODS) == 1
+    for field, owner in foreign:
+        with pytest.raises(UserError) as err:
+            method_spec({"name": name, field: 1})
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"method: {field}: not a field of method {name!r}") and owner in msg
+
+
+def test_default_method_and_its_defaults() -> None:
+    spec = TrainSpec.model_validate({"data": {"train_csv": "c.csv", "eval_dir": "e"}})
+    assert DEFAULT_METHOD == "contrastive" and spec.method == ContrastiveSpec()
+    assert spec.method.model_dump() == {"name": "contrastive", "mmcl_weight": 1.0, "ssl_weight": 0.0}
+    assert method_spec({"ssl_weight": 2}) == ContrastiveSpec(ssl_weight=2)  # no name: the default method
+
+
 def test_unknown_method_lists_choices() -> None:
-    spec = MethodSpec.model_construct(name="cleanclipp")
+    with pytest.raises(UserError, match=r"^method: unknown method 'cleanclipp'; choose from: contrastive, deep_clus"):
+        method_spec({"name": "cleanclipp"})
+    spec = ContrastiveSpec.model_construct(name="cleanclipp")
     with pytest.raises(UserError, match=r"unknown method 'cleanclipp'; choose from: contrastive, deep_cluster"):
         create_task(spec, _model())
+
+
+def test_method_errors_name_the_field_without_the_union_tag() -> None:
+    with pytest.raises(UserError, match=r"^method.ssl_weight: Input should be greater than or equal to 0$"):
+        method_spec({"name": "perturb_recover", "ssl_weight": -1})
+    with pytest.raises(UserError, match=r"^method.par_cap: Input should be less than or equal to 2$"):
+        method_spec({"name": "perturb_recover", "par_cap": 3})
+    with pytest.raises(UserError, match=r"^method.shrink: Input should be a finite number$"):
+        method_spec({"name": "shrink_perturb", "shrink": float("inf")})
+    with pytest.raises(UserError, match=r"^method: all loss weights are 0; set mmcl_weight or ssl_weight > 0$"):
+        method_spec({"mmcl_weight": 0})
+    with pytest.raises(UserError, match=r"set mmcl_weight, ssl_weight or cluster_weight > 0"):
+        method_spec({"name": "deep_cluster", "mmcl_weight": 0})
+    assert isinstance(method_spec({"name": "deep_cluster", "mmcl_weight": 0, "cluster_weight": 1}), ContrastiveWeights)
+
+
+def test_only_a_perturbing_setting_changes_the_start_weights() -> None:
+    assert not method_spec({"name": "shrink_perturb"}).changes_start_weights()
+    assert method_spec({"name": "shrink_perturb", "shrink": 0.9}).changes_start_weights()
+    assert method_spec({"name": "shrink_perturb", "perturb": 1e-3}).changes_start_weights()
+    others = [m for m in list_methods() if not spec_class(m).perturbs_start]
+    assert others and not any(spec_class(m)().changes_start_weights() for m in others)
+
+
+def test_deep_cluster_caps_k_at_the_rows() -> None:
+    spec = method_spec({"name": "deep_cluster", "num_clusters": 100})
+    with pytest.warns(UserWarning, match="num_clusters 100 > 64 rows"):
+        assert spec.for_rows(64).num_clusters == 64
+    assert spec.for_rows(100) is spec
 
 
 def _hand_contrastive(model, batch, w_mmcl: float, w_ssl: float) -> tuple[float, float, float]:
@@ -106,7 +181,7 @@ def _hand_contrastive(model, batch, w_mmcl: float, w_ssl: float) -> tuple[float,
 
 
 def test_contrastive_matches_hand_formula(bundle) -> None:
-    task = create_task(MethodSpec(mmcl_weight=0.7, ssl_weight=2.0), _model())
+    task = create_task(ContrastiveSpec(mmcl_weight=0.7, ssl_weight=2.0), _model())
     batch = _batch(bundle.tokenizer)
     out = task(batch)
     # One forward over cat([orig, aug]) in train mode (BN batch statistics of both views); compare the same.
@@ -118,8 +193,8 @@ def test_contrastive_matches_hand_formula(bundle) -> None:
 
 
 def test_contrastive_views_only_when_ssl_weighted(bundle) -> None:
-    mmcl_only = create_task(MethodSpec(mmcl_weight=1, ssl_weight=0), _model())
-    ssl_only = create_task(MethodSpec(mmcl_weight=0, ssl_weight=1), _model())
+    mmcl_only = create_task(ContrastiveSpec(mmcl_weight=1, ssl_weight=0), _model())
+    ssl_only = create_task(ContrastiveSpec(mmcl_weight=0, ssl_weight=1), _model())
     assert not mmcl_only.needs_ssl_views and ssl_only.needs_ssl_views
     assert set(mmcl_only(_batch(bundle.tokenizer, ssl=False))) == {"loss", "mmcl_loss"}
     out = ssl_only(_batch(bundle.tokenizer))
@@ -225,83 +300,6 @@ def _par_task(**overrides):
     return task
 
 
-def _moved_par_task(bundle, **overrides):
-    """A prepared PAR task after one SGD step, so the model differs from its frozen start."""
-    task = _par_task(**overrides)
-    task.prepare(torch.Generator().manual_seed(0))
-    other = next(iter(DataLoader(RowsDataset(6, bundle.tokenizer, seed=1, ssl=True), batch_size=6)))
-    task(other)["loss"].backward()
-    torch.optim.SGD(task.parameters(), lr=0.5).step()
-    task.zero_grad(set_to_none=True)
-    return task
-
-
-def _hand_par_distances(task, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample 1 - cos to an independently built copy of the starting model (same seed), train mode, on the
-    same cat([orig, aug]) inputs as the task (BatchNorm batch statistics of both views)."""
-    start = _model().train()
-    n = batch["image"].shape[0]
-    with torch.no_grad():
-        images = torch.cat([batch["image"], batch["image_aug"]])
-        texts = torch.cat([batch["text"], batch["text_aug"]])
-        d_img = 1 - F.cosine_similarity(task.model.encode_image(images), start.encode_image(images))[:n]
-        d_txt = 1 - F.cosine_similarity(task.model.encode_text(texts), start.encode_text(texts))[:n]
-    return d_img, d_txt
-
-
-def test_perturb_recover_is_zero_at_start(bundle) -> None:
-    task = _par_task()
-    task.prepare(torch.Generator().manual_seed(0))
-    # BatchNorm of the frozen copy uses batch statistics in train mode, as the model does: f(x) == f0(x) here
-    # (an eval-mode copy would sit ~1.0 away on this random tiny-rn, all from the BN mode gap).
-    assert task(_batch(bundle.tokenizer))["par_loss"].item() == pytest.approx(0.0, abs=1e-6)
-
-
-def test_perturb_recover_matches_hand_formula(bundle) -> None:
-    moved = _moved_par_task(bundle, mmcl_weight=0.7, ssl_weight=2.0, par_weight=0.5, par_cap=2.0)
-    batch = _batch(bundle.tokenizer)
-    d_img, d_txt = _hand_par_distances(moved, batch)
-    cap = float(d_img.median())
-    assert d_img.min() < cap < d_img.max() and d_txt.max() > 0
-    # The same state under a cap that splits the batch, loaded into a task around other weights (seed 1): the frozen
-    # copy must come from the state (state_dict loads "_extra_state" before the "model." weights).
-    spec = MethodSpec(name="perturb_recover", mmcl_weight=0.7, ssl_weight=2.0, par_weight=0.5, par_cap=cap)
-    task = create_task(spec, create_model("tiny-rn", seed=1).model).train()
-    task.load_state_dict(moved.state_dict())
-    out = task(batch)
-    mmcl, ssl, contrastive = _hand_contrastive(task.model, batch, 0.7, 2.0)
-    par = d_img.clamp(max=cap).mean().item() + d_txt.clamp(max=cap).mean().item()
-    assert out["par_loss"].item() == pytest.approx(par, rel=1e-4)
-    assert out["mmcl_loss"].item() == pytest.approx(mmcl, rel=1e-4)
-    assert out["loss"].item() == pytest.approx(contrastive - 0.5 * par, rel=1e-4)
-
-
-def _grads(task, batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """The task's outputs and the gradient of its total loss on every model parameter."""
-    out = task(batch)
-    out["loss"].backward()
-    return out, [p.grad.clone() for p in task.model.parameters()]
-
-
-def test_perturb_recover_stops_pushing_beyond_the_cap(bundle) -> None:
-    moved = _moved_par_task(bundle)
-    batch = _batch(bundle.tokenizer)
-    d_img, d_txt = _hand_par_distances(moved, batch)
-    cap = 1e-3
-    assert d_img.min() > cap and d_txt.min() > cap  # every sample is beyond the cap
-    results = {}
-    for weight, par_cap in ((0.0, cap), (5.0, cap), (5.0, 2.0)):
-        task = _par_task(par_weight=weight, par_cap=par_cap)
-        task.load_state_dict(moved.state_dict())
-        results[weight, par_cap] = _grads(task, batch)
-    (base, g0), (capped, g5), (_, g_free) = results.values()
-    assert capped["par_loss"].item() == pytest.approx(2 * cap)  # image + text, each at the cap
-    assert capped["loss"].item() == pytest.approx(base["loss"].item() - 5.0 * 2 * cap, rel=1e-6)
-    for a, b in zip(g0, g5, strict=True):
-        torch.testing.assert_close(a, b)  # no push beyond the cap
-    assert any(not torch.allclose(a, b) for a, b in zip(g0, g_free, strict=True))  # uncapped, it does push
-
-
 def test_perturb_recover_frozen_copy_is_never_trained(bundle) -> None:
     from cleansweep.optim import create_optimizer
 
@@ -339,7 +337,7 @@ def test_perturb_recover_resume_restores_the_frozen_model(tiny_spec: dict, tmp_p
     from cleansweep.config import deep_update
     from cleansweep.models import load_state_dict_file
 
-    spec = deep_update(tiny_spec, {"method": {"name": "perturb_recover", "par_weight": 1.0, "par_cap": 0.05},
+    spec = deep_update(tiny_spec, {"method": {"name": "perturb_recover", "par_weight": 1.0, "par_cap": 2.0},
                                    "eval_every": 0.5})
     full: dict[int, dict] = {}
 
@@ -352,7 +350,7 @@ def test_perturb_recover_resume_restores_the_frozen_model(tiny_spec: dict, tmp_p
     # The checkpoint holds the model as it was at prepare time: fit's seeded start, not the step-2 weights.
     saved = torch.load(tmp_path / "step2" / session.STATE_FILE, weights_only=True)["task"]["_extra_state"]
     start = create_model("tiny-rn", seed=0).model.eval()
-    restored = create_task(MethodSpec(**spec["method"]), create_model("tiny-rn", seed=1).model)
+    restored = create_task(method_spec(spec["method"]), create_model("tiny-rn", seed=1).model)
     restored.load_state_dict({"_extra_state": saved}, strict=False)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

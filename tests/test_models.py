@@ -30,6 +30,51 @@ def test_list_models_has_ours_and_open_clip_names():
     assert {"tiny-rn", "tiny-vit", "RN50", "ViT-B-32"} <= set(names)
 
 
+def _unregistered(config_dir) -> list[str]:
+    """JSON configs in `config_dir` that open_clip or `models.list_models()` does not know (open_clip skips a JSON
+    without embed_dim, vision_cfg and text_cfg silently)."""
+    import open_clip
+
+    known = set(open_clip.list_models()) & set(models.list_models())
+    return [p.name for p in sorted(config_dir.glob("*.json")) if p.stem not in known]
+
+
+def test_every_config_json_is_registered():
+    assert sorted(models.CONFIG_DIR.glob("*.json")) and _unregistered(models.CONFIG_DIR) == []
+
+
+def test_the_registration_check_catches_a_json_nobody_registered(tmp_path):
+    (tmp_path / "tiny-new.json").write_text((models.CONFIG_DIR / "tiny-rn.json").read_text())
+    assert _unregistered(tmp_path) == ["tiny-new.json"]
+
+
+@pytest.mark.parametrize("path", sorted(models.CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_every_config_json_is_parsed_and_creatable(path):
+    import open_clip
+
+    cfg = json.loads(path.read_text())
+    assert open_clip.get_model_config(path.stem) == cfg  # the JSON is what open_clip builds from
+    with torch.device("meta"):
+        size = sum(p.numel() for p in models.create_model(path.stem, seed=0).model.parameters())
+    if size > 50_000_000:
+        return  # a big model: registered and parsed is what a CPU test checks (test_every_registered_config_builds)
+    bundle = models.create_model(path.stem, seed=0)  # a tiny one: built for real and run
+    side = cfg["vision_cfg"]["image_size"]
+    out = bundle.model(torch.rand(2, 3, side, side), bundle.tokenizer(["a cat", "a dog"]))
+    assert out["image_features"].shape == out["text_features"].shape == (2, cfg["embed_dim"])
+    assert torch.isfinite(out["image_features"]).all() and torch.isfinite(out["text_features"]).all()
+    assert path.stem in models.MODELS[path.stem]  # its description names its file
+
+
+@pytest.mark.parametrize("name", sorted(models.OPEN_CLIP_MODELS))
+def test_open_clip_models_we_offer_are_registered_and_parsed(name):
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    assert name in open_clip.list_models() and {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg)
+    assert models.model_image_size(name) == cfg["vision_cfg"]["image_size"] == 224
+
+
 def test_unknown_model_names_the_choices():
     with pytest.raises(UserError, match=r"unknown model 'RN51'; choose from: .*tiny-rn.*RN50"):
         models.create_model("RN51")

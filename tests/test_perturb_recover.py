@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cleansweep.config import MethodSpec
-from cleansweep.methods import create_task
+from cleansweep.methods import create_task, method_spec
 from cleansweep.methods.perturb_recover import (
     ERASE_SCALE,
     NOISE_STD,
@@ -92,7 +91,7 @@ def _batch(tokenizer, n: int = 6) -> dict[str, torch.Tensor]:
 
 def _moved_task(bundle, **method):
     """A prepared PAR task after two SGD steps, so the model differs from its frozen start."""
-    spec = MethodSpec(name="perturb_recover", **method)
+    spec = method_spec({"name": "perturb_recover", **method})
     task = create_task(spec, create_model("tiny-rn", seed=0).model).train()
     task.prepare(torch.Generator().manual_seed(0))
     other = _batch(bundle.tokenizer, 8)
@@ -133,7 +132,7 @@ def test_loss_matches_hand_formula_on_the_augmented_batch(bundle) -> None:
     d_img, d_txt = (1 - (img * img0).sum(1)).mean().item(), (1 - (txt * txt0).sum(1)).mean().item()
     assert d_img != pytest.approx(d_txt, rel=0.05)
     cap = (d_img + d_txt) / 2
-    capped = create_task(MethodSpec(name="perturb_recover", par_weight=0.7, par_cap=cap),
+    capped = create_task(method_spec({"name": "perturb_recover", "par_weight": 0.7, "par_cap": cap}),
                          create_model("tiny-rn", seed=1).model).train()
     capped.load_state_dict(task.state_dict())
     torch.manual_seed(3)

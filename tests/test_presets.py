@@ -10,12 +10,13 @@ import pytest
 
 from cleansweep import cli
 from cleansweep.attacks.poison import TRIGGERS  # the registry, re-exported where poisoning uses it
-from cleansweep.config import PretrainConfig, TrainSpec, validate
+from cleansweep.config import validate
 from cleansweep.errors import UserError
 from cleansweep.experiments import presets
 from cleansweep.methods import list_methods
 from cleansweep.models import list_models
 from cleansweep.runtime import layout
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 CASES = [(p, o) for p in presets.list_presets() for o in layout.OBJECTIVES]
 

@@ -22,11 +22,11 @@ import pytest
 
 from cleansweep import cli, tracking
 from cleansweep.cli import train as cli_train
-from cleansweep.config import PretrainConfig, TrainSpec
 from cleansweep.errors import UserError
 from cleansweep.pretrain import driver as pretrain
 from cleansweep.pretrain import selection, worker
 from cleansweep.runtime import layout, scratch
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI, so both nodes run this environment
 EVAL_KEYS = ("zeroshot_top1", "zeroshot_top5", "asr_top1", "feasible", "best_feasible_top1", "epoch", "lr")

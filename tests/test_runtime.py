@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cleansweep.config import MethodSpec, check_name
+from cleansweep.config import check_name
+from cleansweep.methods import method_spec
 from cleansweep.runtime import atomic, layout
 
 
@@ -112,7 +113,7 @@ def test_objectives_are_the_papers_two_losses():
     assert layout.objective_weights("mmcl+ssl") == {"mmcl_weight": 1.0, "ssl_weight": 1.0}
     assert [layout.objective_label(o) for o in layout.OBJECTIVES] == ["MMCL", "MMCL+SSL"]
     for objective in layout.OBJECTIVES:  # every objective is a valid contrastive method
-        MethodSpec(name="contrastive", **layout.objective_weights(objective))
+        method_spec({"name": "contrastive", **layout.objective_weights(objective)})
 
 
 def test_objective_weights_is_a_copy():

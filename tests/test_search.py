@@ -24,21 +24,26 @@ from conftest import TINY_PATCH
 
 from cleansweep import cli, tracking
 from cleansweep.errors import UserError
+from cleansweep.objective import BEST, MIN_ASR
 from cleansweep.results import analysis, report
 from cleansweep.runtime import scratch
-from cleansweep.sweep import driver as search
+from cleansweep.sweep import driver
 from cleansweep.sweep import space as spaces
 from cleansweep.sweep import start as start_model
 from cleansweep.sweep.config import Domain
+from cleansweep.sweep.console import TrialTable
+from cleansweep.sweep.lifecycle import RESUME_STATE, drop_resume_state
+from cleansweep.sweep.optuna import ConstrainedOptunaSearch
+from cleansweep.sweep.trial import TrialContext, changes_start_weights, trial_params
 
 TOP1, ASR = "zeroshot_top1", "asr_top1"
 
 
 # ------------------------------------------------------------------------------------------------ searcher
-def _searcher(seed: int = 0) -> search.ConstrainedOptunaSearch:
+def _searcher(seed: int = 0) -> ConstrainedOptunaSearch:
     variants = {"cleanclip": {"optim.lr": Domain(loguniform=(1e-4, 1e-2)), "method.name": "contrastive"},
                 "sp": {"method.shrink": Domain(uniform=(0.1, 1.0)), "method.name": "shrink_perturb"}}
-    return search.ConstrainedOptunaSearch(space=spaces.DefineByRun(variants), metric=search.BEST, mode="max",
+    return ConstrainedOptunaSearch(space=spaces.DefineByRun(variants), metric=BEST, mode="max",
                                           sampler=optuna.samplers.TPESampler(seed=seed), study_name="t",
                                           threshold=0.05)
 
@@ -50,15 +55,15 @@ def test_constrained_searcher_tells_optuna_the_constraint_and_failures():
         label = cfg["variant"]
         assert cfg["method.name"] == ("contrastive" if label == "cleanclip" else "shrink_perturb")
         assert ("optim.lr" in cfg) == (label == "cleanclip") and ("method.shrink" in cfg) == (label == "sp")
-    s.on_trial_complete("t0", {search.BEST: 0.80, search.MIN_ASR: 0.01})  # feasible somewhere
-    s.on_trial_complete("t1", {search.BEST: 0.0, search.MIN_ASR: 0.50})  # never feasible
+    s.on_trial_complete("t0", {BEST: 0.80, MIN_ASR: 0.01})  # feasible somewhere
+    s.on_trial_complete("t1", {BEST: 0.0, MIN_ASR: 0.50})  # never feasible
     s.on_trial_complete("t2", None, error=True)  # raised
-    s.on_trial_complete("t3", {search.BEST: float("nan"), search.MIN_ASR: 0.5})  # NaN: FAIL, not RUNNING forever
+    s.on_trial_complete("t3", {BEST: float("nan"), MIN_ASR: 0.5})  # NaN: FAIL, not RUNNING forever
     trials = {t.number: t for t in s._ot_study.get_trials()}
     st = optuna.trial.TrialState
     assert [trials[i].state for i in range(4)] == [st.COMPLETE, st.COMPLETE, st.FAIL, st.FAIL]
-    assert trials[0].constraints == {search.MIN_ASR: pytest.approx(0.01 - 0.05)} and trials[0].values == [0.80]
-    assert trials[1].constraints == {search.MIN_ASR: pytest.approx(0.50 - 0.05)}
+    assert trials[0].constraints == {MIN_ASR: pytest.approx(0.01 - 0.05)} and trials[0].values == [0.80]
+    assert trials[1].constraints == {MIN_ASR: pytest.approx(0.50 - 0.05)}
     assert trials[4].state == st.RUNNING  # t4 still running
     # Optuna's own feasibility view agrees: only t0 is feasible, so it is the best trial.
     assert s._ot_study.best_trial.number == 0
@@ -68,26 +73,26 @@ def test_constrained_searcher_survives_save_and_restore(tmp_path):
     s = _searcher()
     for i in range(3):
         s.suggest(f"t{i}")
-    s.on_trial_complete("t0", {search.BEST: 0.5, search.MIN_ASR: 0.02})
+    s.on_trial_complete("t0", {BEST: 0.5, MIN_ASR: 0.02})
     s.save(str(tmp_path / "searcher.pkl"))
-    restored = search.ConstrainedOptunaSearch(constraint_metric=search.MIN_ASR, threshold=0.05)
+    restored = ConstrainedOptunaSearch(constraint_metric=MIN_ASR, threshold=0.05)
     restored.restore(str(tmp_path / "searcher.pkl"))
-    restored.on_trial_complete("t1", {search.BEST: 0.0, search.MIN_ASR: 0.3})
-    restored.on_trial_complete("t0", {search.BEST: 0.5, search.MIN_ASR: 0.02})  # repeated: ignored
+    restored.on_trial_complete("t1", {BEST: 0.0, MIN_ASR: 0.3})
+    restored.on_trial_complete("t0", {BEST: 0.5, MIN_ASR: 0.02})  # repeated: ignored
     trials = restored._ot_study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "RUNNING"]
-    assert trials[1].constraints == {search.MIN_ASR: pytest.approx(0.25)}
+    assert trials[1].constraints == {MIN_ASR: pytest.approx(0.25)}
 
 
 def _late_feasible_picks(threshold: float) -> int:
     # 1-D problem: accuracy rises with x everywhere, but only x < 0.3 has ASR below 5%.
-    s = search.ConstrainedOptunaSearch(
-        space=spaces.DefineByRun({"a": {"x": Domain(uniform=(0.0, 1.0))}}), metric=search.BEST, mode="max",
+    s = ConstrainedOptunaSearch(
+        space=spaces.DefineByRun({"a": {"x": Domain(uniform=(0.0, 1.0))}}), metric=BEST, mode="max",
         sampler=optuna.samplers.TPESampler(seed=1, n_startup_trials=8), study_name="tpe", threshold=threshold)
     picks = 0
     for i in range(40):
         x = s.suggest(f"t{i}")["x"]
-        s.on_trial_complete(f"t{i}", {search.BEST: x, search.MIN_ASR: 0.01 if x < 0.3 else 0.5})
+        s.on_trial_complete(f"t{i}", {BEST: x, MIN_ASR: 0.01 if x < 0.3 else 0.5})
         picks += i >= 20 and x < 0.3
     return picks
 
@@ -106,16 +111,16 @@ def test_tune_generates_the_paper_grids(entry, stage, count):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     cfg = spaces.load(Path(spaces.__file__).resolve().parents[2] / "search_spaces" / f"paper_D{entry:02d}.yaml")
-    ctx = search.TrialContext(sweep="x", stage=stage, base={}, tracking_uri="sqlite:////x.db", experiment_id="0",
+    ctx = TrialContext(sweep="x", stage=stage, base={}, tracking_uri="sqlite:////x.db", experiment_id="0",
                               parent_run_id="p", threshold=0.05, scratch="x")
     points = spaces.preselect_points(cfg) if stage == "preselect" else None
-    param_space, tune_config, expected = search._tune_setup(cfg, ctx, points)
+    param_space, tune_config, expected = driver._tune_setup(cfg, ctx, points)
     gen = BasicVariantGenerator()
     gen.add_configurations([Experiment("x", lambda config: None, config=param_space,
                                        num_samples=tune_config.num_samples)])
     configs = []
     while (trial := gen.next_trial()) is not None:
-        configs.append(search.trial_params(trial.config))
+        configs.append(trial_params(trial.config))
     assert len(configs) == expected == count
     assert configs == (points or spaces.grid_points(cfg))  # same points, same order, duplicates kept
 
@@ -158,19 +163,19 @@ def test_leaderboard_uses_every_evaluation_not_the_last():
 def test_finished_trials_drop_resume_state_but_keep_weights(tmp_path):
     from cleansweep import fit as session
 
-    assert search.RESUME_STATE == session.STATE_FILE
+    assert RESUME_STATE == session.STATE_FILE
     for i in range(3):
         d = tmp_path / f"checkpoint_{i:06d}"
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"w" * 10)
-        (d / search.RESUME_STATE).write_bytes(b"s" * 20)
+        (d / RESUME_STATE).write_bytes(b"s" * 20)
     # Completed trial, snapshot maybe not yet written: the latest checkpoint keeps its resume state.
-    assert search.drop_resume_state(str(tmp_path), keep_latest=True) == 40
-    assert [p.parent.name for p in tmp_path.rglob(search.RESUME_STATE)] == ["checkpoint_000002"]
-    assert search.drop_resume_state(str(tmp_path), keep_latest=False) == 20
-    assert not list(tmp_path.rglob(search.RESUME_STATE)) and len(list(tmp_path.rglob("model.safetensors"))) == 3
-    assert search.drop_resume_state(None, keep_latest=False) == 0
-    assert search.drop_resume_state("s3://bucket/trial", keep_latest=False) == 0
+    assert drop_resume_state(str(tmp_path), keep_latest=True) == 40
+    assert [p.parent.name for p in tmp_path.rglob(RESUME_STATE)] == ["checkpoint_000002"]
+    assert drop_resume_state(str(tmp_path), keep_latest=False) == 20
+    assert not list(tmp_path.rglob(RESUME_STATE)) and len(list(tmp_path.rglob("model.safetensors"))) == 3
+    assert drop_resume_state(None, keep_latest=False) == 0
+    assert drop_resume_state("s3://bucket/trial", keep_latest=False) == 0
 
 
 def test_start_metrics_come_from_a_card_only_when_measured_like_the_trials(tmp_path):
@@ -192,22 +197,22 @@ def test_only_shrink_and_perturb_trials_re_evaluate_the_start():
     def spec(**method):
         return spaces.trial_spec({"data": {"train_csv": "c.csv", "eval_dir": "e"}, "method": method}, {})
 
-    assert not search.changes_start_weights(spec(name="contrastive", ssl_weight=1.0))
-    assert not search.changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=0.0))
-    assert search.changes_start_weights(spec(name="shrink_perturb", shrink=0.9, perturb=0.0))
-    assert search.changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=1e-3))
+    assert not changes_start_weights(spec(name="contrastive", ssl_weight=1.0))
+    assert not changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=0.0))
+    assert changes_start_weights(spec(name="shrink_perturb", shrink=0.9, perturb=0.0))
+    assert changes_start_weights(spec(name="shrink_perturb", shrink=1.0, perturb=1e-3))
 
 
 def test_trial_params_and_resource_preflight():
-    assert search.trial_params({"point": {"optim.lr": 1e-3, "variant": "a"}}) == {"optim.lr": 1e-3, "variant": "a"}
-    assert search.trial_params({"optim.lr": 2e-3}) == {"optim.lr": 2e-3}
+    assert trial_params({"point": {"optim.lr": 1e-3, "variant": "a"}}) == {"optim.lr": 1e-3, "variant": "a"}
+    assert trial_params({"optim.lr": 2e-3}) == {"optim.lr": 2e-3}
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
-    search.check_trial_resources(1, 0, nodes)
-    search.check_trial_resources(2, 0, nodes)
+    driver.check_trial_resources(1, 0, nodes)
+    driver.check_trial_resources(2, 0, nodes)
     with pytest.raises(UserError, match="resources.gpu"):
-        search.check_trial_resources(1, 0.5, nodes)
+        driver.check_trial_resources(1, 0.5, nodes)
     with pytest.raises(UserError, match="2 CPU/0 GPU"):
-        search.check_trial_resources(3, 0, nodes)
+        driver.check_trial_resources(3, 0, nodes)
 
 
 def _space_file(tmp_path: Path, checkpoint: Path, world: dict, extra: str = "") -> Path:
@@ -277,15 +282,15 @@ def test_trial_table_speaks_mlflow_words_and_shows_the_sampled_values():
 
     def trial(tid, status, epoch, lr, best):
         return SimpleNamespace(trial_id=tid, status=status, config={"optim.lr": lr, "variant": "contrastive"},
-                               last_result={"epoch": epoch, TOP1: 0.9, ASR: 0.01, search.BEST: best})
+                               last_result={"epoch": epoch, TOP1: 0.9, ASR: 0.01, BEST: best})
 
-    table = search.TrialTable(["optim.lr"], epochs=6).render(
+    table = TrialTable(["optim.lr"], epochs=6).render(
         [trial("a", "TERMINATED", 6.0, 1e-3, 0.91), trial("b", "TERMINATED", 2.0, 2e-3, 0.0),
          trial("c", "ERROR", 1.0, 3e-3, 0.0), trial("d", "RUNNING", 3.0, 4e-3, 0.5)])
     lines = table.splitlines()
     assert lines[0].startswith("trials: ") and "2 FINISHED" not in lines[0]
     header = lines[1].split()
-    assert {"optim.lr", search.BEST, TOP1, ASR, "status"} <= set(header)
+    assert {"optim.lr", BEST, TOP1, ASR, "status"} <= set(header)
     assert "TERMINATED" not in table and "ERROR" not in table
     rows = {line.split()[0]: line for line in lines[2:]}
     assert "FINISHED" in rows["a"] and "stopped early" not in rows["a"] and "0.91" in rows["a"]
@@ -298,7 +303,7 @@ def test_trial_table_pickles_after_ray_train_patched_print(monkeypatch):
     import pickle
 
     lines = []
-    table = search.TrialTable(["optim.lr"], epochs=6, echo=print)
+    table = TrialTable(["optim.lr"], epochs=6, echo=print)
     # What a Ray Train worker in this process does: builtins.print becomes another function.
     monkeypatch.setattr(builtins, "print", lambda *a, **k: lines.append(" ".join(map(str, a))))
     restored = pickle.loads(pickle.dumps(table))
@@ -404,7 +409,7 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     head, header = printed[printed.rindex("trials: "):].splitlines()[:2]
     counts = {status: int(n) for n, status in re.findall(r"(\d+) ([A-Z][^,]*)", head.removeprefix("trials: "))}
     assert sum(counts.values()) == 8 and set(counts) <= {"FINISHED", "FINISHED (stopped early)"}, head
-    assert {"optim.lr", "optim.weight_decay", search.BEST, "status"} <= set(header.split())
+    assert {"optim.lr", "optim.weight_decay", BEST, "status"} <= set(header.split())
     sweep_dir = workdir / "sweeps" / "e2e"
     end_board = pd.read_csv(sweep_dir / "leaderboard.csv")  # written at the end from Tune's records
     end = end_board.iloc[0]
@@ -412,7 +417,7 @@ def test_sweep_end_to_end_best_matches_mlflow(sweep_env, tiny_checkpoint, capsys
     assert Path(best["checkpoint"], "model.safetensors").is_file()
     assert Path(end["checkpoint"], "model.safetensors").is_file()
     assert (sweep_dir / "pareto.png").stat().st_size > 0
-    assert not list((sweep_dir / "main").rglob(search.RESUME_STATE))  # finished sweep: resume-only state dropped
+    assert not list((sweep_dir / "main").rglob(RESUME_STATE))  # finished sweep: resume-only state dropped
     trial_dirs = [d for d in (sweep_dir / "main").iterdir() if d.is_dir() and (d / "params.json").is_file()]
     assert trial_dirs and all((d / "result.json").is_file() and (d / "progress.csv").is_file() for d in trial_dirs)
     assert not list((sweep_dir / "main").rglob("events.out.tfevents*"))  # MLflow holds the curves, not TensorBoard
@@ -477,7 +482,7 @@ def _find_study(obj):
         o = seen.pop()
         if isinstance(o, optuna.Study):
             return o
-        if isinstance(o, search.ConstrainedOptunaSearch):
+        if isinstance(o, ConstrainedOptunaSearch):
             return o._ot_study
         if isinstance(o, dict):  # Tune saves the searcher as a dict of its attributes
             seen.extend(o.values())
@@ -604,13 +609,13 @@ def test_a_trial_that_finished_before_a_kill_is_not_trained_again(tmp_path):
     exp = tracking.get_or_create_experiment(client, "cleansweep")
     parent = tracking.start_sweep(client, exp, "s")
     run = tracking.start_trial(client, exp, sweep="s", trial_id="t1", parent_run_id=parent.run_id, params={})
-    run.log_metrics({TOP1: 0.8, ASR: 0.02, search.BEST: 0.8}, step=10)
+    run.log_metrics({TOP1: 0.8, ASR: 0.02, BEST: 0.8}, step=10)
     assert tracking.finished_trial(client, exp, "s", "t1") is None  # still running: a resume continues it
     run.end("KILLED")
     assert tracking.finished_trial(client, exp, "s", "t1") is None  # interrupted: a resume continues it
     tracking.finish_trial(client, run.run_id, stopped_early=False)
     done = tracking.finished_trial(client, exp, "s", "t1")
-    assert done[search.BEST] == 0.8 and done["step"] == 10 and done["mlflow_run_id"] == run.run_id
+    assert done[BEST] == 0.8 and done["step"] == 10 and done["mlflow_run_id"] == run.run_id
 
 
 @pytest.mark.integration
@@ -638,8 +643,8 @@ def test_resume_reads_a_config_recorded_before_a_setting_existed_as_its_default(
     for section, key in (("attack", "manifest"), ("attack", "override"), ("search", "max_grid_points")):
         assert key in recorded[section]  # settings added by issue 17: a sweep started before it lacks them
         del recorded[section][key]
-    assert search._same_config(recorded, current)
+    assert driver._same_config(recorded, current)
     changed = json.loads(json.dumps(recorded))
     changed["space"]["optim.lr"]["loguniform"] = [1.0e-4, 1.0e-1]
-    assert not search._same_config(changed, current)
-    assert not search._same_config({"not": "a config"}, current)
+    assert not driver._same_config(changed, current)
+    assert not driver._same_config({"not": "a config"}, current)

@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from method_examples import shipped_example
 
 from cleansweep import fit as session
-from cleansweep.config import TrainSpec, deep_update
+from cleansweep.config import deep_update
 from cleansweep.errors import UserError
 from cleansweep.methods import list_methods
 from cleansweep.models import file_sha256, load_state_dict_file
+from cleansweep.train_config import TrainSpec
 
 
 class Recorder:
@@ -148,23 +150,42 @@ def test_weight_decay_really_shrinks_the_weights(tiny_spec: dict, tmp_path: Path
     assert norms[100.0][1] == pytest.approx(norms[0.0][1], abs=0.01)  # logit_scale is not decayed
 
 
+@pytest.mark.filterwarnings("ignore:deep_cluster. num_clusters")  # k capped: test_deep_cluster_k_is_capped_...
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_trains_through_fit(name: str, tiny_spec: dict) -> None:
-    method = {"contrastive": {"ssl_weight": 1.0}, "deep_cluster": {"cluster_weight": 1.0, "num_clusters": 1000},
-              "l2_init": {"l2_init_weight": 1.0}, "shrink_perturb": {"shrink": 0.9, "perturb": 0.01},
-              "perturb_recover": {"par_weight": 1.0, "par_cap": 0.3}}[name]
+    # The method as its shipped search space runs it (k-means' k capped at the 64 rows, as fit does).
+    example = shipped_example(name).for_rows(64)
     rec = Recorder()
-    spec = deep_update(tiny_spec, {"method": {"name": name, **method}, "optim.lr": 1e-4})
-    if name == "deep_cluster":
-        with pytest.warns(UserWarning, match="num_clusters 1000 > 64 rows"):
-            session.fit(spec, rec)
-        assert rec.metrics[0]["params"]["method.num_clusters"] == 64
-    else:
-        session.fit(spec, rec)
+    spec = deep_update(tiny_spec, {"method": example.model_dump(mode="json"), "optim.lr": 1e-4})
+    session.fit(spec, rec)
     assert rec.steps == [0, 4]
-    part = {"contrastive": "ssl_loss", "deep_cluster": "cluster_loss", "l2_init": "l2_init_loss",
-            "shrink_perturb": "mmcl_loss", "perturb_recover": "par_loss"}[name]
-    assert part in rec.metrics[-1] and torch.isfinite(torch.tensor(rec.metrics[-1]["loss"]))
+    last = rec.metrics[-1]
+    weighted = [f.removesuffix("_weight") + "_loss" for f, v in example.model_dump().items()
+                if f.endswith("_weight") and v > 0]
+    assert weighted and all(part in last for part in weighted) and torch.isfinite(torch.tensor(last["loss"]))
+    # The effective params carry this method's fields only, with the values it ran with.
+    params = rec.metrics[0]["params"]
+    assert {k: v for k, v in params.items() if k.startswith("method.")} == {
+        f"method.{k}": v for k, v in example.model_dump(mode="json").items()}
+
+
+def test_deep_cluster_k_is_capped_at_the_rows_and_logged(tiny_spec: dict) -> None:
+    rec = Recorder()
+    spec = deep_update(tiny_spec, {"method": {"name": "deep_cluster", "cluster_weight": 1.0, "num_clusters": 1000},
+                                   "epochs": 0})
+    with pytest.warns(UserWarning, match="num_clusters 1000 > 64 rows"):
+        session.fit(spec, rec)
+    assert rec.metrics[0]["params"]["method.num_clusters"] == 64
+
+
+def test_a_field_of_another_method_is_refused(tiny_spec: dict) -> None:
+    # It used to be accepted and ignored: a par_cap under contrastive changed nothing and said nothing.
+    spec = deep_update(tiny_spec, {"method": {"name": "contrastive", "par_cap": 0.3}})
+    with pytest.raises(UserError, match=r"^train spec: method: par_cap: not a field of method 'contrastive' "
+                                        r"\(a field of perturb_recover\); contrastive takes name, mmcl_weight"):
+        session.fit(spec, Recorder())
+    with pytest.raises(UserError, match=r"^train spec: method: unknown method 'x'; choose from: contrastive"):
+        session.preflight(deep_update(tiny_spec, {"method.name": "x"}))
 
 
 def test_bad_inputs_are_user_errors(tiny_spec: dict, tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cleansweep.config import DataSpec, PretrainConfig, TrainSpec
+from cleansweep.config import DataSpec
 from cleansweep.data.shards import write_shards
 from cleansweep.errors import UserError
 from cleansweep.pretrain import driver, options, selection
 from cleansweep.sweep import start
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 
 @pytest.fixture

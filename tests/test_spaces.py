@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from cleansweep import cli
-from cleansweep.config import TrainSpec
 from cleansweep.errors import UserError
 from cleansweep.sweep import space as spaces
 from cleansweep.sweep.config import Domain
+from cleansweep.train_config import TrainSpec
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -174,6 +174,14 @@ BAD = {
     # Bounds (issue 17): nothing infinite reaches a sampler, no seed numpy/Optuna refuse once Ray has started.
     "infinite_bound": ("space: {optim.lr: {loguniform: [1.0e-5, .inf]}}", "optim.lr"),
     "nan_choice": ("space: {method.ssl_weight: {choice: [1, .nan]}}", "method.ssl_weight"),
+    # A field of another method (issue 18): refused at load time, naming the field and the method it was given to.
+    "foreign_method_field": ("space: {method.par_cap: {uniform: [0.1, 1.0]}}",
+                             "space.method.par_cap: not a field of method 'contrastive'"),
+    "foreign_base_field": ("base: {method.num_clusters: 10}",
+                           "method: num_clusters: not a field of method 'contrastive' (a field of deep_cluster)"),
+    "foreign_variant_field": ("methods: {sp: {method.name: shrink_perturb, method.l2_init_weight: 1}}",
+                              "methods.sp.method.l2_init_weight: not a field of method 'shrink_perturb'"),
+    "method_section_as_key": ("space: {method: {choice: [1]}}", "space.method: name one field of the method"),
     "infinite_fixed": ("space: {optim.lr: .inf}", "optim.lr"),
     "negative_seed": ("seed: -1", "seed: Input should be greater than or equal to 0"),
     "seed_past_numpy": ("seed: 4294967296", "seed: Input should be less than or equal to 4294967295"),
@@ -221,7 +229,9 @@ def test_unknown_method_names_the_key(tmp_path, capsys):
         methods:
           cleanclip: {}
         """)
-    spaces.load(path)  # without the registry the label is just a name
+    with pytest.raises(UserError, match=r"methods.cleanclip.method.name: unknown method 'cleanclip'; choose from: "
+                                        r"contrastive, deep_cluster"):
+        spaces.load(path)  # the registry is the default: TrainSpec.method only takes registered methods
     with pytest.raises(UserError, match=r"methods.cleanclip.method.name: unknown method 'cleanclip'"):
         spaces.load(path, known_methods=["contrastive", "shrink_perturb"])
     assert cli.main(["search", str(path)]) == 2
@@ -272,3 +282,44 @@ def test_grid_repeats_and_preselection_count_toward_the_limit(tmp_path):
                 "0.3]}}")
     with pytest.raises(UserError, match="preselect.space makes 12 trials"):
         spaces.load(pre)
+
+
+def test_a_field_shared_by_every_variant_must_belong_to_each_method(tmp_path):
+    # method.ssl_weight is every method's (ContrastiveWeights); method.shrink only shrink_perturb's.
+    shared = """
+        model: {preset: demo}
+        space: {method.ssl_weight: {choice: [0.5, 1]}}
+        methods:
+          cleanclip: {method.name: contrastive}
+          sp: {method.name: shrink_perturb, method.shrink: {uniform: [0.1, 1.0]}}
+        """
+    assert set(spaces.variants(spaces.load(write(tmp_path, shared)))) == {"cleanclip", "sp"}
+    path = write(tmp_path, shared.replace("space: {method.ssl_weight", "space: {method.shrink"), "bad.yaml")
+    with pytest.raises(UserError, match=r"methods.cleanclip.method.shrink: not a field of method 'contrastive' "
+                                        r"\(searched with it\); choose from: method.name, method.mmcl_weight"):
+        spaces.load(path)
+    # A searched method name: the field must belong to every candidate method.
+    either = write(tmp_path, """
+        model: {preset: demo}
+        space: {method.name: {choice: [contrastive, l2_init]}, method.l2_init_weight: {choice: [1, 2]}}
+        """, "either.yaml")
+    with pytest.raises(UserError, match=r"space.method.l2_init_weight: not a field of method 'contrastive'"):
+        spaces.load(either)
+
+
+def test_preselection_is_for_a_method_that_perturbs_the_start(tmp_path):
+    path = write(tmp_path, """
+        model: {preset: demo}
+        base: {method.name: l2_init}
+        search: {algorithm: grid}
+        space: {optim.lr: {grid: [1.0e-4]}}
+        preselect: {space: {method.l2_init_weight: {grid: [1, 2]}}}
+        """)
+    with pytest.raises(UserError, match=r"preselect: the two-stage option is for a method that perturbs the starting "
+                                        r"weights \(shrink_perturb\); set base: \{method.name: shrink_perturb\}"):
+        spaces.load(path)
+    path.write_text(path.read_text().replace("l2_init_weight", "shrink").replace("name: l2_init", "name: "
+                                                                                   "shrink_perturb"))
+    points = spaces.preselect_points(spaces.load(path))
+    assert [(p["method.name"], p["method.shrink"], p["epochs"]) for p in points] == [("shrink_perturb", 1, 0),
+                                                                                      ("shrink_perturb", 2, 0)]

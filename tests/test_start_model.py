@@ -127,7 +127,7 @@ def test_the_manifest_the_file_names_gives_the_trigger(tmp_path, tiny_world):
 
 def test_a_start_already_under_the_threshold_is_a_loud_warning_naming_the_trigger(tmp_path, tiny_world, recorded,
                                                                                   capsys):
-    from cleansweep.sweep import driver as search
+    from cleansweep.sweep import driver
 
     space = _space(tmp_path, recorded, tiny_world, objective={"threshold": 1.0})
     start = _resolve(space, tmp_path / "w")
@@ -135,7 +135,7 @@ def test_a_start_already_under_the_threshold_is_a_loud_warning_naming_the_trigge
     assert line.startswith("WARNING") and "WARNING" not in capsys.readouterr().err
     assert f"asr_top1 {start.metrics[ASR]:.3f} <= threshold 1" in line
     assert "patch_size=8" in line and "trigger_seed=3" in line and "(from the card)" in line
-    params = search._sweep_params(spaces.load(space), start)  # what the sweep's MLflow parent run logs
+    params = driver._sweep_params(spaces.load(space), start)  # what the sweep's MLflow parent run logs
     assert params["start_warning"] == line and params["start_trigger_source"] == "card"
     assert "location=fixed" in params["start_trigger"]
 

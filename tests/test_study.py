@@ -18,6 +18,7 @@ from cleansweep.cli import main
 from cleansweep.errors import UserError
 from cleansweep.experiments import study
 from cleansweep.pretrain.selection import selected_card
+from cleansweep.runtime import layout
 
 
 # ------------------------------------------------------------------------------------------------ fast
@@ -127,7 +128,7 @@ def test_toy_study_end_to_end_and_rerun_skips(tmp_path, monkeypatch, capsys):
     cards = {o: selected_card(work, n["pretrain"]) for o, n in study.run_names("toy").items()}
     assert cards["mmcl+ssl"]["selection"] == "closest_top1"
     assert cards["mmcl+ssl"]["reference_top1"] == pytest.approx(cards["mmcl"]["zeroshot_top1"])
-    for objective, label in study.OBJECTIVES.items():
+    for objective, label in ((o, layout.objective_label(o)) for o in layout.OBJECTIVES):
         truth = _mlflow_truth(uri, study.run_names("toy")[objective]["sweep"])
         row = table.loc[label]
         assert (row["start_top1"], row["start_asr"]) == pytest.approx(truth["start"])

@@ -11,7 +11,7 @@ from cleansweep.cli.parser import add_workdir, tracking_store, workdir_of
 from cleansweep.runtime import layout
 
 if TYPE_CHECKING:  # imported when used: `cleansweep --help` stays quick
-    from cleansweep.config import PretrainConfig
+    from cleansweep.train_config import PretrainConfig
 
 # Flag -> dotted key in PretrainConfig (flags override the YAML, which overrides the preset).
 FLAG_KEYS = {

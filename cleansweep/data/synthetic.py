@@ -6,6 +6,11 @@ members of a group share (0: none, 1: shape, 2: shape and colour, so they differ
 set clutter (distractor shapes behind the object), pixel noise, caption noise (a caption names a related wrong
 class, or no class), and scale/position/rotation jitter. Everything is a function of the knobs and the seed.
 
+The cleaning set can be drawn with a shift from the evaluation distribution, as in the paper (CleanCLIP's 100K
+clean pairs are a CC3M subset, not ImageNet): the `clean_classes` knob draws clean.csv from a seeded subset of
+that many classes (0: all), listed in world.json as `clean_class_names`. Training and evaluation always cover
+every class.
+
 Output (the same formats as real data, so every code path is exercised): `train.csv` + `train/*.png`, `clean.csv` +
 `clean/*.png` (disjoint draws, for cleaning), `eval/<class>/*.png` with `classnames.json` and `templates.json`, and
 `world.json` (every knob, the seed and the class table). Written into a temporary folder and renamed at the end.
@@ -84,6 +89,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "jitter": 0.5,  # 0..1 scale of object size / position / rotation variation
     "colour_jitter": 0.06,  # sd of the per-image colour shift of the object
     "pattern_contrast": 0.8,  # 0..1 how far pattern marks move toward black/white
+    "clean_classes": 0,  # clean.csv draws only this many classes (a seeded subset; 0: all of them)
 }
 SPLIT_IDS = {"train": 1, "clean": 2, "eval": 3}
 
@@ -255,6 +261,8 @@ def _check_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
         ("jitter", 0 <= k["jitter"] <= 1, "in [0, 1]"),
         ("colour_jitter", 0 <= k["colour_jitter"] <= 1, "in [0, 1]"),
         ("pattern_contrast", 0 <= k["pattern_contrast"] <= 1, "in [0, 1]"),
+        ("clean_classes", isinstance(k["clean_classes"], int) and 0 <= k["clean_classes"] <= k["num_classes"],
+         f"an integer in 0..num_classes ({k['num_classes']}); 0 draws the clean set from every class"),
     ]
     for name, ok, want in checks:
         if not ok:
@@ -269,15 +277,25 @@ def _write_images(folder: Path, jobs: list[tuple[str, dict[str, str], np.random.
         Image.fromarray(draw_image(cls, rng, image_size, knobs)).save(folder / rel, compress_level=1)
 
 
+def clean_class_indices(num_classes: int, clean_classes: int, seed: int) -> list[int]:
+    """Indices (into the class table) of the classes clean.csv draws from: all, or a seeded subset of that size."""
+    if clean_classes in (0, num_classes):
+        return list(range(num_classes))
+    rng = np.random.default_rng([seed, SPLIT_IDS["clean"], 2])
+    return sorted(int(i) for i in rng.choice(num_classes, size=clean_classes, replace=False))
+
+
 def _write_pairs(folder: Path, split: str, n: int, seed: int, table: list[dict[str, str]], image_size: int,
-                 knobs: dict[str, Any]) -> None:
-    """Write `split/*.png` and `split.csv` (image, caption, label): balanced classes in a seeded random order."""
-    order = np.random.default_rng([seed, SPLIT_IDS[split], 0]).permutation(np.arange(n) % len(table))
+                 knobs: dict[str, Any], classes: list[int] | None = None) -> None:
+    """Write `split/*.png` and `split.csv` (image, caption, label): balanced over `classes` (default: every class
+    of `table`) in a seeded random order. Captions may still name any class of `table` (caption noise)."""
+    classes = list(range(len(table))) if classes is None else classes
+    order = np.random.default_rng([seed, SPLIT_IDS[split], 0]).permutation(np.arange(n) % len(classes))
     (folder / split).mkdir()
     jobs, rows = [], []
-    for i, label in enumerate(order):
+    for i, slot in enumerate(order):
         rng = np.random.default_rng([seed, SPLIT_IDS[split], 1, i])
-        cls = table[label]
+        cls = table[classes[slot]]
         rel = f"{split}/{i:06d}.png"
         caption = make_caption(cls, table, rng, knobs["caption_noise"])
         rows.append(f"{rel},{_csv_field(caption)},{cls['name']}")
@@ -328,7 +346,7 @@ def make_demo_world(out_dir: str | Path, *, seed: int = 0, n_train: int = 8000, 
         n_eval: evaluation images, balanced over classes.
         image_size: image side in pixels.
         **knobs: difficulty knobs, see DEFAULT_KNOBS (num_classes, shared_attributes, clutter, noise,
-            caption_noise, jitter, colour_jitter, pattern_contrast).
+            caption_noise, jitter, colour_jitter, pattern_contrast, clean_classes).
 
     Returns:
         world.json's content plus `out_dir`, `train_csv`, `clean_csv`, `eval_dir`, `reused`, `seconds`.
@@ -348,8 +366,9 @@ def make_demo_world(out_dir: str | Path, *, seed: int = 0, n_train: int = 8000, 
     if n_eval < len(table):
         raise UserError(f"demo world n_eval={n_eval} is fewer than its {len(table)} classes; use n_eval >= "
                         f"{len(table)}")
+    clean_classes = clean_class_indices(len(table), knobs["clean_classes"], seed)
     world = {"version": WORLD_VERSION, "seed": seed, **sizes, "knobs": knobs, "classes": table,
-             "eval_templates": list(EVAL_TEMPLATES)}
+             "clean_class_names": [table[i]["name"] for i in clean_classes], "eval_templates": list(EVAL_TEMPLATES)}
     if out_dir.exists():
         existing = _existing_world(out_dir)
         if existing == world:
@@ -361,7 +380,7 @@ def make_demo_world(out_dir: str | Path, *, seed: int = 0, n_train: int = 8000, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write_pairs(tmp, "train", n_train, seed, table, image_size, knobs)
-        _write_pairs(tmp, "clean", n_clean, seed, table, image_size, knobs)
+        _write_pairs(tmp, "clean", n_clean, seed, table, image_size, knobs, clean_classes)
         _write_eval(tmp, n_eval, seed, table, image_size, knobs)
         (tmp / "world.json").write_text(json.dumps(world, indent=2) + "\n")
         os.chmod(tmp, 0o755)

@@ -19,12 +19,13 @@ from typing import Any
 
 import pandas as pd
 
-from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, TrainSpec, validate
+from cleansweep.config import MlflowSpec, RaySpec, validate
 from cleansweep.errors import UserError
 from cleansweep.objective import ASR, TOP1
 from cleansweep.results import report
 from cleansweep.runtime import atomic, cluster, layout
 from cleansweep.sweep.config import SearchConfig
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 ASR_TAKEN = 0.9  # a backdoor "took" when the pre-trained model's ASR reaches this
 MAX_TRIES = 3  # poison fraction f, 2f, 4f
@@ -154,16 +155,16 @@ def run_cell(attack: str, method: str, card: Mapping[str, Any], paths: Mapping[s
              *, epochs: int, num_samples: int, echo: Callable[[str], None]) -> dict[str, Any]:
     """Sweep one cell (or reuse its finished sweep); returns its best feasible evaluation (NaN when none)."""
     from cleansweep import tracking
-    from cleansweep.sweep import driver as search_module
+    from cleansweep.sweep import driver
     from cleansweep.sweep import start as start_model
 
     name = f"matrix-{attack}-{method}"
-    state = search_module.sweep_state(uri, workdir, name)
+    state = driver.sweep_state(uri, workdir, name)
     if state != "finished":
         cfg = cell_config(method, card, paths, uri, epochs=epochs, num_samples=num_samples)
         echo(f"[matrix] {attack} x {method}: sweep {name} ({state})")
-        search_module.search(cfg, start_model.resolve(cfg, workdir, echo=echo), name=name, workdir=workdir,
-               resume=state == "started", echo=lambda line: None)
+        driver.search(cfg, start_model.resolve(cfg, workdir, echo=echo), name=name, workdir=workdir,
+                      resume=state == "started", echo=lambda line: None)
     board = report.sweep_leaderboard(tracking.load_sweep(name, uri))
     best = board[board["feasible"]].head(1)
     top1, asr = (float(best.iloc[0][TOP1]), float(best.iloc[0][ASR])) if len(best) else (math.nan, math.nan)

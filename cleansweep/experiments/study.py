@@ -25,16 +25,16 @@ from typing import Any
 
 import pandas as pd
 
-from cleansweep.config import MlflowSpec, PretrainConfig, RaySpec, TrainSpec, deep_update, read_yaml, validate
+from cleansweep.config import MlflowSpec, RaySpec, deep_update, read_yaml, validate
 from cleansweep.errors import UserError
-from cleansweep.pretrain import driver
+from cleansweep.pretrain import driver as pretrain_driver
 from cleansweep.pretrain.selection import selected_card
 from cleansweep.results import report
 from cleansweep.runtime import atomic, cluster, layout
-from cleansweep.sweep import driver as search
+from cleansweep.sweep import driver as sweep_driver
 from cleansweep.sweep.config import SearchConfig
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
-OBJECTIVES = {o: layout.objective_label(o) for o in layout.OBJECTIVES}  # key -> label in tables and figures
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 PATH_HELP = {
     "train_csv": "the poisoned pre-training image-caption CSV (e.g. from `cleansweep poison --num-poison 1500`)",
@@ -75,7 +75,7 @@ slug = layout.slug
 
 def run_names(preset: str) -> dict[str, dict[str, str]]:
     """objective -> {"pretrain": run name, "sweep": sweep name} of a study preset."""
-    return layout.study_run_names(preset, list(OBJECTIVES))
+    return layout.study_run_names(preset, list(layout.OBJECTIVES))
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -138,7 +138,7 @@ def sweep_config(preset: str, objective: str, data: Mapping[str, str], checkpoin
     base = deep_update({"method": trial["method"], "optim": trial["optim"]}, clean.get("base") or {})
     values = deep_update(dict(clean), {
         "base": base,
-        "description": f"{source}: CleanCLIP cleaning of the {OBJECTIVES[objective]}-pretrained model",
+        "description": f"{source}: CleanCLIP cleaning of the {layout.objective_label(objective)}-pretrained model",
         "model": {"checkpoint": checkpoint},
         "data": {**trial["data"], **{k: v for k, v in (clean.get("data") or {}).items()
                                      if k not in ("train_csv", "eval_dir")}},
@@ -221,8 +221,8 @@ def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = N
     data = resolve_data(preset, workdir, paths, seed)
     log.stage("data", time.monotonic() - t, skipped=False, paths=data)
     names = run_names(preset)
-    pending = [o for o in OBJECTIVES if selected_card(workdir, names[o]["pretrain"]) is None
-               or search.sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
+    pending = [o for o in layout.OBJECTIVES if selected_card(workdir, names[o]["pretrain"]) is None
+               or sweep_driver.sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
     with cluster.connect(address, echo=echo) if pending else contextlib.nullcontext():
         # One Ray for all four stages (pre-training and sweeps reuse an initialised Ray): start-up costs seconds.
         return _train_clean_report(preset, workdir, uri, data, log, pretrain_overrides, sweep_overrides, echo)
@@ -240,7 +240,7 @@ def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], 
                     overrides: Mapping[str, Any] | None, echo: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Pre-train (or find) one model per objective; MMCL+SSL is selected at MMCL's accuracy (the paper's rule)."""
     names, cards = run_names(preset), {}
-    for objective in OBJECTIVES:
+    for objective in layout.OBJECTIVES:
         t, name = time.monotonic(), names[objective]["pretrain"]
         card = selected_card(workdir, name)
         skipped = card is not None
@@ -248,11 +248,11 @@ def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], 
             reference = cards["mmcl"]["zeroshot_top1"] if objective != "mmcl" else None
             cfg = pretrain_config(preset, objective, data, name=name, tracking_uri=uri, reference_top1=reference,
                                   overrides=overrides)
-            echo(f"[study] pre-training {OBJECTIVES[objective]} ({name})")
-            driver.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
+            echo(f"[study] pre-training {layout.objective_label(objective)} ({name})")
+            pretrain_driver.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
             card = selected_card(workdir, name)
         else:
-            echo(f"[study] pre-trained {OBJECTIVES[objective]} model found: {card['checkpoint']}")
+            echo(f"[study] pre-trained {layout.objective_label(objective)} model found: {card['checkpoint']}")
         cards[objective] = card
         log.stage(f"pretrain {objective}", time.monotonic() - t, skipped=skipped,
                   run=name, checkpoint=card["checkpoint"], zeroshot_top1=card.get("zeroshot_top1"),
@@ -268,13 +268,13 @@ def _sweep_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log
 
     for objective, names in run_names(preset).items():
         t, name = time.monotonic(), names["sweep"]
-        state = search.sweep_state(uri, workdir, name)
+        state = sweep_driver.sweep_state(uri, workdir, name)
         if state != "finished":
             cfg = sweep_config(preset, objective, data, cards[objective]["checkpoint"], tracking_uri=uri,
                                overrides=overrides)
-            echo(f"[study] cleaning sweep of the {OBJECTIVES[objective]} model ({name}, {state})")
+            echo(f"[study] cleaning sweep of the {layout.objective_label(objective)} model ({name}, {state})")
             start = start_model.resolve(cfg, workdir, echo=echo)
-            search.search(cfg, start, name=name, workdir=workdir, resume=state == "started", echo=echo)
+            sweep_driver.search(cfg, start, name=name, workdir=workdir, resume=state == "started", echo=echo)
         else:
             echo(f"[study] sweep {name} already finished")
         log.stage(f"sweep {objective}", time.monotonic() - t, skipped=state == "finished", sweep=name)
@@ -286,7 +286,7 @@ def _report_stage(preset: str, uri: str, log: _Log, cards: Mapping[str, Mapping[
 
     t, out, names = time.monotonic(), log.path.parent, run_names(preset)
     analyses, panels, files = {}, {}, []
-    for objective, label in OBJECTIVES.items():
+    for objective, label in ((o, layout.objective_label(o)) for o in layout.OBJECTIVES):
         sweep = tracking.load_sweep(names[objective]["sweep"], uri)
         rep = report.build_report(sweep, out / slug(objective))
         tracking.log_report_artifacts(sweep.parent_run_id, rep.out_dir, uri)
@@ -294,7 +294,7 @@ def _report_stage(preset: str, uri: str, log: _Log, cards: Mapping[str, Mapping[
         panels[label] = (rep.evaluations, rep.start)
         files += rep.files
     threshold = next(iter(analyses.values()))["threshold"]
-    table = table2(analyses, {OBJECTIVES[o]: c for o, c in cards.items()})
+    table = table2(analyses, {layout.objective_label(o): c for o, c in cards.items()})
     files += report.write_table(table, out, "table2")
     fig, counts = report.plot_study_pareto(panels, threshold, title=f"study {preset}: CleanCLIP cleaning of models "
                                            "pre-trained with MMCL vs MMCL+SSL (every evaluation)")

@@ -5,16 +5,61 @@ weighted sum of small named losses (SLIP's `losses.py` style), and the loop logs
 Two optional hooks, no-ops here: `prepare(generator)` runs once before the first step of a fresh run (never on
 resume: the checkpoint already holds the prepared weights), `on_epoch_start(epoch, embed_loader, device)` runs at
 the start of every epoch that starts from its first batch.
+
+Every method has its own pydantic Spec (a `BaseMethodSpec` with `name: Literal["<method>"]`) holding only the
+fields that method reads; `cleansweep.methods.MethodSpec` is their union, told apart by `name`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from cleansweep.config import MethodSpec
+from cleansweep.config import Strict
+
+
+class BaseMethodSpec(Strict):
+    """The hyperparameters of one method: `name` (a `Literal` of the method's registry name) and its own fields."""
+
+    name: str
+    # Whether `prepare` can move the weights away from the starting model (its settings decide whether it does:
+    # `changes_start_weights`); a two-stage sweep (`preselect:`) evaluates such perturbed models before training.
+    perturbs_start: ClassVar[bool] = False
+
+    def changes_start_weights(self) -> bool:
+        """Whether `prepare` moves the weights away from the starting model (a sweep then evaluates each trial's own
+        start instead of reusing the sweep's one evaluation of the starting model)."""
+        return False
+
+    def for_rows(self, rows: int) -> BaseMethodSpec:
+        """This spec as it runs on a training set of `rows` rows (a method may cap a setting to the data)."""
+        return self
+
+
+class ContrastiveWeights(BaseMethodSpec):
+    """Weights of the MMCL and in-modal SSL losses, shared by every method built on `Contrastive`.
+
+    A field `<part>_weight` weights the loss part `<part>_loss` of the task's output; `loss_weights` names the parts
+    that can carry the objective (at least one of them must be > 0).
+    """
+
+    mmcl_weight: float = Field(1.0, ge=0, description="Weight of the multimodal CLIP loss (eq. 1).")
+    ssl_weight: float = Field(0.0, ge=0, description="Weight of the in-modal self-supervised loss (eq. 2).")
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weights of which at least one must be > 0 (field name -> value)."""
+        return {"mmcl_weight": self.mmcl_weight, "ssl_weight": self.ssl_weight}
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> ContrastiveWeights:
+        weights = self.loss_weights()
+        if all(w == 0 for w in weights.values()):
+            *first, last = weights
+            raise ValueError(f"all loss weights are 0; set {', '.join(first)} or {last} > 0")
+        return self
 
 
 class Task(nn.Module):
@@ -22,11 +67,13 @@ class Task(nn.Module):
 
     Args:
         model: An open_clip CLIP model (`encode_image`, `encode_text`, `logit_scale` as the log inverse temperature).
-        spec: The method's hyperparameters.
+        spec: The method's hyperparameters (an instance of the class's `spec_class`).
         distributed: Gather features across ranks before the contrastive losses (torch DDP).
     """
 
-    def __init__(self, model: nn.Module, spec: MethodSpec, *, distributed: bool = False) -> None:
+    spec_class: ClassVar[type[BaseMethodSpec]] = BaseMethodSpec
+
+    def __init__(self, model: nn.Module, spec: BaseMethodSpec, *, distributed: bool = False) -> None:
         super().__init__()
         self.model = model
         self.spec = spec

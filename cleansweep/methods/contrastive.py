@@ -7,11 +7,17 @@ Heavy regularization is this class with a weight-decay search space, not a class
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from cleansweep.losses import gather_features, mmcl_loss, ssl_loss
-from cleansweep.methods.base import Task, weighted_total
+from cleansweep.methods.base import ContrastiveWeights, Task, weighted_total
+
+
+class ContrastiveSpec(ContrastiveWeights):
+    name: Literal["contrastive"] = "contrastive"
 
 
 class Contrastive(Task):
@@ -20,6 +26,9 @@ class Contrastive(Task):
     With SSL views, one forward runs over ``cat([orig, aug])`` as the reference implementations do, so BatchNorm
     statistics mix both views.
     """
+
+    spec_class = ContrastiveSpec
+    spec: ContrastiveWeights
 
     @property
     def needs_ssl_views(self) -> bool:

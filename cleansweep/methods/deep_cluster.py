@@ -9,16 +9,37 @@ and the head, so every rank trains on the same targets.
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import Field
 from torch import Tensor, nn
 
+from cleansweep.limits import MAX_COUNT, MAX_STEPS
 from cleansweep.losses import cluster_loss
+from cleansweep.methods.base import ContrastiveWeights
 from cleansweep.methods.contrastive import Contrastive
+
+
+class DeepClusterSpec(ContrastiveWeights):
+    name: Literal["deep_cluster"] = "deep_cluster"
+    cluster_weight: float = Field(0.0, ge=0, description="Weight of the deep-clustering cross-entropy.")
+    num_clusters: int = Field(1000, ge=2, le=MAX_COUNT, description="k of the spherical k-means for deep clustering.")
+    cluster_iters: int = Field(20, ge=1, le=MAX_STEPS, description="k-means iterations per epoch.")
+
+    def loss_weights(self) -> dict[str, float]:
+        return {**super().loss_weights(), "cluster_weight": self.cluster_weight}
+
+    def for_rows(self, rows: int) -> DeepClusterSpec:
+        """k capped at the number of rows: k-means cannot make more clusters than points."""
+        if self.num_clusters <= rows:
+            return self
+        warnings.warn(f"deep_cluster: num_clusters {self.num_clusters} > {rows} rows; using k = {rows}", stacklevel=3)
+        return self.model_copy(update={"num_clusters": rows})
 
 
 @torch.no_grad()
@@ -53,6 +74,9 @@ def spherical_kmeans(x: Tensor, k: int, iters: int, seed: int) -> Tensor:
 
 class DeepCluster(Contrastive):
     """Contrastive objective + cross-entropy on per-epoch k-means pseudo-labels through a fresh linear head."""
+
+    spec_class = DeepClusterSpec
+    spec: DeepClusterSpec
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -7,17 +7,27 @@ distinct, named method.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from cleansweep.losses import l2_to_init
+from cleansweep.methods.base import ContrastiveWeights
 from cleansweep.methods.contrastive import Contrastive
+
+
+class L2InitSpec(ContrastiveWeights):
+    name: Literal["l2_init"] = "l2_init"
+    l2_init_weight: float = Field(0.0, ge=0, description="Weight of the L2 pull toward the initial weights.")
 
 
 class L2Init(Contrastive):
     """Contrastive objective plus `l2_init_weight * l2_to_init(params, params at prepare time)`."""
+
+    spec_class = L2InitSpec
+    spec: L2InitSpec
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

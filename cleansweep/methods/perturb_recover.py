@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from pydantic import Field
 from torch import Tensor, nn
 from torchvision import transforms
 
 from cleansweep.losses import gather_features, mmcl_loss, ssl_loss
-from cleansweep.methods.base import weighted_total
+from cleansweep.methods.base import ContrastiveWeights, weighted_total
 from cleansweep.methods.contrastive import Contrastive
 
 NOISE_STD = 0.2  # AddGaussianNoise(0, 0.2) of the official code
@@ -81,6 +82,19 @@ def capped_batch_distance(features: Tensor, reference: Tensor, cap: float,
     return torch.where(over, torch.zeros_like(distance[0]), distance.mean())
 
 
+class PerturbRecoverSpec(ContrastiveWeights):
+    name: Literal["perturb_recover"] = "perturb_recover"
+    par_weight: float = Field(
+        1.0, ge=0, description="Perturb-and-Recover: weight of the capped push away from the frozen starting model's "
+        "image + text embeddings (1.0 = the PAR paper's 0.5 x (image + text) squared L2)."
+    )
+    par_cap: float = Field(
+        1.075, gt=0, le=2, description="Perturb-and-Recover: cap on the batch mean of 1 - cos(f, f0) per modality; "
+        "above it the push is 0 (no gradient), as the official threshold; 2 = uncapped (1.075 = the official tau "
+        "2.15 on squared L2)."
+    )
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` that never trains: no gradients, eval mode (BatchNorm running statistics, no dropout),
     as the official frozen model (`t_model`, put in eval mode on loading and never switched back)."""
@@ -94,6 +108,9 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 class PerturbRecover(Contrastive):
     """CLIP loss on augmented images minus `par_weight` * the capped push of image and text embeddings from the
     frozen start (see the module docstring)."""
+
+    spec_class = PerturbRecoverSpec
+    spec: PerturbRecoverSpec
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

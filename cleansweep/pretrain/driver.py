@@ -28,11 +28,11 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cleansweep import tracking
-from cleansweep.config import PretrainConfig
 from cleansweep.errors import UserError
 from cleansweep.pretrain.selection import CARD_KEYS, data_hashes, export_selected, objective_name
 from cleansweep.pretrain.worker import train_worker
 from cleansweep.runtime import atomic, cluster, layout, scratch
+from cleansweep.train_config import PretrainConfig
 
 RUN_FILE, DONE_FILE = layout.PRETRAIN_RUN_FILE, layout.PRETRAIN_DONE_FILE
 

@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cleansweep.config import PretrainConfig, deep_update, read_yaml, validate
+from cleansweep.config import deep_update, read_yaml, validate
 from cleansweep.errors import UserError
 from cleansweep.runtime import layout
+from cleansweep.train_config import PretrainConfig
 
 
 def pretrain_config(workdir: Path, *, preset: str | None = None, objective: str | None = None,

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cleansweep.config import PretrainConfig, TrainSpec
 from cleansweep.errors import UserError
 from cleansweep.runtime import atomic, layout
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 CARD_KEYS = ("zeroshot_top1", "zeroshot_top5", "asr_top1", "epoch")  # the card's headline metrics (+ step)
 

@@ -21,9 +21,9 @@ import ray
 import ray.train
 
 from cleansweep import tracking
-from cleansweep.config import TrainSpec
 from cleansweep.pretrain.selection import Selector, read_candidate, write_candidate
 from cleansweep.runtime import atomic, layout, scratch
+from cleansweep.train_config import TrainSpec
 
 
 def train_worker(config: dict[str, Any]) -> None:

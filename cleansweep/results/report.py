@@ -25,7 +25,6 @@ from cleansweep.results.analysis import (
     DEFAULT_THRESHOLD,
     EPOCH,
     MIN_ASR,
-    PERCENT_COLUMNS,
     TOP1,
     TRUE_ASR,
     Start,
@@ -34,20 +33,18 @@ from cleansweep.results.analysis import (
     evaluations,
     leaderboard,
     main_stage,
-    markdown_table,
     pareto_front,
     sampled_params,
     starting_point,
     stopping_summary,
     stopping_table,
-    study_table,
     summary_table,
     sweep_leaderboard,
     threshold_from_params,
-    trials_table,
     varying_params,
 )
 from cleansweep.results.figures import draw_pareto, plot_pareto, plot_study_pareto, plot_trajectories
+from cleansweep.results.tables import PERCENT_COLUMNS, markdown_table, study_table, trials_table
 from cleansweep.runtime.atomic import write_atomic
 
 if TYPE_CHECKING:

@@ -1,19 +1,17 @@
 """A sweep's configuration (search_spaces/*.yaml): the model to clean, the objective, the spaces, the searcher.
 
 Validated once at the edge like every config (see `cleansweep.config`); the training fields a trial receives are
-`cleansweep.config.TrainSpec`'s.
+`cleansweep.train_config.TrainSpec`'s.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from cleansweep.config import AttackSpec, DataSpec, MlflowSpec, Scalar, Seed, Strict, check_name
+from cleansweep.config import AttackSpec, DataSpec, Domain, MlflowSpec, Scalar, Seed, Strict, check_name, number_or_text
 from cleansweep.limits import MAX_COUNT, MAX_GRID_POINTS, MAX_STEPS, MAX_WORKERS
 
 
@@ -32,51 +30,6 @@ class SweepAttackSpec(AttackSpec):
 
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def _number(value: Any) -> Any:
-    """'1e-5' -> 1e-05: YAML 1.1 reads exponents without a dot as strings, but users (and the paper) write them."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value) if any(c in value for c in ".eE") else int(value)
-    return value
-
-
-class Domain(Strict):
-    """One searched parameter in Tune's own words: exactly one of choice, uniform, loguniform, grid."""
-
-    choice: list[Scalar] | None = Field(None, min_length=1, description="Sample one of these values.")
-    uniform: tuple[float, float] | None = Field(None, description="Sample uniformly from [low, high).")
-    loguniform: tuple[float, float] | None = Field(None, description="Sample log-uniformly; 0 < low < high.")
-    grid: list[Scalar] | None = Field(None, min_length=1, description="Try every value (duplicates kept).")
-
-    @field_validator("choice", "grid", mode="before")
-    @classmethod
-    def _numbers(cls, v: Any) -> Any:
-        values = [_number(x) for x in v] if isinstance(v, list) else v
-        if isinstance(values, list) and any(isinstance(x, float) and not math.isfinite(x) for x in values):
-            raise ValueError("every value must be finite (no .inf or .nan)")
-        return values
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> Domain:
-        kinds = [k for k in ("choice", "uniform", "loguniform", "grid") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError("give exactly one of choice, uniform, loguniform, grid")
-        for k in ("uniform", "loguniform"):
-            bounds = getattr(self, k)
-            # Tune accepts tune.uniform(1, 0) silently (reliability notes): reject it here.
-            if bounds is not None and not bounds[0] < bounds[1]:
-                raise ValueError(f"{k}: low {bounds[0]} must be < high {bounds[1]}")
-        if self.loguniform is not None and self.loguniform[0] <= 0:
-            raise ValueError(f"loguniform: low {self.loguniform[0]} must be > 0")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("choice", "uniform", "loguniform", "grid") if getattr(self, k) is not None)
-
-
 def _param_space(value: Any) -> dict[str, Domain | Scalar]:
     """Dotted key -> fixed value or Domain, with one clean message naming the bad key."""
     if not isinstance(value, dict):
@@ -84,7 +37,7 @@ def _param_space(value: Any) -> dict[str, Domain | Scalar]:
     out: dict[str, Domain | Scalar] = {}
     for key, v in value.items():
         if isinstance(v, Domain | bool | int | float | str):
-            out[str(key)] = _number(v)
+            out[str(key)] = number_or_text(v)
         elif isinstance(v, dict):
             try:
                 out[str(key)] = Domain.model_validate(v)

@@ -1,13 +1,15 @@
 """Search-space YAML -> validated `SearchConfig`, method variants, grid points and per-trial `TrainSpec`s.
 
-Pure functions (L0): nothing here imports Ray or Optuna. `DefineByRun` turns the `Domain`s into Optuna suggestions
+Pure functions: nothing here imports Ray or Optuna. `DefineByRun` turns the `Domain`s into Optuna suggestions
 (`search.py` hands it to Tune's OptunaSearch); this module owns everything that can be checked before a cluster
 starts:
 
-- every dotted key (`optim.lr`, `method.ssl_weight`, `epochs`) names a real `TrainSpec` field;
+- every dotted key (`optim.lr`, `method.ssl_weight`, `epochs`) names a real `TrainSpec` field, and a `method.*` key
+  a field of the method it is searched with (each method's Spec has only its own fields);
 - every candidate value (all grid/choice values, both ends of a range) makes a valid `TrainSpec` together with the
   base values, so a bad value is a one-line error now, not a failed trial in an hour;
-- the algorithm fits the space (Optuna cannot take `grid`, reliability notes; `grid` needs every domain a grid).
+- the algorithm fits the space (Ray's OptunaSearch refuses grid-search parameters,
+  ray/tune/search/optuna/optuna_search.py; `grid` needs every domain a grid).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cleansweep.config import DataSpec, TrainSpec, deep_update, read_yaml, validate
+from cleansweep.config import DataSpec, deep_update, read_yaml, validate
 from cleansweep.errors import UserError
+from cleansweep.methods import DEFAULT_METHOD, list_methods, spec_class
 from cleansweep.sweep.config import Domain, SearchConfig
+from cleansweep.train_config import TrainSpec
 
 VARIANT_KEY = "variant"  # trial-config key naming the method variant (a label of `methods:`); not a TrainSpec field
 METHOD_KEY = "method.name"
@@ -35,7 +39,7 @@ def load(path: Path, known_methods: Collection[str] | None = None) -> SearchConf
 
     Args:
         path: The YAML file.
-        known_methods: Registered method names (`cleansweep.methods.list_methods()`); None skips that check.
+        known_methods: Method names the file may use; None = every registered one (`cleansweep.methods`).
     """
     path = Path(path)
     cfg = validate(SearchConfig, read_yaml(path), str(path))
@@ -45,13 +49,13 @@ def load(path: Path, known_methods: Collection[str] | None = None) -> SearchConf
 
 def check(cfg: SearchConfig, source: str, known_methods: Collection[str] | None = None) -> None:
     """Cross-field checks of a `SearchConfig` (keys exist, values valid, algorithm fits the space)."""
-    if known_methods is not None:
-        _check_methods(cfg, source, known_methods)
+    _check_methods(cfg, source, list_methods() if known_methods is None else known_methods)
     check_grid_size(cfg, source)
     for label, params in variants(cfg).items():
         where = f"methods.{label}" if cfg.methods else "space"
+        named = _method_names(cfg, params)
         for key in params:
-            _check_key(key, f"{source}: {where}.{key}")
+            _check_key(key, f"{source}: {where}.{key}", named)
         if cfg.search.algorithm == "grid":
             bad = [k for k, d in params.items() if isinstance(d, Domain) and d.kind != "grid"]
             if bad:
@@ -64,16 +68,13 @@ def check(cfg: SearchConfig, source: str, known_methods: Collection[str] | None 
                                 f"'{cfg.search.algorithm}' (Tune's OptunaSearch); use choice, or algorithm grid")
         _check_values(cfg, params, f"{source}: {where}")
     if cfg.preselect is not None:
+        method = _preselect_method(cfg, source)
         for key, dom in cfg.preselect.space.items():
-            _check_key(key, f"{source}: preselect.space.{key}")
+            _check_key(key, f"{source}: preselect.space.{key}", [method])
             if isinstance(dom, Domain) and dom.kind != "grid":
                 raise UserError(f"{source}: preselect.space.{key}: the preselection stage is a grid; "
                                 "write {grid: [...]}")
         _check_values(cfg, dict(cfg.preselect.space), f"{source}: preselect.space")
-        methods = {_fixed(p.get(METHOD_KEY)) for p in variants(cfg).values()} | {_base_method(cfg)}
-        if methods - {None} != {"shrink_perturb"}:
-            raise UserError(f"{source}: preselect: the two-stage option is for method shrink_perturb; set "
-                            "base: {method.name: shrink_perturb}")
 
 
 def variants(cfg: SearchConfig) -> dict[str, dict[str, Any]]:
@@ -82,7 +83,7 @@ def variants(cfg: SearchConfig) -> dict[str, dict[str, Any]]:
     Without `methods:` there is one variant, labelled by the base method (`contrastive` by default).
     """
     if not cfg.methods:
-        return {_base_method(cfg) or "contrastive": dict(cfg.space)}
+        return {_base_method(cfg) or DEFAULT_METHOD: dict(cfg.space)}
     out = {}
     for label, own in cfg.methods.items():
         params = {**cfg.space, **own}
@@ -170,7 +171,8 @@ def preselect_points(cfg: SearchConfig) -> list[dict[str, Any]]:
     if cfg.preselect is None:
         return []
     check_grid_size(cfg)
-    return [{VARIANT_KEY: "preselect", METHOD_KEY: "shrink_perturb", "epochs": 0, **p}
+    method = _preselect_method(cfg, "search space")
+    return [{VARIANT_KEY: "preselect", METHOD_KEY: method, "epochs": 0, **p}
             for p in expand_grid(dict(cfg.preselect.space))]
 
 
@@ -269,12 +271,40 @@ def _check_methods(cfg: SearchConfig, source: str, known: Collection[str]) -> No
                             f"method.name inside methods.<label>)")
 
 
-def _check_key(key: str, where: str) -> None:
-    """`key` must be a dotted path to a leaf field of TrainSpec (data/attack/seed/threshold come from the top level)."""
+def _method_names(cfg: SearchConfig, params: dict[str, Any]) -> list[str]:
+    """The methods one variant's parameters go to: its `method.name` (every candidate), else the base's or default."""
+    if METHOD_KEY in params:
+        return [str(name) for name in _candidates(params[METHOD_KEY])]
+    return [_base_method(cfg) or DEFAULT_METHOD]
+
+
+def _preselect_method(cfg: SearchConfig, source: str) -> str:
+    """The one method of a two-stage sweep; it must be one whose `prepare` changes the starting weights."""
+    named = {_fixed(p.get(METHOD_KEY)) for p in variants(cfg).values()} | {_base_method(cfg)}
+    perturbing = [m for m in list_methods() if spec_class(m).perturbs_start]
+    named -= {None}
+    if len(named) != 1 or not spec_class(str(next(iter(named)))).perturbs_start:
+        fix = f"; set base: {{method.name: {perturbing[0]}}}" if perturbing else ""
+        raise UserError(f"{source}: preselect: the two-stage option is for a method that perturbs the starting "
+                        f"weights ({', '.join(perturbing) or 'none is registered'}){fix}")
+    return str(next(iter(named)))
+
+
+def _check_key(key: str, where: str, methods: list[str]) -> None:
+    """`key` must be a dotted path to a leaf field of TrainSpec (data/attack/seed/threshold come from the top level);
+    a `method.<field>` key a field of every method in `methods`."""
     model: type[BaseModel] = TrainSpec
     parts = key.split(".")
     if parts[0] in ("data", "attack", "asr_threshold", "seed", "constraint", "proxy") or key == "model.init":
         raise UserError(f"{where}: cannot be searched; it is set once for the sweep (top-level {parts[0]})")
+    if parts[0] == "method":
+        if len(parts) != 2:
+            raise UserError(f"{where}: name one field of the method (method.<field>, e.g. method.name)")
+        for name in methods:
+            if name in list_methods() and parts[1] not in spec_class(name).model_fields:
+                own = ", ".join(f"method.{f}" for f in spec_class(name).model_fields)
+                raise UserError(f"{where}: not a field of method {name!r} (searched with it); choose from: {own}")
+        return
     for i, part in enumerate(parts):
         fields = model.model_fields
         if part not in fields:

@@ -1,8 +1,8 @@
 """The model a sweep cleans, resolved before any cluster starts: a checkpoint (+ its card) or a preset's model.
 
-`resolve` is what the CLI and the study call before `search.search`: it builds (or reuses) a preset's pre-trained
+`resolve` is what the CLI and the study call before `driver.search`: it builds (or reuses) a preset's pre-trained
 poisoned model through the pre-training driver, reads the checkpoint's card, assembles the values every trial
-starts from (`base`), checks them without training (`session.preflight`: a bad model, CSV, folder, target class or
+starts from (`base`), checks them without training (`fit.preflight`: a bad model, CSV, folder, target class or
 trigger is a one-line error before Ray starts) and measures the starting model once, unless its card already holds
 numbers measured the way the trials measure. So `search` and `pretrain` stand side by side: neither imports the
 other.
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cleansweep.config import AttackSpec, DataSpec, PretrainConfig, TrainSpec, validate
+from cleansweep.config import AttackSpec, DataSpec, validate
 from cleansweep.errors import UserError
 from cleansweep.objective import ASR, PROXY_ASR, TOP1
 from cleansweep.runtime import layout
-from cleansweep.sweep import space as spaces
+from cleansweep.sweep import space
 from cleansweep.sweep.config import SearchConfig
+from cleansweep.train_config import PretrainConfig, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
 
     Raises:
         UserError: a missing checkpoint or data path, non-finite weights, a model name or trigger that contradicts
-            the checkpoint's card, or anything `session.preflight` finds.
+            the checkpoint's card, or anything `fit.preflight` finds.
     """
     from cleansweep.models import checkpoint_model_name, load_state_dict_file, read_card
 
@@ -85,13 +86,13 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
     attack, attack_source = sweep_attack(cfg, card, init, model_name)
     data = _absolute(data)
     proxy = proxy_inversion(cfg, init, data, model_name, Path(workdir), echo)
-    base = spaces.base_train_dict(cfg, data=data, init=init.resolve(), model_name=model_name, defaults=defaults,
-                                  proxy=proxy, attack=attack)
+    base = space.base_train_dict(cfg, data=data, init=init.resolve(), model_name=model_name, defaults=defaults,
+                                 proxy=proxy, attack=attack)
     _check_paths(base)
     spec = start_eval_spec(base)
-    from cleansweep import fit as session
+    from cleansweep import fit
 
-    session.preflight(spaces.trial_spec(base, {}, "sweep base"))
+    fit.preflight(space.trial_spec(base, {}, "sweep base"))
     metrics, source = card_metrics(card, base), "card"
     if metrics is None:
         echo("evaluating the starting model once (its card has no numbers measured like the trials')")
@@ -177,7 +178,7 @@ def card_measures_sweep(card: Mapping[str, Any], base: dict[str, Any]) -> bool:
     train = (card.get("config") or {}).get("train") or {}
     if not train:
         return False
-    spec = spaces.trial_spec(base, {}, "sweep base")
+    spec = space.trial_spec(base, {}, "sweep base")
     data = train.get("data") or {}
     same_folder = data.get("eval_dir") is not None and Path(data["eval_dir"]).resolve() == Path(
         spec.data.eval_dir).resolve()
@@ -219,22 +220,22 @@ def build_preset_model(preset: str, objective: str, workdir: Path,
 
 def start_eval_spec(base: dict[str, Any]) -> TrainSpec:
     """The run that evaluates the starting model as the trials see it: epochs=0, unperturbed, evaluate only."""
-    return spaces.trial_spec(base, {"epochs": 0, "eval_at_start": True, "method.name": "contrastive",
-                                    "method.shrink": 1.0, "method.perturb": 0.0})
+    # The default method (`method: {}`), whose `prepare` leaves the starting weights as they are.
+    return space.trial_spec({**base, "method": {}}, {"epochs": 0, "eval_at_start": True})
 
 
 def evaluate_start(spec: TrainSpec) -> dict[str, float]:
     """Evaluate the starting model once (`start_eval_spec`), in this process."""
-    from cleansweep import fit as session
+    from cleansweep import fit
 
     seen: list[dict[str, Any]] = []
-    session.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics), checkpoints="none")
+    fit.fit(spec, lambda metrics, checkpoint_dir: seen.append(metrics), checkpoints="none")
     return {k: float(seen[0][k]) for k in (TOP1, ASR, PROXY_ASR) if k in seen[0]}
 
 
 def _absolute(data: DataSpec | None) -> DataSpec | None:
-    # Trials run in their own trial folder as working directory (Ray Tune's default, RAY_CHDIR_TO_TRIAL_DIR): hand
-    # them absolute paths. A shard pattern is made absolute lexically (os.path.abspath): its braces name no file.
+    # Tune moves each trial into its trial folder (`ray.tune.Trainable`, `RAY_CHDIR_TO_TRIAL_DIR`): hand them
+    # absolute paths. A shard pattern is made absolute lexically (os.path.abspath): its braces name no file.
     if data is None:
         return None
     train = ({"train_csv": Path(data.train_csv).resolve()} if data.train_csv is not None
