@@ -136,7 +136,7 @@ def compare(model_name: str, *, batch_size: int, steps: int, repeats: int, devic
         pair = [(bundle.model, cleansweep_steps, ours), (plain, plain_open_clip_steps, theirs)]
         for model, fn, out in (pair if r % 2 == 0 else pair[::-1]):
             out.append(len(batches) * batch_size / fn(fresh(model), batches, amp))
-        echo(f"{model_name} repeat {r}: cleansweep {ours[-1]:8.1f} img/s   open_clip {theirs[-1]:8.1f} img/s")
+        echo(f"{model_name} repeat {r}: cleansweep {ours[-1]:9.2f} img/s   open_clip {theirs[-1]:9.2f} img/s")
     a, b = statistics.median(ours), statistics.median(theirs)
     return {"cleansweep": a, "open_clip": b, "ratio": a / b}
 
@@ -160,7 +160,7 @@ def main() -> None:
     print(f"batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, device {device}, {precision}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name, r in results.items():
-        print(f"P1 {name}: cleansweep {r['cleansweep']:.1f} images/s   plain open_clip {r['open_clip']:.1f} images/s"
+        print(f"P1 {name}: cleansweep {r['cleansweep']:.2f} images/s   plain open_clip {r['open_clip']:.2f} images/s"
               f"   ratio {r['ratio']:.3f} (target >= 0.97)")
 
 
