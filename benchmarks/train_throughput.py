@@ -7,10 +7,11 @@ schedule and logit-scale clamp. cleansweep's side is what a pre-training worker 
 since they are not per-step costs). The plain side is the loop of open_clip's training script: `model(image, text)`,
 `open_clip.ClipLoss`, backward, step, clamp. Repeats alternate between the two so machine noise hits both alike.
 
-    python benchmarks/train_throughput.py [--model tiny-rn] [--batch-size 64] [--steps 20] [--repeats 5]
+    python benchmarks/train_throughput.py [--models tiny-rn,RN50] [--batch-size 64] [--steps 20] [--repeats 5]
 
-Prints images/s for each (median over repeats) and the ratio cleansweep / plain (target >= 0.97 on CPU).
-`--device cuda` runs the same comparison on a GPU.
+Prints, per model, images/s for each (median over repeats) and the ratio cleansweep / plain (target >= 0.97 on
+CPU). `--device cuda` runs the same comparison on a GPU; `--amp` adds bf16 autocast there to both loops (the
+training forward pass and loss, as `TrainSpec.amp` does; ignored on CPU, as in cleansweep).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import math
 import statistics
 import time
+from contextlib import nullcontext
 
 import open_clip
 import torch
@@ -53,7 +55,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cleansweep_steps(model: torch.nn.Module, batches: list[dict]) -> float:
+def cleansweep_steps(model: torch.nn.Module, batches: list[dict], amp: bool = False) -> float:
     """Seconds for one epoch over `batches` through cleansweep's task + optimizer + loop."""
     task = create_task(ContrastiveSpec(mmcl_weight=1.0, ssl_weight=0.0), model)
     optimizer = create_optimizer(task, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
@@ -67,12 +69,12 @@ def cleansweep_steps(model: torch.nn.Module, batches: list[dict]) -> float:
     start = time.perf_counter()
     loop.run(task, _Stream(batches), optimizer, lr_fn, epochs=1, eval_every_steps=float(total + 1),
              eval_at_start=False, evaluate_fn=lambda: {"zeroshot_top1": 0.0, "asr_top1": 1.0},
-             report=lambda metrics, checkpoint: None, device=device)
+             report=lambda metrics, checkpoint: None, device=device, amp=amp)
     _sync(device)
     return time.perf_counter() - start
 
 
-def plain_open_clip_steps(model: torch.nn.Module, batches: list[dict]) -> float:
+def plain_open_clip_steps(model: torch.nn.Module, batches: list[dict], amp: bool = False) -> float:
     """Seconds for one epoch over `batches` with open_clip's training-script loop."""
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
@@ -84,6 +86,7 @@ def plain_open_clip_steps(model: torch.nn.Module, batches: list[dict]) -> float:
     total = len(batches)
     model.train()
     device = batches[0]["image"].device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
     _sync(device)
     start = time.perf_counter()
     for step, batch in enumerate(batches):
@@ -93,8 +96,9 @@ def plain_open_clip_steps(model: torch.nn.Module, batches: list[dict]) -> float:
             lr = 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, total - WARMUP))) * LR
         for group in optimizer.param_groups:
             group["lr"] = lr
-        out = model(batch["image"], batch["text"])
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        with autocast:  # open_clip's script: forward and loss under autocast, backward and step outside
+            out = model(batch["image"], batch["text"])
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -104,26 +108,20 @@ def plain_open_clip_steps(model: torch.nn.Module, batches: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-rn")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu (the target) or cuda")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def compare(model_name: str, *, batch_size: int, steps: int, repeats: int, device: torch.device,
+            amp: bool = False, echo=print) -> dict[str, float]:
+    """Median images/s of cleansweep's loop and the plain loop for one model, and their ratio.
 
-    device = torch.device(args.device)
-    bundle = create_model(args.model, seed=0)
+    Returns:
+        `cleansweep`, `open_clip` (images/s, medians over `repeats`) and `ratio` (cleansweep / open_clip).
+    """
+    bundle = create_model(model_name, seed=0)
     bundle.model.to(device)
     init = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     context = bundle.model.context_length
     batches = [{k: v.to(device) for k, v in b.items()}
-               for b in prepared_batches(args.steps, args.batch_size, bundle.image_size, context)]
-    plain = open_clip.create_model(args.model, output_dict=True).to(device)
+               for b in prepared_batches(steps, batch_size, bundle.image_size, context)]
+    plain = open_clip.create_model(model_name, output_dict=True).to(device)
     plain.load_state_dict(init)
 
     def fresh(model: torch.nn.Module) -> torch.nn.Module:
@@ -131,19 +129,39 @@ def main() -> None:
         return model
 
     # Warm-up (allocator, kernels) outside the timings.
-    cleansweep_steps(fresh(bundle.model), batches[:3])
-    plain_open_clip_steps(fresh(plain), batches[:3])
+    cleansweep_steps(fresh(bundle.model), batches[:3], amp)
+    plain_open_clip_steps(fresh(plain), batches[:3], amp)
     ours, theirs = [], []
-    for r in range(args.repeats):
-        pair = [("cleansweep", bundle.model, cleansweep_steps, ours), ("open_clip", plain, plain_open_clip_steps,
-                                                                      theirs)]
-        for _, model, fn, out in (pair if r % 2 == 0 else pair[::-1]):
-            out.append(len(batches) * args.batch_size / fn(fresh(model), batches))
-        print(f"repeat {r}: cleansweep {ours[-1]:8.1f} img/s   open_clip {theirs[-1]:8.1f} img/s")
+    for r in range(repeats):
+        pair = [(bundle.model, cleansweep_steps, ours), (plain, plain_open_clip_steps, theirs)]
+        for model, fn, out in (pair if r % 2 == 0 else pair[::-1]):
+            out.append(len(batches) * batch_size / fn(fresh(model), batches, amp))
+        echo(f"{model_name} repeat {r}: cleansweep {ours[-1]:9.2f} img/s   open_clip {theirs[-1]:9.2f} img/s")
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, "
-          f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"cleansweep: {a:.1f} images/s   plain open_clip: {b:.1f} images/s   ratio: {a / b:.3f} (target >= 0.97)")
+    return {"cleansweep": a, "open_clip": b, "ratio": a / b}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny-rn", help="comma-separated model names, e.g. tiny-rn,RN50")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (the target) or cuda")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (both loops)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = {name: compare(name, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, device=device,
+                             amp=args.amp) for name in args.models.split(",")}
+    precision = "bf16 autocast" if args.amp and device.type == "cuda" else "fp32"
+    print(f"batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, device {device}, {precision}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name, r in results.items():
+        print(f"P1 {name}: cleansweep {r['cleansweep']:.2f} images/s   plain open_clip {r['open_clip']:.2f} images/s"
+              f"   ratio {r['ratio']:.3f} (target >= 0.97)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -83,7 +84,11 @@ def _absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     # ray/train/v2/_internal/callbacks/working_dir_setup.py): a relative path would point somewhere else there.
     data = cfg.model_dump()
     d = data["train"]["data"]
-    d["train_csv"], d["eval_dir"] = Path(d["train_csv"]).resolve(), Path(d["eval_dir"]).resolve()
+    if d["train_csv"] is not None:
+        d["train_csv"] = Path(d["train_csv"]).resolve()
+    else:  # lexically: the pattern's braces name no file
+        d["train_shards"] = os.path.abspath(d["train_shards"])
+    d["eval_dir"] = Path(d["eval_dir"]).resolve()
     if data["train"]["model"]["init"] is not None:
         data["train"]["model"]["init"] = Path(data["train"]["model"]["init"]).resolve()
     return PretrainConfig.model_validate(data)
@@ -127,7 +132,7 @@ def run_tags(cfg: PretrainConfig) -> dict[str, str]:
     spec = cfg.train
     hashes = data_hashes(spec)
     return {tracking.KIND_TAG: "pretrain", **tracking.pretrain_tags(
-        objective=objective_name(spec), dataset=hashes["train_csv"], train_csv_sha256=hashes["train_csv_sha256"],
+        objective=objective_name(spec), dataset=spec.data.train_source, train_csv_sha256=hashes.get("train_csv_sha256"),
         attack=spec.attack.name, target=spec.attack.target, eval_dir=hashes["eval_dir"],
         poison_manifest_sha256=hashes["poison_manifest_sha256"])}
 

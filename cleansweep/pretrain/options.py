@@ -67,9 +67,12 @@ def _config_on(paths: Mapping[str, Any], preset: str | None, objective: str | No
     data = deep_update(data, nest(parse_sets(sets)))
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
     tdata = train.get("data") if isinstance(train.get("data"), dict) else {}
-    for key, hint in (("train_csv", "--train-csv CSV"), ("eval_dir", "--eval-data FOLDER")):
-        if key not in tdata:
-            raise UserError(f"no train.data.{key} given; pass {hint}, a CONFIG.yaml that sets it, or --preset demo")
+    if "train_csv" not in tdata and "train_shards" not in tdata:
+        raise UserError("no train.data.train_csv given; pass --train-csv CSV, a CONFIG.yaml that sets it (or "
+                        "train.data.train_shards), or --preset demo")
+    if "eval_dir" not in tdata:
+        raise UserError("no train.data.eval_dir given; pass --eval-data FOLDER, a CONFIG.yaml that sets it, or "
+                        "--preset demo")
     if "name" not in data:
         raise UserError("no run name given; pass --name NAME (or set name: in the YAML)")
     return validate(PretrainConfig, data, str(config_file) if config_file else "pretrain flags")

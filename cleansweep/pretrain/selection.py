@@ -90,13 +90,33 @@ def objective_name(spec: TrainSpec) -> str:
 
 
 def data_hashes(spec: TrainSpec) -> dict[str, Any]:
-    """sha256 of the training CSV and of the poison manifest beside it (None without one), and the eval folder."""
+    """sha256 of the training data (the CSV, or `shards_sha256` of the shards) and of the poison manifest beside it
+    (None without one), and the eval folder."""
     from cleansweep.models import file_sha256
 
-    manifest = spec.data.train_csv.parent / "manifest.json"
-    return {"train_csv": str(spec.data.train_csv), "train_csv_sha256": file_sha256(spec.data.train_csv),
-            "poison_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
+    if spec.data.train_shards is not None:
+        from cleansweep.data.shards import expand_shards
+
+        shards = expand_shards(spec.data.train_shards)
+        manifest = shards[0].parent / "manifest.json"
+        train = {"train_shards": spec.data.train_shards, "train_shards_sha256": shards_sha256(shards)}
+    else:
+        manifest = spec.data.train_csv.parent / "manifest.json"
+        train = {"train_csv": str(spec.data.train_csv), "train_csv_sha256": file_sha256(spec.data.train_csv)}
+    return {**train, "poison_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
             "eval_dir": str(spec.data.eval_dir)}
+
+
+def shards_sha256(shards: list[Path]) -> str:
+    """sha256 over the sorted `name<TAB>byte size` lines of the shards: a fingerprint that costs one stat per shard.
+
+    Hashing the contents would read the whole dataset (terabytes at the paper's scale) at every run start; a shard
+    rewritten with another content of the very same byte size goes unnoticed.
+    """
+    import hashlib
+
+    lines = sorted(f"{s.name}\t{s.stat().st_size}\n" for s in shards)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def export_selected(cfg: PretrainConfig, run_dir: Path, mlflow_run_id: str) -> tuple[Path, dict[str, Any]]:

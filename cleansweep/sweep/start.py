@@ -11,6 +11,7 @@ other.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,16 +235,21 @@ def evaluate_start(spec: TrainSpec) -> dict[str, float]:
 
 def _absolute(data: DataSpec | None) -> DataSpec | None:
     # Tune moves each trial into its trial folder (`ray.tune.Trainable`, `RAY_CHDIR_TO_TRIAL_DIR`): hand them
-    # absolute paths.
+    # absolute paths. A shard pattern is made absolute lexically (os.path.abspath): its braces name no file.
     if data is None:
         return None
-    return data.model_copy(update={"train_csv": Path(data.train_csv).resolve(),
-                                   "eval_dir": Path(data.eval_dir).resolve()})
+    train = ({"train_csv": Path(data.train_csv).resolve()} if data.train_csv is not None
+             else {"train_shards": os.path.abspath(data.train_shards)})
+    return data.model_copy(update={**train, "eval_dir": Path(data.eval_dir).resolve()})
 
 
 def _check_paths(base: dict[str, Any]) -> None:
     data = base["data"]
-    if not Path(data["train_csv"]).is_file():
+    if data.get("train_csv") is not None and not Path(data["train_csv"]).is_file():
         raise UserError(f"data.train_csv {data['train_csv']} not found; point it at the cleaning image-caption CSV")
+    if data.get("train_shards") is not None:
+        from cleansweep.data.shards import expand_shards
+
+        expand_shards(data["train_shards"])  # a bad pattern or a missing shard -> one line naming it
     if not Path(data["eval_dir"]).is_dir():
         raise UserError(f"data.eval_dir {data['eval_dir']} not found; point it at an ImageNet-style folder")
