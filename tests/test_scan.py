@@ -184,6 +184,7 @@ def test_one_step_is_decree_loss_and_adam_by_hand():
     similarity = sum(f[i] @ f[j] / f[i].norm() / f[j].norm() for i, j in itertools.permutations(range(3), 2)) / 6
     loss = -similarity + 1e-3 * 3 * m.sum()
     ga, _ = torch.autograd.grad(loss, (a, b))
+    m = m.detach()
     m1 = torch.tanh(a.detach() - 0.5 * ga / (ga.abs() + 1e-8)) / (2 - 1e-7) + 0.5
     assert inv.history["similarity"][0] == pytest.approx(float(similarity.detach()), abs=1e-5)
     assert inv.history["weight"][:2] == [1e-3, 1e-3] and inv.history["lr"] == [0.5, 0.5]
@@ -296,10 +297,9 @@ def test_the_scan_figure_draws_mask_pattern_and_product_per_row():
 
 # ------------------------------------------------------------------------------------------------ tiny twins
 def test_backdoored_model_gets_the_smaller_mask_and_the_right_target(twins, scanned):
-    """Measured (seeds 0-4, 60 steps, lr 0.5): backdoored PL1 0.021-0.027 vs clean 0.059-0.069 (ratio <= 0.45),
-    suspected target banana with share 1.0. The inverted mask is not the 8 px corner patch (14% of its mass lies
-    there): the model's true trigger only raises the similarity to 0.87 (its ASR is ~0.5), the inversion finds a
-    smaller, scattered trigger that collapses it further."""
+    """Measured with DECREE's 32 px settings (benchmarks/decree_pl1.py, seed 0): backdoored PL1 0.031 vs clean 0.076
+    (ratio 0.40), suspected target banana with share 1.0; the paper's PL1 < 0.1 would flag both. Over 5 seeds the
+    twin ratio is 0.34-0.96 (docs/fidelity.md, DECREE)."""
     result, out = scanned["result"], scanned["out"]
     bad, clean = result["model"], result["reference"]
     assert bad["pl1_norm"] < clean["pl1_norm"], (bad["pl1_norm"], clean["pl1_norm"])

@@ -15,7 +15,11 @@ reached, the zero-shot class the inverted trigger sends non-target images to (th
 
 Thresholds. The paper's rule flags an encoder whose PL1-norm is below 0.1 (`PL1_THRESHOLD`, for its 32 px CIFAR10 /
 STL10 and 224 px CLIP encoders). Measured here at 32 px on tiny-rn pre-trained on the demo world
-(benchmarks/decree_pl1.py, 3 pre-training seeds each, the official settings): MEASURED_TABLE
+(benchmarks/decree_pl1.py, 5 pre-training seeds each, the official 32 px settings; table in docs/fidelity.md):
+backdoored PL1 0.016-0.051, clean 0.047-0.076. The paper's 0.1 flags all ten, so it does not separate them at this
+scale; no threshold separates all ten; PL1 < 0.04 separates nine (all clean models, four of the five backdoored:
+seed 1's 0.051 is missed). Against the same seed's clean twin the ratio is 0.34-0.58 (seed 1: 0.96) and between
+clean models of different seeds 0.61-1.64, so `RATIO_THRESHOLD` 0.6 flags four of five and no clean pair.
 No files and no command here: `cleansweep.detect.proxy` stores an inversion, `cleansweep.detect.scan` runs it on a
 checkpoint.
 """
@@ -39,7 +43,7 @@ Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]]
 Trigger = Callable[[Tensor, torch.Generator], Tensor]
 
 PL1_THRESHOLD = 0.1  # the paper's rule: an encoder whose PL1-norm is below 0.1 is flagged as backdoored
-RATIO_THRESHOLD = 0.6  # PL1 / clean reference's PL1 below this: backdoored (measured, see the module docstring)
+RATIO_THRESHOLD = 0.6  # PL1 / clean reference's PL1 below it: backdoored (ours; measured, module docstring)
 # ------------------------------------------------------------------------------------------------ pure math
 def apply_trigger(raw: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
     """Triggered images (1 - m) * x + m * p.
@@ -334,9 +338,10 @@ def verdict(pl1: float, reference_pl1: float | None = None, *, pl1_threshold: fl
     """Backdoored or not, with the rule that decided it.
 
     With a clean reference model: backdoored when PL1 / PL1_reference < `ratio_threshold`. Without one: when
-    PL1 < `pl1_threshold` (DECREE's rule for 224 px encoders). Small, low-resolution models are not robust: a clean
-    tiny-rn at 32 px is collapsed by a mask of PL1 0.05-0.10 and its backdoored twin by 0.02-0.04 (measured, 60-200
-    steps), both under 0.1, so at that scale only the ratio against a clean reference separates them.
+    PL1 < `pl1_threshold` (the paper's rule). Small, low-resolution models are not robust: with the official
+    settings a clean tiny-rn at 32 px is collapsed by a mask of PL1 0.047-0.076 and a backdoored one by 0.016-0.051
+    (5 seeds each, module docstring), all under 0.1, so at that scale the paper's rule flags clean models too and the
+    ratio against a clean reference (4 of 5 backdoored flagged, no clean pair) is the better verdict.
     """
     if reference_pl1 is not None:
         ratio = pl1 / reference_pl1 if reference_pl1 > 0 else float("inf")
