@@ -34,7 +34,7 @@ LEVELS = [
     ["data", "augment", "attacks.params", "tracking.runs", "tracking.read", "tracking.server"],
     ["models", "losses", "attacks.noise", "attacks.structured", "tracking.trials", "tracking.registry"],
     ["attacks.registry"],
-    ["attacks.poison", "evaluate", "attacks.badclip_objective"],
+    ["attacks.poison", "evaluate", "attacks.badclip_objective", "detect.decree"],
     ["attacks.badclip", "detect.inversion", "experiments.presets", "methods", "optim"],
     ["loop", "train_config", "detect.proxy"],
     ["train_data", "pretrain.options", "pretrain.selection"],

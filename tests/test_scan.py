@@ -1,10 +1,11 @@
-"""DECREE-style trigger inversion (detect.inversion) against hand computations, its files (detect.proxy), the scan
-figure, and the scan command (detect.scan) on a backdoored vs a clean tiny model."""
+"""DECREE trigger inversion (detect.decree, detect.inversion) against hand computations, its files
+(detect.proxy), the scan figure, and the scan command (detect.scan) on a backdoored vs a clean tiny model."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cleansweep.data import EvalFolder
-from cleansweep.detect import inversion, proxy, scan
+from cleansweep.detect import decree, inversion, proxy, scan
 from cleansweep.errors import UserError
 from cleansweep.evaluate import zeroshot_classifier
 from cleansweep.models import create_model, file_sha256
@@ -23,7 +24,7 @@ from cleansweep.objective import ASR
 from cleansweep.results.figures import plot_inversions
 
 PATCH = 8  # the fixed 8 px BadNet corner patch of tests/test_search.py's tiny_checkpoint: PL1 64 / 1024 = 0.0625
-SCAN = {"steps": 60, "lr": 0.5, "batch_size": 16}  # measured to separate the twins (see test_backdoored_vs_clean)
+SCAN = {"steps": 300, "lr": 0.5, "batch_size": 128}  # DECREE's 32 px settings; early stop ends it at ~60 steps
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,12 +113,114 @@ def test_apply_trigger_and_pl1_by_hand():
     assert inversion.pl1_norm(corner) == 0.0625
 
 
-def test_penalty_weight_rises_while_reached_and_falls_otherwise():
-    w = inversion.PenaltyWeight(1.0, factor=2.0, patience=2, minimum=0.25, maximum=4.0)
-    flags = [True] * 3 + [True] * 3 + [True] * 3 + [False] * 3 + [False] * 9 + [True, False] * 3
-    # Up after 3 reached steps (> patience), capped at 4, down after 3 missed steps, floored at 0.25.
-    expected = [1, 1, 2, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 2, 1, 1, 1, 0.5, 0.5, 0.5, 0.25] + [0.25] * 6
+def test_tanh_parametrisation_by_hand():
+    a = torch.tensor([-3.0, -0.4, 0.0, 0.7, 20.0], dtype=torch.float64)
+    by_hand = [min(max(math.tanh(v) / (2 - 1e-7) + 0.5, 0.0), 1.0) for v in a.tolist()]
+    assert decree.to_unit(a).tolist() == pytest.approx(by_hand, abs=1e-15)
+    u = torch.tensor([1e-6, 0.25, 0.5, 0.9], dtype=torch.float64)
+    assert decree.from_unit(u).tolist() == pytest.approx([math.atanh((v - 0.5) * (2 - 1e-7)) for v in u.tolist()])
+    assert decree.to_unit(decree.from_unit(u)).tolist() == pytest.approx(u.tolist(), abs=1e-12)
+
+
+def test_lr_schedule_and_regimes_are_the_official_ones():
+    lrs = [decree.decree_lr(e, 0.5, (30, 50)) for e in (0, 29, 30, 49, 50, 999)]
+    assert lrs == [0.5, 0.5, 0.1, 0.1, 0.05, 0.05]
+    assert [decree.decree_lr(e, 0.5, (200, 500)) for e in (199, 200, 499, 500)] == [0.5, 0.1, 0.1, 0.05]
+    assert decree.regime_for(32) == decree.Regime((30, 50), 1e-5, 10)
+    assert decree.regime_for(224) == decree.Regime((200, 500), 1e-7, 35)
+
+
+def test_penalty_weight_follows_the_official_rule_by_hand():
+    default = decree.PenaltyWeight()
+    assert (default.value, default.minimum, default.factor, default.patience, default.reset_patience,
+            default.cap) == (1e-3, 1e-5, 5.0, 5, 10, 1e5)
+    w = decree.PenaltyWeight(1.0, minimum=0.3, factor=2.0, patience=2, reset_patience=2, cap=4.0)
+    hit, miss = [True] * 3, [False] * 3
+    flags = hit + hit + hit + miss + miss * 3 + miss + [True] * 5
+    expected = ([1, 1, 2] + [2, 2, 4]  # up after 3 (> patience) reached steps
+                + [4, 4, 4]  # at the cap: no longer multiplied
+                + [4, 4, 2] + [2, 2, 1, 1, 1, 0.5, 0.5, 0.5, 0.25]  # down after 3 missed steps
+                + [0.25] * 3  # below the minimum: no longer divided
+                + [0.25, 0.25, 1, 1, 2])  # 3 (> reset_patience) reached steps below the minimum: reset to init
     assert [w.update(f) for f in flags] == expected
+
+
+def test_early_stop_counts_steps_without_a_smaller_kept_mask():
+    stop = decree.EarlyStop(patience=2)
+    for kept in (None, None, 5.0, 5.0, 5.0):
+        stop.update(kept)
+    assert stop.count == 2 and not stop.stop(0.995, 0.99)
+    stop.update(5.0)
+    assert stop.count == 3 and stop.stop(0.995, 0.99) and not stop.stop(0.99, 0.99)
+    stop.update(4.0)
+    assert stop.count == 0 and stop.best == 4.0 and not stop.stop(0.995, 0.99)
+
+
+class _LinearEncoder(torch.nn.Module):
+    """encode_image = flattened image @ W: small enough to redo DECREE's loss by hand."""
+
+    def __init__(self, size: int = 4, dim: int = 5) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3 * size * size, dim, generator=torch.Generator().manual_seed(7)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.w
+
+
+def test_one_step_is_decree_loss_and_adam_by_hand():
+    """Two steps on 3 images of 4x4: step 0's similarity, the kept mask and step 1's mask against a hand computation
+    of the loss -mean_{i != j} cos(f_i, f_j) + 1e-3 * sum over 3 channels of m, and of Adam's first step
+    a - lr * g / (|g| + 1e-8) on the tanh parameters drawn from the seed."""
+    model, images, norm = _LinearEncoder(), _images(3, 5, 4), ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    inv = inversion.invert_trigger(model, images, norm, steps=2, batch_size=8, threshold=-1.0, lr=0.5, seed=11)
+    gen = torch.Generator().manual_seed(11)
+    u_mask = torch.rand((4, 4), generator=gen, dtype=torch.float64)
+    u_pattern = torch.rand((3, 4, 4), generator=gen, dtype=torch.float64)
+    a = torch.atanh((u_mask - 0.5) * (2 - 1e-7)).requires_grad_()
+    b = torch.atanh((u_pattern - 0.5) * (2 - 1e-7)).requires_grad_()
+    m, p = torch.tanh(a) / (2 - 1e-7) + 0.5, torch.tanh(b) / (2 - 1e-7) + 0.5
+    x = (1 - m) * images.double() + m * p
+    f = ((x - 0.5) / 0.25).flatten(1) @ model.w.detach().double()
+    similarity = sum(f[i] @ f[j] / f[i].norm() / f[j].norm() for i, j in itertools.permutations(range(3), 2)) / 6
+    loss = -similarity + 1e-3 * 3 * m.sum()
+    ga, _ = torch.autograd.grad(loss, (a, b))
+    m = m.detach()
+    m1 = torch.tanh(a.detach() - 0.5 * ga / (ga.abs() + 1e-8)) / (2 - 1e-7) + 0.5
+    assert inv.history["similarity"][0] == pytest.approx(float(similarity.detach()), abs=1e-5)
+    assert inv.history["weight"][:2] == [1e-3, 1e-3] and inv.history["lr"] == [0.5, 0.5]
+    assert inv.history["pl1_norm"] == pytest.approx([float(m.mean()), float(m1.mean())], abs=1e-6)
+    kept = m if m.sum() <= m1.sum() else m1
+    assert inv.pl1_norm == pytest.approx(float(kept.mean()), abs=1e-6)
+    assert torch.allclose(inv.mask[0], kept.float(), atol=1e-6)
+
+
+def test_search_wiring_lr_lambda_and_early_stop_replay_the_official_rules():
+    """One step per epoch (batch > images): the lr follows the milestones, lambda replays `PenaltyWeight` on the
+    reached flags, and the search stops where `EarlyStop` replayed on the kept L1 says (with lambda ~0 the
+    similarity term grows the mask, so the first kept mask stays the smallest)."""
+    model, images, norm = _LinearEncoder(), _images(3, 5, 4), ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    regime = decree.Regime((2, 3), 1e-5, 2)
+    inv = inversion.invert_trigger(model, images, norm, steps=30, batch_size=8, threshold=-1.0, init_weight=1e-12,
+                                   seed=0, regime=regime)
+    assert inv.stopped_early and inv.epochs == 4 and inv.step == 0
+    assert inv.history["lr"] == [0.5, 0.5, 0.1, 0.05]
+    weight, stop, kept, stopped_at = decree.PenaltyWeight(1e-12, minimum=1e-5), decree.EarlyStop(2), None, None
+    for epoch, (sim, pl1) in enumerate(zip(inv.history["similarity"], inv.history["pl1_norm"], strict=True)):
+        assert inv.history["weight"][epoch] == weight.value
+        kept = min(kept, 3 * 16 * pl1) if kept is not None else 3 * 16 * pl1
+        stop.update(kept)
+        weight.update(sim > -1.0)
+        if stop.stop(sim, -1.0):
+            stopped_at = epoch + 1
+            break
+    assert stopped_at == inv.epochs
+
+
+def test_no_step_reaching_the_target_reports_the_full_mask():
+    model, images, norm = _LinearEncoder(), _images(4, 5, 4), ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    inv = inversion.invert_trigger(model, images, norm, steps=3, batch_size=2, threshold=1.5, seed=0)
+    assert not inv.reached and inv.pl1_norm == 1.0 and inv.step == 2 and not inv.stopped_early
+    assert inv.epochs == 2 and len(inv.history["similarity"]) == 3  # 2 batches of 2 per epoch, 3 steps in all
 
 
 # ------------------------------------------------------------------------------------------------ inversion
@@ -135,7 +238,7 @@ def test_inversion_in_range_deterministic_and_leaves_the_model_alone(untrained):
     assert torch.equal(a.mask, b.mask) and torch.equal(a.pattern, b.pattern) and a.history == b.history
     assert not torch.equal(a.mask, c.mask)
     assert len(a.history["similarity"]) == 4 and a.pl1_norm == pytest.approx(float(a.mask.mean()), rel=1e-6)
-    assert a.pl1_norm == a.history["pl1_norm"][a.step]
+    assert a.reached and a.pl1_norm == pytest.approx(a.history["pl1_norm"][a.step], rel=1e-6)
     assert model.training, "the model's mode must be restored"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -194,10 +297,9 @@ def test_the_scan_figure_draws_mask_pattern_and_product_per_row():
 
 # ------------------------------------------------------------------------------------------------ tiny twins
 def test_backdoored_model_gets_the_smaller_mask_and_the_right_target(twins, scanned):
-    """Measured (seeds 0-4, 60 steps, lr 0.5): backdoored PL1 0.021-0.027 vs clean 0.059-0.069 (ratio <= 0.45),
-    suspected target banana with share 1.0. The inverted mask is not the 8 px corner patch (14% of its mass lies
-    there): the model's true trigger only raises the similarity to 0.87 (its ASR is ~0.5), the inversion finds a
-    smaller, scattered trigger that collapses it further."""
+    """Measured with DECREE's 32 px settings (benchmarks/decree_pl1.py, seed 0): backdoored PL1 0.031 vs clean 0.076
+    (ratio 0.40), suspected target banana with share 1.0; the paper's PL1 < 0.1 would flag both. Over 5 seeds the
+    twin ratio is 0.34-0.96 (docs/fidelity.md, DECREE)."""
     result, out = scanned["result"], scanned["out"]
     bad, clean = result["model"], result["reference"]
     assert bad["pl1_norm"] < clean["pl1_norm"], (bad["pl1_norm"], clean["pl1_norm"])

@@ -2,13 +2,24 @@
 
 DECREE's observation: a backdoored image encoder maps every image that carries its trigger to (nearly) one
 embedding, so a *small* trigger that collapses the embeddings of clean images exists; for a clean encoder the
-smallest such trigger has to cover much of the image. The scan optimises a mask m (1, H, W) and a pattern p
-(3, H, W), both in [0, 1] through a sigmoid, so that triggered images x' = (1 - m) * x + m * p have a high mean
-pairwise cosine similarity, while an L1 penalty on m, whose weight adapts as in DECREE's code, keeps the mask small.
+smallest such trigger has to cover much of the image. As in the official code (github.com/GiantSeaweed/DECREE,
+`main.py`; term by term in docs/fidelity.md): a mask m (H, W) and a pattern p (3, H, W) in [0, 1] through
+tanh(.) / (2 - 1e-7) + 0.5, triggered images x' = (1 - m) * x + m * p, the loss
+-mean pairwise cosine(encoder(x')) + lambda * |m|_1 counted over the 3 channels, Adam (betas 0.5, 0.9) in epochs
+over the clean images with DECREE's lr schedule, lambda starting at 1e-3 and adapted (`PenaltyWeight`), the smallest
+mask whose batch reached similarity > 0.99 kept, and DECREE's early stop (`EarlyStop`).
 
-Reported: the mask's normalised L1 norm |m|_1 / (H * W) (DECREE's PL1-norm, small = backdoor-like), the similarity
+Reported: the mask's PL1-norm |m|_1 / (H * W) (= the 3-channel L1 / (3 H W); small = backdoor-like), the similarity
 reached, the zero-shot class the inverted trigger sends non-target images to (the suspected target) with that share
 (a proxy attack success rate), and, against a clean reference model, the ratio of the two PL1-norms.
+
+Thresholds. The paper's rule flags an encoder whose PL1-norm is below 0.1 (`PL1_THRESHOLD`, for its 32 px CIFAR10 /
+STL10 and 224 px CLIP encoders). Measured here at 32 px on tiny-rn pre-trained on the demo world
+(benchmarks/decree_pl1.py, 5 pre-training seeds each, the official 32 px settings; table in docs/fidelity.md):
+backdoored PL1 0.016-0.051, clean 0.047-0.076. The paper's 0.1 flags all ten, so it does not separate them at this
+scale; no threshold separates all ten; PL1 < 0.04 separates nine (all clean models, four of the five backdoored:
+seed 1's 0.051 is missed). Against the same seed's clean twin the ratio is 0.34-0.58 (seed 1: 0.96) and between
+clean models of different seeds 0.61-1.64, so `RATIO_THRESHOLD` 0.6 flags four of five and no clean pair.
 No files and no command here: `cleansweep.detect.proxy` stores an inversion, `cleansweep.detect.scan` runs it on a
 checkpoint.
 """
@@ -23,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cleansweep.detect.decree import EarlyStop, PenaltyWeight, Regime, decree_lr, from_unit, regime_for, to_unit
 from cleansweep.errors import UserError
 from cleansweep.evaluate import EvalMode, evaluate, normalizer, unwrap
 from cleansweep.objective import ASR
@@ -30,11 +42,8 @@ from cleansweep.objective import ASR
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]]
 Trigger = Callable[[Tensor, torch.Generator], Tensor]
 
-PL1_THRESHOLD = 0.1  # DECREE's rule: an encoder whose PL1-norm is below 0.1 is flagged
-# Measured on tiny-rn twins (32 px, 5 seeds): backdoored / clean PL1 0.35-0.49, clean / clean (other seed) >= 0.83.
-RATIO_THRESHOLD = 0.6
-
-
+PL1_THRESHOLD = 0.1  # the paper's rule: an encoder whose PL1-norm is below 0.1 is flagged as backdoored
+RATIO_THRESHOLD = 0.6  # PL1 / clean reference's PL1 below it: backdoored (ours; measured, module docstring)
 # ------------------------------------------------------------------------------------------------ pure math
 def apply_trigger(raw: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
     """Triggered images (1 - m) * x + m * p.
@@ -56,32 +65,8 @@ def mean_pairwise_cosine(features: Tensor) -> Tensor:
 
 
 def pl1_norm(mask: Tensor) -> float:
-    """DECREE's PL1-norm |m|_1 / (H * W) of a (1, H, W) mask in [0, 1]."""
+    """The PL1-norm |m|_1 / (H * W) of a (1, H, W) mask in [0, 1] (the 3-channel L1 over 3 H W: the same)."""
     return float(mask.abs().sum() / (mask.shape[-1] * mask.shape[-2]))
-
-
-class PenaltyWeight:
-    """The adaptive weight of the L1 mask penalty, as DECREE's code adapts it.
-
-    After more than `patience` consecutive steps at or above the similarity target the weight is multiplied by
-    `factor` (shrink the mask while the collapse holds), after more than `patience` below it divided by `factor`,
-    kept within [minimum, maximum]. DECREE: factor 5, patience 5.
-    """
-
-    def __init__(self, init: float = 1.0, *, factor: float = 5.0, patience: int = 5, minimum: float = 1e-3,
-                 maximum: float = 1e3) -> None:
-        self.value, self.factor, self.patience = init, factor, patience
-        self.minimum, self.maximum = minimum, maximum
-        self.above = self.below = 0
-
-    def update(self, reached: bool) -> float:
-        """Count one step (`reached`: the similarity target was met) and return the weight for the next step."""
-        self.above, self.below = (self.above + 1, 0) if reached else (0, self.below + 1)
-        if self.above > self.patience:
-            self.value, self.above = min(self.value * self.factor, self.maximum), 0
-        elif self.below > self.patience:
-            self.value, self.below = max(self.value / self.factor, self.minimum), 0
-        return self.value
 
 
 # ------------------------------------------------------------------------------------------------ model helpers
@@ -125,12 +110,15 @@ class Inversion:
     Attributes:
         mask: (1, H, W) in [0, 1], on CPU.
         pattern: (3, H, W) in [0, 1], on CPU.
-        pl1_norm: |mask|_1 / (H * W).
+        pl1_norm: |mask|_1 / (H * W) of the kept trigger; 1.0 (the full mask, which always collapses the
+            embeddings) when no step reached the target.
         similarity: mean pairwise cosine similarity of all triggered images' embeddings.
         clean_similarity: the same for the images without trigger (the baseline the trigger raised).
-        reached: whether a step met the similarity target (the kept trigger is then the smallest such mask).
-        step: the optimisation step the kept trigger comes from.
-        history: per step `similarity` (of the batch), `pl1_norm`, `weight` (the L1 weight used).
+        reached: whether a step's batch similarity exceeded the target (the kept trigger is the smallest such mask).
+        step: the optimisation step the kept trigger comes from (the last one when none reached).
+        epochs: passes over the images run.
+        stopped_early: whether DECREE's early stop ended the search (else the step budget did).
+        history: per step `similarity` (of the batch), `pl1_norm`, `weight` (lambda used), `lr`.
         settings: the inversion settings, seed included.
     """
 
@@ -141,6 +129,8 @@ class Inversion:
     clean_similarity: float
     reached: bool
     step: int
+    epochs: int = 0
+    stopped_early: bool = False
     history: dict[str, list[float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -159,94 +149,114 @@ def _check_images(images: Tensor) -> None:
         raise UserError("trigger inversion needs raw images in [0, 1] (before normalisation); pass raw images")
 
 
-def _init_logits(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-    # DECREE starts from a uniformly random mask and pattern; clamped so the logits stay finite.
-    start = torch.rand(shape, generator=generator).clamp(0.01, 0.99)
-    return torch.logit(start).to(device).requires_grad_()
+class _Search:
+    """The state of one inversion: the tanh parameters of mask (H, W) and pattern (3, H, W) in float64 (as the
+    official code), Adam, lambda, the early stop, the kept trigger and the history."""
 
+    def __init__(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device, lr: float,
+                 init_weight: float, regime: Regime) -> None:
+        # DECREE's 'rand' init: uniform mask and pattern, mapped through arctanh.
+        start = (torch.rand(shape, generator=generator, dtype=torch.float64),
+                 torch.rand((3, *shape), generator=generator, dtype=torch.float64))
+        self.params = tuple(from_unit(t).to(device).requires_grad_() for t in start)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.5, 0.9))
+        self.weight = PenaltyWeight(init_weight, minimum=regime.lambda_min)
+        self.early = EarlyStop(regime.early_stop_patience)
+        self.kept: tuple[float, int, Tensor, Tensor] | None = None  # (3-channel L1, step, mask, pattern)
+        self.last: tuple[Tensor, Tensor] | None = None
+        self.history: dict[str, list[float]] = {"similarity": [], "pl1_norm": [], "weight": [], "lr": []}
 
-def _invert_step(module: nn.Module, batch: Tensor, logits: tuple[Tensor, Tensor], norm: Callable[[Tensor], Tensor],
-                 weight: float, optimizer: torch.optim.Optimizer) -> tuple[float, Tensor, Tensor]:
-    """One Adam step on the mask and pattern logits; returns the batch similarity and the (mask, pattern) it had."""
-    mask, pattern = torch.sigmoid(logits[0]), torch.sigmoid(logits[1])
-    similarity = mean_pairwise_cosine(module.encode_image(norm(apply_trigger(batch, mask, pattern))).float())
-    loss = -similarity + weight * mask.mean()
-    # autograd.grad w.r.t. the logits only: the model's parameters and their .grad stay untouched.
-    grads = torch.autograd.grad(loss, logits)
-    for logit, grad in zip(logits, grads, strict=True):
-        logit.grad = grad
-    optimizer.step()
-    return similarity.item(), mask.detach(), pattern.detach()
+    def step(self, module: nn.Module, batch: Tensor, norm: Callable[[Tensor], Tensor], threshold: float,
+             index: int) -> float:
+        """One Adam step of DECREE's loss on a batch; returns the batch similarity (before the step)."""
+        mask, pattern = to_unit(self.params[0])[None], to_unit(self.params[1])
+        triggered = apply_trigger(batch.to(mask), mask, pattern).float()
+        similarity = mean_pairwise_cosine(module.encode_image(norm(triggered)).float())
+        l1 = 3 * mask.sum()  # the official L1 counts the mask once per colour channel
+        lam, lr = self.weight.value, self.optimizer.param_groups[0]["lr"]
+        # autograd.grad w.r.t. the trigger only: the model's parameters and their .grad stay untouched.
+        grads = torch.autograd.grad(-similarity + lam * l1, self.params)
+        for param, grad in zip(self.params, grads, strict=True):
+            param.grad = grad
+        self.optimizer.step()
+        sim, l1_value, mask, pattern = similarity.item(), l1.item(), mask.detach(), pattern.detach()
+        reached = sim > threshold
+        if reached and (self.kept is None or l1_value < self.kept[0]):
+            self.kept = (l1_value, index, mask, pattern)
+        self.last = (mask, pattern)
+        self.early.update(self.kept[0] if self.kept is not None else None)
+        self.weight.update(reached)
+        for key, value in zip(self.history, (sim, pl1_norm(mask), lam, lr), strict=True):
+            self.history[key].append(value)
+        return sim
 
 
 def invert_trigger(model: nn.Module, images: Tensor, normalize: Normalize, *, steps: int = 300, lr: float = 0.5,
-                   batch_size: int = 32, threshold: float = 0.99, init_weight: float = 1.0, seed: int = 0,
-                   device: str | torch.device | None = None) -> Inversion:
-    """Find the smallest mask-and-pattern trigger that collapses the image embeddings (DECREE).
+                   batch_size: int = 32, threshold: float = 0.99, init_weight: float = 1e-3, seed: int = 0,
+                   device: str | torch.device | None = None, regime: Regime | None = None) -> Inversion:
+    """Find the smallest mask-and-pattern trigger that collapses the image embeddings (DECREE's official search).
 
-    Loss per step: -mean pairwise cosine of the triggered batch's embeddings + weight * |m|_1 / (H * W), Adam with
-    betas (0.5, 0.9) on the logits of m and p (DECREE's optimiser), the weight adapted by `PenaltyWeight`. The kept
-    trigger is the smallest mask among the steps whose batch similarity reached `threshold`, else the last one.
+    Epochs over the images in a seeded shuffled order (batches of `batch_size`, the last one smaller; a last batch
+    of one image is skipped), the lr set per epoch by `decree_lr`; per step the loss
+    -mean pairwise cosine(embeddings of the triggered batch) + lambda * 3 |m|_1 with Adam (betas 0.5, 0.9) on the
+    tanh parameters; lambda adapted by `PenaltyWeight`; the search ends at the `EarlyStop` after an epoch or after
+    `steps` steps. The kept trigger is the smallest mask among the steps whose batch similarity exceeded `threshold`.
 
     Args:
         model: a CLIP model with `encode_image` (its mode is restored; its weights are not changed).
         images: (N, 3, H, W) raw clean images in [0, 1], N >= 2, at the model resolution (stay on the CPU).
         normalize: callable on raw batches, or `(mean, std)` per channel.
-        steps: optimisation steps.
-        lr: Adam learning rate on the logits (DECREE: 0.5; converged fastest of 0.1, 0.2, 0.5 on tiny-rn).
-        batch_size: images per step, drawn without replacement (all of them when N is smaller).
-        threshold: the similarity target (DECREE: 0.99).
-        init_weight: first weight of the PL1-norm penalty.
-        seed: seeds the initial mask and pattern and the batch draws (no global RNG is used).
+        steps: the most optimisation steps (the official code runs up to 1000 epochs).
+        lr: Adam learning rate until the first lr milestone (the official runs use 0.5).
+        batch_size: images per step (official: 128 at 32 px, 32 for CLIP).
+        threshold: the similarity target (official: 0.99).
+        init_weight: lambda's start, on the 3-channel L1 of the mask (official: 1e-3).
+        seed: seeds the initial mask and pattern and the batch order (no global RNG is used).
         device: where to compute; default: where the model is.
+        regime: lr milestones, lambda's minimum, early-stop patience; default `regime_for(H)`.
 
     Returns:
         The `Inversion`; its similarities are re-measured on all images without gradients.
     """
     _check_images(images)
-    if steps < 1 or batch_size < 2 or lr <= 0:
-        raise UserError(f"inversion needs steps >= 1, batch_size >= 2 and lr > 0 (got {steps}, {batch_size}, {lr}); "
-                        "fix the settings")
+    if steps < 1 or batch_size < 2 or lr <= 0 or init_weight <= 0:
+        raise UserError(f"inversion needs steps >= 1, batch_size >= 2, lr > 0 and init_weight > 0 (got {steps}, "
+                        f"{batch_size}, {lr}, {init_weight}); fix the settings")
     module, norm = unwrap(model), normalizer(normalize)
     device = torch.device(device) if device is not None else _device_of(module)
+    regime = regime or regime_for(images.shape[-1])
     generator = torch.Generator().manual_seed(seed)
-    _, _, h, w = images.shape
-    logits = (_init_logits((1, h, w), generator, device), _init_logits((3, h, w), generator, device))
-    optimizer = torch.optim.Adam(logits, lr=lr, betas=(0.5, 0.9))
-    weight = PenaltyWeight(init_weight)
-    history: dict[str, list[float]] = {"similarity": [], "pl1_norm": [], "weight": []}
-    best: tuple[float, int, Tensor, Tensor] | None = None
+    search = _Search(tuple(images.shape[-2:]), generator, device, lr, init_weight, regime)
+    done, epoch, stopped = 0, 0, False
     with EvalMode(module):
-        for step in range(steps):
-            pick = torch.randperm(len(images), generator=generator)[:batch_size]
-            used = weight.value
-            similarity, mask, pattern = _invert_step(module, images[pick].to(device), logits, norm, used, optimizer)
-            size, reached = pl1_norm(mask), similarity >= threshold
-            if reached and (best is None or size < best[0]):
-                best = (size, step, mask.clone(), pattern.clone())
-            weight.update(reached)
-            for key, value in (("similarity", similarity), ("pl1_norm", size), ("weight", used)):
-                history[key].append(value)
-    reached = best is not None
-    if best is None:
-        best = (pl1_norm(mask), steps - 1, mask, pattern)
+        while done < steps and not stopped:
+            for group in search.optimizer.param_groups:
+                group["lr"] = decree_lr(epoch, lr, regime.lr_milestones)
+            order = torch.randperm(len(images), generator=generator)
+            batches = [b for b in order.split(batch_size) if len(b) >= 2][:steps - done]
+            sims = [search.step(module, images[b].to(device), norm, threshold, done + i) for i, b in enumerate(batches)]
+            done, epoch = done + len(batches), epoch + 1
+            stopped = search.early.stop(sum(sims) / len(sims), threshold)
     settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "threshold": threshold,
                 "init_weight": init_weight, "seed": seed, "optimizer": "Adam(betas=(0.5, 0.9))",
-                "weight_factor": weight.factor, "weight_patience": weight.patience}
-    return _finish(module, images, norm, best, history, settings, reached=reached)
+                "lr_milestones": list(regime.lr_milestones), "lambda_min": regime.lambda_min,
+                "early_stop_patience": regime.early_stop_patience}
+    return _finish(module, images, norm, search, settings, epochs=epoch, stopped=stopped)
 
 
-def _finish(module: nn.Module, images: Tensor, norm: Callable[[Tensor], Tensor],
-            best: tuple[float, int, Tensor, Tensor], history: dict[str, list[float]], settings: dict[str, Any], *,
-            reached: bool) -> Inversion:
-    size, step, mask, pattern = best
-    mask, pattern = mask.cpu(), pattern.cpu()
-    trigger = inverted_trigger(mask, pattern)
-    batch = settings["batch_size"]
-    return Inversion(mask=mask, pattern=pattern, pl1_norm=size, reached=reached, step=step, history=history,
+def _finish(module: nn.Module, images: Tensor, norm: Callable[[Tensor], Tensor], search: _Search,
+            settings: dict[str, Any], *, epochs: int, stopped: bool) -> Inversion:
+    if search.kept is not None:
+        l1, step, mask, pattern = search.kept
+        size = l1 / (3 * mask.shape[-1] * mask.shape[-2])
+    else:
+        (mask, pattern), step, size = search.last, len(search.history["similarity"]) - 1, 1.0
+    mask, pattern = mask.float().cpu(), pattern.float().cpu()
+    trigger, batch = inverted_trigger(mask, pattern), settings["batch_size"]
+    return Inversion(mask=mask, pattern=pattern, pl1_norm=size, reached=search.kept is not None, step=step,
+                     epochs=epochs, stopped_early=stopped, history=search.history, settings=settings,
                      similarity=embedding_similarity(module, images, norm, trigger=trigger, batch_size=batch),
-                     clean_similarity=embedding_similarity(module, images, norm, batch_size=batch),
-                     settings=settings)
+                     clean_similarity=embedding_similarity(module, images, norm, batch_size=batch))
 
 
 def inverted_trigger(mask: Tensor, pattern: Tensor) -> Trigger:
@@ -328,9 +338,10 @@ def verdict(pl1: float, reference_pl1: float | None = None, *, pl1_threshold: fl
     """Backdoored or not, with the rule that decided it.
 
     With a clean reference model: backdoored when PL1 / PL1_reference < `ratio_threshold`. Without one: when
-    PL1 < `pl1_threshold` (DECREE's rule for 224 px encoders). Small, low-resolution models are not robust: a clean
-    tiny-rn at 32 px is collapsed by a mask of PL1 0.05-0.10 and its backdoored twin by 0.02-0.04 (measured, 60-200
-    steps), both under 0.1, so at that scale only the ratio against a clean reference separates them.
+    PL1 < `pl1_threshold` (the paper's rule). Small, low-resolution models are not robust: with the official
+    settings a clean tiny-rn at 32 px is collapsed by a mask of PL1 0.047-0.076 and a backdoored one by 0.016-0.051
+    (5 seeds each, module docstring), all under 0.1, so at that scale the paper's rule flags clean models too and the
+    ratio against a clean reference (4 of 5 backdoored flagged, no clean pair) is the better verdict.
     """
     if reference_pl1 is not None:
         ratio = pl1 / reference_pl1 if reference_pl1 > 0 else float("inf")

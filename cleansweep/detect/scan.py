@@ -93,7 +93,7 @@ def _scan_file(checkpoint: str | Path, eval_dir: str | Path, model_name: str | N
 def scan_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, out_dir: str | Path,
                     reference: str | Path | None = None, model_name: str | None = None,
                     reference_model: str | None = None, subset: int | None = 500, steps: int = 300,
-                    lr: float = 0.5, batch_size: int = 32, threshold: float = 0.99, init_weight: float = 1.0,
+                    lr: float = 0.5, batch_size: int = 32, threshold: float = 0.99, init_weight: float = 1e-3,
                     seed: int = 0, device: str = "auto", pl1_threshold: float = PL1_THRESHOLD,
                     ratio_threshold: float = RATIO_THRESHOLD) -> dict[str, Any]:
     """`cleansweep scan`: is this checkpoint backdoored? DECREE trigger inversion on clean evaluation images.
