@@ -127,20 +127,33 @@ def space_file(root: Path, world: dict, checkpoint: Path, url: str, experiment: 
 
 # ------------------------------------------------------------------------------------------------ the sweep
 def run_sweep(argv: list[str], timing_log: Path, env: dict, log: Path, sample_s: float) -> tuple[int, list, float]:
-    """The driver subprocess to its end: exit code, [(seconds since start, RSS MB)] samples, wall seconds."""
+    """The driver subprocess to its end: exit code, [(seconds since start, RSS MB, [trial workers' RSS MB])]
+    samples, wall seconds."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "driver", str(timing_log), *argv]
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, list[float]]] = []
     t0 = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         me = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                samples.append((round(time.monotonic() - t0, 1), me.memory_info().rss / 2**20))
+                samples.append((round(time.monotonic() - t0, 1), me.memory_info().rss / 2**20, _workers_mb(me)))
             except psutil.Error:
                 pass
             time.sleep(sample_s)
     return proc.returncode, samples, time.monotonic() - t0
+
+
+def _workers_mb(driver: psutil.Process) -> list[float]:
+    """RSS (MB) of each trial worker process (Ray's `ray::ImplicitFunc...`, reused by Tune across trials)."""
+    out = []
+    for child in driver.children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(child.cmdline()):
+                out.append(round(child.memory_info().rss / 2**20))
+        except psutil.Error:
+            pass
+    return out
 
 
 def tune_evaluations(sweep_dir: Path) -> dict[str, int]:
@@ -240,14 +253,18 @@ def optuna_summary(timing_log: Path) -> dict:
             "suggests": len(suggests), "tell_ms": ends(tells)}
 
 
-def rss_summary(samples: list[tuple[float, float]]) -> dict:
+def rss_summary(samples: list[tuple[float, float, list[float]]]) -> dict:
     if not samples:
         return {}
+    workers = [(s[0], max(s[2])) for s in samples if s[2]]
+    worker_fields = {} if not workers else {
+        "worker_rss_mb_start": workers[len(workers) // 10][1], "worker_rss_mb_middle": workers[len(workers) // 2][1],
+        "worker_rss_mb_end": workers[-1][1], "worker_rss_mb_peak": max(w for _, w in workers)}
     mid = samples[len(samples) // 2]
     # The first samples are the interpreter starting; "start" is once Ray and the trials run (after 10% of the run).
     start = samples[len(samples) // 10]
     return {"rss_mb_start": round(start[1]), "rss_mb_middle": round(mid[1]), "rss_mb_end": round(samples[-1][1]),
-            "rss_mb_peak": round(max(r for _, r in samples)),
+            "rss_mb_peak": round(max(s[1] for s in samples)), **worker_fields,
             "rss_at_s": [start[0], mid[0], samples[-1][0]]}
 
 
@@ -284,6 +301,7 @@ def main() -> None:
         print(f"sweep {name} logging to {url}, workdir {workdir}", flush=True)
         code, samples, wall = run_sweep(["search", str(space), "--name", name, "--workdir", str(workdir)],
                                         root / "optuna-timing.jsonl", env, root / "search.log", args.sample_s)
+        (root / "rss-samples.json").write_text(json.dumps(samples))
         if code != 0:
             raise SystemExit(f"cleansweep search exited {code}: " + (root / "search.log").read_text()[-3000:])
         trials = mlflow_trials(url, experiment)
