@@ -96,8 +96,8 @@ def loopback_node(local: bool) -> Iterator[None]:
 
 
 # A trial worker (a Tune actor reused across trials) runs each trial in a new thread, and glibc gives threads their own
-# malloc arenas (up to 8 per core) that keep freed memory: over a sweep of tiny-rn trials a worker's RSS climbed from
-# ~0.9 GB to ~2.5 GB, mostly 64 MB arena heaps (benchmarks/many_trials.py). Two arenas keep it flat (mallopt(3),
+# malloc arenas (up to 8 per core) that keep freed memory: within ~50 tiny-rn trials a worker's RSS climbed from
+# ~1.5 GB to ~2.5 GB, mostly 64 MB arena heaps (benchmarks/many_trials.py). Two arenas keep it flat (mallopt(3),
 # M_ARENA_MAX); the process environment is where glibc reads it, before the first allocation.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 
