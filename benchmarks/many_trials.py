@@ -5,7 +5,8 @@ ASHA with a 1-epoch grace period, `--slots` at a time) through the real CLI, `cl
 logging to a real `mlflow server --backend-store-uri postgresql://...` (tests/pg_server.py starts the database).
 Measured:
 
-- the driver's RSS over time (psutil, every `--sample-s` seconds): start, middle, end and peak;
+- the driver's RSS over time (psutil, every `--sample-s` seconds): start, middle, end and peak; and the largest RSS
+  of its trial workers (Tune reuses one actor per slot across trials);
 - Optuna's time per `suggest` (and per `on_trial_complete`, which tells the study) against the trial number: the
   driver subprocess wraps `ConstrainedOptunaSearch`'s two methods with a timer that appends to a log (this module's
   `driver` mode; the package itself is not changed and the wrapped methods run exactly as before);
