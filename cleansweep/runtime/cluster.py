@@ -57,7 +57,7 @@ def connect(address: str | None, *, echo: Callable[[str], None] = print, worker_
     # Ray announces token auth on stderr at every start; the dashboard line below says it (one line per error).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     where = ray_address(address)
-    with loopback_node(where == "local"):
+    with loopback_node(where == "local"), worker_env(where == "local"):
         ctx = ray.init(address=where, log_to_driver=worker_logs, configure_logging=False)
     private_token_file()
     url = getattr(ctx, "dashboard_url", None)
@@ -93,6 +93,26 @@ def loopback_node(local: bool) -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+# A trial worker (a Tune actor reused across trials) runs each trial in a new thread, and glibc gives threads their own
+# malloc arenas (up to 8 per core) that keep freed memory: within ~50 tiny-rn trials a worker's RSS climbed from
+# ~1.5 GB to ~2.5 GB, mostly 64 MB arena heaps (benchmarks/many_trials.py). Two arenas keep it flat (mallopt(3),
+# M_ARENA_MAX); the process environment is where glibc reads it, before the first allocation.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+@contextlib.contextmanager
+def worker_env(local: bool) -> Iterator[None]:
+    """While a new local cluster starts, WORKER_ENV in the environment its processes (and so its workers) inherit;
+    a value the caller set wins. A cluster started elsewhere takes its settings from its own `ray start`."""
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ} if local else {}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def token_file(env: Mapping[str, str] | None = None) -> Path:

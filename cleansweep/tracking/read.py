@@ -100,17 +100,65 @@ def list_sweeps(tracking_uri: str, experiment: str | None = None) -> pd.DataFram
     return frame.sort_values("start_time", ascending=False, ignore_index=True)
 
 
-def _history_rows(client: MlflowClient, run: Any, trial_id: str) -> list[dict[str, Any]]:
+# An MLflow server reads one metric of up to 100 runs per request on the route its UI draws charts from
+# (mlflow/server/handlers.py, get_metric_history_bulk_handler: at most 100 run ids and 25000 points per response).
+# One GetMetricHistory per run and key cost `results` of a 300-trial sweep ~3300 round trips (~100 s); this ~35.
+BULK_ROUTE = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"
+BULK_RUNS, BULK_POINTS = 100, 25000
+
+
+def bulk_metric_history(tracking_uri: str, run_ids: list[str], key: str,
+                        max_points: int = BULK_POINTS) -> dict[str, list[tuple[int, int, float]]] | None:
+    """Every (step, timestamp, value) of metric `key` of each run, in one request per 100 runs.
+
+    Returns None where the store is not an MLflow server, the server lacks the route, or a response may have been
+    cut at `max_points`: the caller then reads each run's history on its own.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request_safe
+
+    out: dict[str, list[tuple[int, int, float]]] = {rid: [] for rid in run_ids}
+    for i in range(0, len(run_ids), BULK_RUNS):
+        params = [("run_id", rid) for rid in run_ids[i:i + BULK_RUNS]]
+        params += [("metric_key", key), ("max_results", str(max_points))]
+        try:
+            reply = http_request_safe(get_default_host_creds(tracking_uri), BULK_ROUTE, "GET", params=params,
+                                      max_retries=0).json()
+        except (MlflowException, OSError, ValueError):
+            return None
+        points = reply.get("metrics", [])
+        if len(points) >= max_points:
+            return None
+        for m in points:
+            out[m["run_id"]].append((int(m["step"]), int(m["timestamp"]), float(m["value"])))
+    return out
+
+
+def _metric_points(client: MlflowClient, tracking_uri: str,
+                   runs: list[Any]) -> dict[str, dict[str, list[tuple[int, int, float]]]]:
+    """run id -> metric key -> every logged (step, timestamp, value); in bulk from a server, else run by run."""
+    out: dict[str, dict[str, list[tuple[int, int, float]]]] = {r.info.run_id: {} for r in runs}
+    for key in sorted({k for r in runs for k in r.data.metrics if k != STEP_METRIC}):
+        ids = [r.info.run_id for r in runs if key in r.data.metrics]  # the resume sentinel repeats the step: skipped
+        bulk = bulk_metric_history(tracking_uri, ids, key)
+        for rid in ids:
+            out[rid][key] = bulk[rid] if bulk is not None else [
+                (m.step, m.timestamp, m.value) for m in client.get_metric_history(rid, key)]
+    return out
+
+
+def _history_rows(run_id: str, trial_id: str, metrics: dict[str, list[tuple[int, int, float]]]) -> list[dict]:
     # One evaluation = one batch of metrics at one step; a step re-logged after a resume keeps its newest value.
     points: dict[int, dict[str, tuple[int, float]]] = {}
-    for key in run.data.metrics:
-        if key == STEP_METRIC:
-            continue  # the resume sentinel repeats the step itself
-        for m in client.get_metric_history(run.info.run_id, key):
-            old = points.setdefault(m.step, {}).get(key)
-            if old is None or m.timestamp >= old[0]:
-                points[m.step][key] = (m.timestamp, m.value)
-    return [{"run_id": run.info.run_id, "trial_id": trial_id, "step": step, **{k: v for k, (_, v) in kv.items()}}
+    for key, history in metrics.items():
+        for step, timestamp, value in history:
+            old = points.setdefault(step, {}).get(key)
+            if old is None or timestamp >= old[0]:
+                points[step][key] = (timestamp, value)
+    return [{"run_id": run_id, "trial_id": trial_id, "step": step, **{k: v for k, (_, v) in kv.items()}}
             for step, kv in sorted(points.items())]
 
 
@@ -149,6 +197,7 @@ def load_sweep(name: str, tracking_uri: str, *, experiment: str | None = None) -
     children = [r for r in children if LOST_TAG not in r.data.tags]  # replaced by re-suggested trials
     children.sort(key=lambda r: (r.info.start_time, r.info.run_name))
     trial_rows, history_rows = [], []
+    metric_points = _metric_points(client, tracking_uri, children)
     for run in children:
         trial_id = run.data.tags.get(TRIAL_ID_TAG, run.info.run_name)
         trial_rows.append({"run_id": run.info.run_id, "trial_id": trial_id, "run_name": run.info.run_name,
@@ -156,7 +205,7 @@ def load_sweep(name: str, tracking_uri: str, *, experiment: str | None = None) -
                            **_trial_fields(run.data.tags),
                            **{f"params.{k}": v for k, v in run.data.params.items()},
                            **{f"tags.{k}": v for k, v in run.data.tags.items() if k.startswith("cleansweep.")}})
-        history_rows.extend(_history_rows(client, run, trial_id))
+        history_rows.extend(_history_rows(run.info.run_id, trial_id, metric_points[run.info.run_id]))
     trials = pd.DataFrame(trial_rows, columns=None if trial_rows else
                           ["run_id", "trial_id", "run_name", "status", "start_time", *_trial_fields({})])
     history = pd.DataFrame(history_rows, columns=None if history_rows else ["run_id", "trial_id", "step"])
