@@ -8,11 +8,12 @@ import sys
 from cleansweep import __version__
 from cleansweep.cli import data, measure, study, sweep, train, ui
 from cleansweep.cli.parser import Parser
-from cleansweep.errors import DiskFull, UserError
+from cleansweep.errors import DiskFull, NodeOutOfMemory, UserError
 from cleansweep.runtime import interrupts
 
 DESCRIPTION = "Command line: `cleansweep <command>`. The only place that exits."
-EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130  # a full disk: diskguard.EXIT_CODE; best model lost: delivery's
+# A full disk: diskguard.EXIT_CODE (also 75, EX_TEMPFAIL); best model lost: delivery's.
+EXIT_USER_ERROR, EXIT_TEMPFAIL, EXIT_INTERRUPTED = 2, 75, 130
 # Each adds one subcommand (its flags and the function it calls), in the order `--help` lists them.
 COMMANDS = [data.add_data, data.add_poison, measure.add_evaluate, measure.add_scan, train.add_pretrain,
             sweep.add_search, sweep.add_results, sweep.add_report, study.add_study, study.add_matrix, ui.add_ui]
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; return its exit code (0 ok, 2 user error, 3 best model lost, 75 disk full, 130 interrupted).
+    """Run one command; return its exit code (0 ok, 2 user error, 3 best model lost, 75 disk full or node out of
+    memory (resumable), 130 interrupted).
 
     A `UserError` becomes one line on stderr; nothing here prints a traceback for bad input.
     """
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except NodeOutOfMemory as e:  # resumable, like a full disk
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_TEMPFAIL
     except (DiskFull, Exception) as e:  # a full disk: one line naming the path (diskguard), resumable
         from cleansweep.runtime import diskguard
 

@@ -91,10 +91,12 @@ def check_space(paths: list[Path], name: str, *, stopped: bool = False) -> None:
         raise DiskFull(message(path, free, name, stopped=stopped))
 
 
-def disk_full_line(exc: BaseException) -> str | None:
+def disk_full_line(exc: BaseException | str) -> str | None:
     """"error: ..." for a `DiskFull`, or for an ENOSPC anywhere in the exception's chain; None for anything else."""
     if isinstance(exc, DiskFull):
         return f"error: {exc}"
+    if not isinstance(exc, BaseException):  # Tune hands some trial errors back as their text only
+        exc = RuntimeError(str(exc))
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:

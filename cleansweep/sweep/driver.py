@@ -39,7 +39,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from cleansweep import tracking
 from cleansweep.config import deep_update
-from cleansweep.errors import UserError
+from cleansweep.errors import NodeOutOfMemory, UserError
 from cleansweep.objective import ASR, SCORE, TOP1, start_metric
 from cleansweep.results import analysis
 from cleansweep.runtime import atomic, cluster, diskguard, interrupts, layout, scratch
@@ -181,7 +181,14 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
                            run_config=_run_config(cfg, ctx, sweep_dir, echo))
     budget_start = time.monotonic()
     with interrupts.sigterm_as_sigint():
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except RuntimeError as e:
+            if records.out_of_memory(e) is None:
+                raise
+            raise NodeOutOfMemory(f"sweep {ctx.sweep!r}: Ray's memory monitor killed a trial worker (the node ran "
+                                  "out of memory) and Tune stopped the sweep; free memory or lower "
+                                  "search.max_concurrent, then re-run with --resume") from None
     diskguard.raise_if_tripped(stage_dir, ctx.sweep)
     diskguard.raise_if_trials_hit_full_disk(grid, ctx.sweep)
     if resume:

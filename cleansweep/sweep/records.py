@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import cloudpickle, tune
-from ray.exceptions import RayActorError
+from ray.exceptions import OutOfMemoryError, RayActorError
 
 
 def resumable_trials(stage_dir: Path, grid: tune.ResultGrid | None = None) -> list[str]:
@@ -44,13 +44,29 @@ def error_is(error: BaseException | None, kind: type[BaseException]) -> bool:
     return isinstance(error, kind) or isinstance(getattr(error, "cause", None), kind)
 
 
-def failure_cause(error: BaseException | None) -> str:
+def failure_cause(error: BaseException | str | None) -> str:
     """One line saying why Tune failed a trial: `trial worker died: ...` when its process died (OOM killer, kill -9,
     a lost node: the trial could not record its own error), else the error's type and first line."""
     if error is None:
         return "trial failed; Tune recorded no error"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, str):  # Tune hands some errors back as their text only
+        return lines[0] if lines else "trial failed; Tune recorded no error"
     if isinstance(error, RayActorError):
         why = next((line for line in lines if line.startswith("The actor is dead because")), "")
         return f"trial worker died: {type(error).__name__}: {' '.join([lines[0] if lines else '', why]).strip()}"
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def out_of_memory(error: BaseException) -> OutOfMemoryError | None:
+    """The `OutOfMemoryError` of Ray's memory monitor behind `error`, if any. Tune's actor manager (Ray 2.60,
+    ray/air/execution/_internal/actor_manager.py `_actor_task_failed`) knows only `RayActorError` and
+    `RayTaskError`; a worker the memory monitor killed fails its task with `OutOfMemoryError`, which it re-raises as
+    `RuntimeError("Caught unexpected exception ...")`, ending `Tuner.fit` for every trial."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OutOfMemoryError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
