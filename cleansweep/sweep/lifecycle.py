@@ -17,7 +17,7 @@ from ray.train.constants import CHECKPOINT_DIR_NAME
 
 from cleansweep import tracking
 from cleansweep.objective import BEST_STEP, EPOCH, FEASIBLE, STEP
-from cleansweep.runtime import diskguard, layout
+from cleansweep.runtime import diskguard, layout, storage
 from cleansweep.sweep import records
 
 RESUME_STATE = layout.STATE_FILE
@@ -57,7 +57,9 @@ class TrialEndCallback(tune.Callback):
         if Path(checkpoint.path).name != result.get(CHECKPOINT_DIR_NAME):
             return
         with contextlib.suppress(Exception):  # never let bookkeeping kill the sweep: the end-of-sweep check is loud
-            tracking.record_best_checkpoint(self._client_for(), run_id, checkpoint.path, int(step))
+            # A URI when Tune persisted it to object storage (`checkpoint.path` is then the path in the bucket).
+            where = storage.uri_of(checkpoint.filesystem, checkpoint.path)
+            tracking.record_best_checkpoint(self._client_for(), run_id, where, int(step))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
