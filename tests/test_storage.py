@@ -202,7 +202,7 @@ def test_a_sweep_keeps_trials_and_best_model_in_the_bucket_and_resumes_from_it(s
         attack: {{name: badnet, patch_size: 8, location: fixed, patch: fixed}}
         objective: {{threshold: 1.0}}
         epochs: 1
-        space: {{optim.lr: {{choice: [1.0e-4, 1.0e-3]}}}}
+        space: {{optim.lr: {{grid: [1.0e-4, 1.0e-3]}}}}
         search: {{algorithm: grid, max_concurrent: 1}}
         resources: {{cpu: 1}}
         """))
