@@ -119,6 +119,29 @@ def test_the_best_checkpoint_check_loads_weights_from_s3(s3, tmp_path):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_scan_outputs_go_to_the_bucket(s3, tmp_path, tiny_world, capsys):
+    from cleansweep.detect.scan import scan_checkpoint
+    from cleansweep.models import create_model, save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", create_model("tiny-rn", seed=0).model, {"model": "tiny-rn"})
+    out = f"s3://{BUCKET}/scans/m"
+    result = scan_checkpoint(ckpt, tiny_world["eval_dir"], out_dir=out, subset=8, steps=2, batch_size=8,
+                             device="cpu")
+    objects = _objects(s3, "scans/m")
+    assert set(objects) == {f"scans/m/{f}" for f in ("scan.json", "inverted_trigger.png", "inversion.safetensors",
+                                                     "inversion.json")} and min(objects.values()) > 0
+    assert result["files"] == {f: f"{out}/{f}" for f in ("scan.json", "inverted_trigger.png",
+                                                         "inversion.safetensors")}
+    with s3.fs.open_input_stream(f"{BUCKET}/scans/m/scan.json") as f:
+        assert json.loads(f.read())["files"] == result["files"]
+    # A bucket that does not exist is refused before the inversion runs: nothing written, one line, exit 2.
+    argv = ["scan", str(ckpt), "--eval-data", str(tiny_world["eval_dir"]), "--out", "s3://no-such-bucket/scans",
+            "--workdir", str(tmp_path / "w")]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "error: storage s3://no-such-bucket/scans: bucket 'no-such-bucket' does not " \
+                                      "exist; create it first or fix the URI\n"
+
+
 # ------------------------------------------------------------------------------------------------ bad storage
 def test_check_storage_accepts_a_bucket_and_names_each_problem(s3, monkeypatch):
     storage.check_storage(f"s3://{BUCKET}/sweeps")  # no error: listed once

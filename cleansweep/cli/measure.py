@@ -54,7 +54,7 @@ def add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help=".safetensors or .pt checkpoint (never unpickled as code)")
     p.add_argument("--eval-data", type=Path, required=True, help="ImageNet-style folder of clean images")
     p.add_argument("--reference", type=Path, default=None, help="a clean model to compare with (same inversion)")
-    p.add_argument("--out", type=storage.parse_location, default=None,
+    p.add_argument("--out", type=str, default=None,  # str: Path folds the `//` of an s3:// or gs:// URI
                    help="output folder or s3:// / gs:// URI (default: <workdir>/scans/<checkpoint>)")
     p.add_argument("--model", default=None, help="model config name (default: from the checkpoint's card)")
     p.add_argument("--reference-model", default=None, help="model config of --reference (default: its card's)")
@@ -70,7 +70,7 @@ def add_scan(sub: argparse._SubParsersAction) -> None:
 def _cmd_scan(args: argparse.Namespace) -> int:
     from cleansweep.detect.scan import scan_checkpoint
 
-    out = args.out or workdir_of(args) / "scans" / args.checkpoint.stem
+    out = storage.parse_location(args.out) if args.out else workdir_of(args) / "scans" / args.checkpoint.stem
     storage.check_storage(out)  # before the inversion's minutes, not after
     result = scan_checkpoint(args.checkpoint, args.eval_data, out_dir=out, reference=args.reference,
                              model_name=args.model, reference_model=args.reference_model,
