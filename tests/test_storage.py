@@ -98,6 +98,22 @@ def test_a_checkpoint_ray_persisted_to_s3_is_recorded_as_a_uri(s3):
     assert storage.uri_of(s3.pafs.LocalFileSystem(), "/tmp/x/checkpoint_000001") == "/tmp/x/checkpoint_000001"
 
 
+def test_finished_trials_drop_resume_state_in_the_bucket_but_keep_weights(s3):
+    from cleansweep.sweep.lifecycle import RESUME_STATE, drop_resume_state
+
+    trial = "sweeps/d/main/t1"
+    for step, size in ((1, 20), (2, 30)):
+        storage.write_bytes(f"s3://{BUCKET}/{trial}/checkpoint_{step:06d}/{RESUME_STATE}", b"s" * size)
+        storage.write_bytes(f"s3://{BUCKET}/{trial}/checkpoint_{step:06d}/model.safetensors", b"w" * 7)
+    fs, path = s3.pafs.FileSystem.from_uri(f"s3://{BUCKET}/{trial}")  # what Tune hands over: (filesystem, path)
+    assert drop_resume_state(path, keep_latest=True, filesystem=fs) == 20
+    assert set(_objects(s3, trial)) == {f"{trial}/checkpoint_000001/model.safetensors",
+                                        f"{trial}/checkpoint_000002/model.safetensors",
+                                        f"{trial}/checkpoint_000002/{RESUME_STATE}"}
+    assert drop_resume_state(path, keep_latest=False, filesystem=fs) == 30
+    assert all(k.endswith("model.safetensors") for k in _objects(s3, trial)) and len(_objects(s3, trial)) == 2
+
+
 def test_the_best_checkpoint_check_loads_weights_from_s3(s3, tmp_path):
     from cleansweep.models import create_model, load_checkpoint_model, save_checkpoint
 
@@ -256,6 +272,7 @@ def test_a_sweep_keeps_trials_and_best_model_in_the_bucket_and_resumes_from_it(s
             in_bucket.write_bytes(f.read())
         assert file_sha256(local) == file_sha256(in_bucket)  # the registered model is the bucket's best checkpoint
         # --resume reads the sweep back from the bucket: a finished sweep restores, runs nothing new, delivers again.
+        assert not [k for k in _objects(s3, "sweeps/s3demo") if k.endswith("/state.pt")]  # resume-only, dropped
         assert cli.main([*args, "--resume"]) == 0
         assert {k.split("/")[3] for k in _objects(s3, "sweeps/s3demo/main") if k.endswith("model.safetensors")} \
             == trials

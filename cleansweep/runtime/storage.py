@@ -168,8 +168,9 @@ def local_staging(prefix: str) -> Path:
 def check_storage(location: Location | None) -> None:
     """Refuse an object-storage location that cannot be used, before anything starts: list it once.
 
-    A local path (or None) passes. For S3, credentials must be configured (the AWS variables, `AWS_PROFILE` or a
-    shared credentials file) unless the URI asks for `anonymous=true`.
+    A local path (or None) passes. For S3, credentials must be configured: the AWS variables, `AWS_PROFILE` (on an
+    instance role: a profile with `credential_source = Ec2InstanceMetadata`), a shared credentials file, web identity
+    or container credentials.
 
     Raises:
         UserError: one line: no credentials, endpoint unreachable, bucket missing or access denied, with the fix.
@@ -177,7 +178,7 @@ def check_storage(location: Location | None) -> None:
     if not is_remote(location):
         return
     uri = str(parse_location(str(location)))
-    if uri.startswith("s3://") and "anonymous=true" not in uri.lower() and not _aws_credentials_configured():
+    if uri.startswith("s3://") and not _aws_credentials_configured():
         raise UserError(f"storage {uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
                         "AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible server")
     import pyarrow

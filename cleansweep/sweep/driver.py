@@ -217,7 +217,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: storage.Location,
     if done:  # the experiment is over: no trial will resume from any checkpoint
         settle_statuses(grid, ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs)
         for result in grid:
-            drop_resume_state(result.path, keep_latest=False)
+            drop_resume_state(result.path, keep_latest=False, filesystem=result.filesystem)
         scratch.remove(ctx.scratch)  # what killed trials on this node left (other nodes: when a trial resumes there)
     budget_hit = cfg.search.time_budget_s is not None and time.monotonic() - budget_start >= cfg.search.time_budget_s
     if not done or (len(grid) < expected and not budget_hit):
