@@ -29,7 +29,7 @@ PACKAGE = Path(cleansweep.__file__).parent
 # each other freely. The same table, with what each floor is for, is in docs/design.md.
 LEVELS = [
     ["errors", "limits", "runtime.layout", "runtime.atomic", "rng"],
-    ["config", "objective", "tracking.outage", "tracking.tags"],
+    ["config", "objective", "tracking.outage", "tracking.tags", "runtime.storage"],
     ["tracking.store", "sweep.config", "sweep.names"],
     ["data", "augment", "attacks.params", "tracking.runs", "tracking.read", "tracking.server"],
     ["models", "losses", "attacks.noise", "attacks.structured", "tracking.trials", "tracking.registry"],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cleansweep import limits
 from cleansweep.cli.parser import add_workdir, print_json, workdir_of
+from cleansweep.runtime import storage
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +54,8 @@ def add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help=".safetensors or .pt checkpoint (never unpickled as code)")
     p.add_argument("--eval-data", type=Path, required=True, help="ImageNet-style folder of clean images")
     p.add_argument("--reference", type=Path, default=None, help="a clean model to compare with (same inversion)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <workdir>/scans/<checkpoint>)")
+    p.add_argument("--out", type=str, default=None,  # str: Path folds the `//` of an s3:// or gs:// URI
+                   help="output folder or s3:// / gs:// URI (default: <workdir>/scans/<checkpoint>)")
     p.add_argument("--model", default=None, help="model config name (default: from the checkpoint's card)")
     p.add_argument("--reference-model", default=None, help="model config of --reference (default: its card's)")
     p.add_argument("--subset", type=limits.int_in(0, limits.MAX_COUNT), default=500,
@@ -68,7 +70,8 @@ def add_scan(sub: argparse._SubParsersAction) -> None:
 def _cmd_scan(args: argparse.Namespace) -> int:
     from cleansweep.detect.scan import scan_checkpoint
 
-    out = args.out or workdir_of(args) / "scans" / args.checkpoint.stem
+    out = storage.parse_location(args.out) if args.out else workdir_of(args) / "scans" / args.checkpoint.stem
+    storage.check_storage(out)  # before the inversion's minutes, not after
     result = scan_checkpoint(args.checkpoint, args.eval_data, out_dir=out, reference=args.reference,
                              model_name=args.model, reference_model=args.reference_model,
                              subset=args.subset or None, steps=args.steps, seed=args.seed, device=args.device)

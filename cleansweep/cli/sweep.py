@@ -8,14 +8,16 @@ from pathlib import Path
 
 from cleansweep import limits
 from cleansweep.cli.parser import add_tracking_uri, add_workdir, tracking_store, workdir_of
-from cleansweep.runtime import layout
+from cleansweep.runtime import layout, storage
 
 
 def add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="cleaning sweep on Ray Tune + Optuna: max zero-shot top-1 s.t. ASR <= threshold")
     p.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
     p.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file stem)")
-    p.add_argument("--storage-path", type=Path, default=None, help="Tune storage folder (default: <workdir>/sweeps)")
+    # str, not Path: Path folds the `//` of a URI; `storage.parse_location` makes a local one a Path.
+    p.add_argument("--storage-path", type=str, default=None,
+                   help="Tune storage: a folder, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (default: <workdir>/sweeps)")
     p.add_argument("--num-samples", type=limits.count, default=None, help="trials (optuna/random) or grid repeats")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep of this --name")
@@ -40,11 +42,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     name = args.name or cfg.name or args.space.stem
     workdir = workdir_of(args)
     # Everything that can be refused is refused here, before a model is pre-trained or Ray starts.
-    names.check_sweep_name(name, search.sweep_location(cfg, name, workdir, args.storage_path), resume=args.resume)
+    storage_path = storage.parse_location(args.storage_path) if args.storage_path is not None else None
+    sweep_dir = search.sweep_location(cfg, name, workdir, storage_path)
+    storage.check_storage(sweep_dir)  # credentials, endpoint and bucket: one line now, not a Ray traceback later
+    names.check_sweep_name(name, sweep_dir, resume=args.resume)
     tracking_store(cfg.mlflow.tracking_uri, workdir)
     start = start_model.resolve(cfg, workdir)
     out = search.search(cfg, start, name=name, workdir=workdir, space_file=args.space,
-                        storage_path=args.storage_path, num_samples=args.num_samples, address=args.address,
+                        storage_path=storage_path, num_samples=args.num_samples, address=args.address,
                         resume=args.resume)
     print(report.format_leaderboard(out["leaderboard"], "table", args.top_k))
     registered = f"; best model registered as {out['best_model']['name']} v{out['best_model']['version']}" \

@@ -5,6 +5,7 @@ a checkpoint and clean evaluation images, the verdict, and its files: scan.json,
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from cleansweep.detect.proxy import save_inversion
 from cleansweep.evaluate import resolve_device, zeroshot_classifier
 from cleansweep.models import ModelBundle, file_sha256, load_checkpoint_model
 from cleansweep.results.figures import plot_inversions
+from cleansweep.runtime import storage
 from cleansweep.runtime.atomic import write_atomic, write_json
 
 
@@ -105,7 +107,7 @@ def scan_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, out_dir: st
     Args:
         checkpoint: .safetensors or .pt model file (never unpickled as code).
         eval_dir: ImageNet-style folder (`cleansweep.data.EvalFolder`); its images are the clean inputs.
-        out_dir: where the three outputs go (created).
+        out_dir: where the three outputs go (created): a folder, or an s3:// / gs:// URI they are uploaded to.
         reference: a clean model checkpoint to compare with (same inversion, ratio of the PL1-norms).
         model_name, reference_model: model configs (default: the card's, else the one whose shapes fit).
         subset: use a seeded subset of this many images (None: all).
@@ -117,7 +119,7 @@ def scan_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, out_dir: st
         The scan.json content: `model` (report of `scan_model` + checkpoint, sha256), `reference` (same or None),
         `verdict` (`backdoored`, `ratio`, `rule`), `settings`, `files`, `version`.
     """
-    dev, out = resolve_device(device), Path(out_dir)
+    dev = resolve_device(device)
     settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "threshold": threshold,
                 "init_weight": init_weight, "seed": seed}
     report, inversion = _scan_file(checkpoint, eval_dir, model_name, subset, settings, dev)
@@ -125,17 +127,36 @@ def scan_checkpoint(checkpoint: str | Path, eval_dir: str | Path, *, out_dir: st
                                  if reference is not None else (None, None))
     decision = verdict(report["pl1_norm"], ref_report["pl1_norm"] if ref_report else None,
                        pl1_threshold=pl1_threshold, ratio_threshold=ratio_threshold)
-    files = {name: str(out / name) for name in ("scan.json", "inverted_trigger.png", "inversion.safetensors")}
+    remote = storage.is_remote(out_dir)
+    out = storage.local_staging("scan") if remote else Path(out_dir)  # object storage: written here, then uploaded
+    names = ("scan.json", "inverted_trigger.png", "inversion.safetensors")
+    files = {name: str(storage.join(out_dir if remote else out, name)) for name in names}
+    local = {name: str(out / name) for name in names}
     out.mkdir(parents=True, exist_ok=True)
-    save_inversion(files["inversion.safetensors"], inversion.mask, inversion.pattern,
+    try:
+        result = _write_scan(local, files, report, ref_report, inversion, ref_inversion, decision, eval_dir,
+                             settings | {"subset": subset, "device": str(dev), "pl1_threshold": pl1_threshold,
+                                         "ratio_threshold": ratio_threshold})
+        if remote:
+            for name in storage.list_files(out):
+                storage.upload(out / name, storage.join(out_dir, name))
+    finally:
+        if remote:
+            shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def _write_scan(local: dict[str, str], files: dict[str, str], report: dict[str, Any],
+                ref_report: dict[str, Any] | None, inversion: Inversion, ref_inversion: Inversion | None,
+                decision: dict[str, Any], eval_dir: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write a scan's files at their `local` paths; scan.json names them by their final `files` locations."""
+    save_inversion(local["inversion.safetensors"], inversion.mask, inversion.pattern,
                    {k: report[k] for k in ("checkpoint", "sha256", "model", "image_size", "suspected_target",
                                            "target_index", "pl1_norm", "proxy_asr")} | {"eval_dir": str(eval_dir)})
     shown = [("model", inversion)] + ([("reference", ref_inversion)] if ref_inversion is not None else [])
     figure = plot_inversions([(label, inv.mask.numpy(), inv.pattern.numpy()) for label, inv in shown])
-    write_atomic(files["inverted_trigger.png"], lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    write_atomic(local["inverted_trigger.png"], lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     result = {"model": report, "reference": ref_report, "verdict": decision, "eval_dir": str(eval_dir),
-              "settings": {**settings, "subset": subset, "device": str(dev), "pl1_threshold": pl1_threshold,
-                           "ratio_threshold": ratio_threshold},
-              "files": files, "version": __version__}
-    write_json(files["scan.json"], result)
+              "settings": settings, "files": files, "version": __version__}
+    write_json(local["scan.json"], result)
     return result

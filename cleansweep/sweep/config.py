@@ -159,7 +159,9 @@ class SearchConfig(Strict):
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: ResourcesSpec = ResourcesSpec()
     address: str | None = Field(None, description="Ray cluster address (CLI --address wins); None = local.")
-    storage_path: Path | None = Field(None, description="Where Tune keeps trials (CLI --storage-path wins).")
+    # str, not Path: Path folds the `//` of an s3:// or gs:// URI (`runtime.storage`).
+    storage_path: str | Path | None = Field(None, description="Where Tune keeps trials: a folder, s3://BUCKET/PREFIX "
+                                            "or gs://BUCKET/PREFIX (CLI --storage-path wins).")
     mlflow: MlflowSpec = MlflowSpec()
     seed: Seed = Field(0, description="Seed of the searcher and of every trial.")
 

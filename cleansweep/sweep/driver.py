@@ -16,7 +16,9 @@ The best checkpoint's path is recorded by the driver as Tune persists it, and ch
 `stopped_early` when it had epochs left; KILLED is for interrupted sweeps only, and `--resume` runs those trials to
 their end (`records.resumable_trials`). How trials end: `lifecycle`; the outputs: `outputs`.
 
-Layout of a sweep folder: `runtime.layout`.
+Layout of a sweep folder: `runtime.layout`. The sweep folder may be an object-storage URI (`runtime.storage`): Tune
+then persists trials and checkpoints there, and the driver writes its own files (sweep.json, space.yaml, the
+leaderboard and Pareto plot) there too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -42,7 +45,7 @@ from cleansweep.config import deep_update
 from cleansweep.errors import NodeOutOfMemory, UserError
 from cleansweep.objective import ASR, SCORE, TOP1, start_metric
 from cleansweep.results import analysis
-from cleansweep.runtime import atomic, cluster, diskguard, interrupts, layout, scratch
+from cleansweep.runtime import atomic, cluster, diskguard, interrupts, layout, scratch, storage
 from cleansweep.sweep import names, records, space
 from cleansweep.sweep.config import Domain, SearchConfig
 from cleansweep.sweep.console import TrialTable
@@ -54,13 +57,16 @@ from cleansweep.sweep.trial import POINT, TrialContext, clean_trial
 DEFAULT_SAMPLES = 8
 
 
-def sweep_location(cfg: SearchConfig, name: str, workdir: Path, storage_path: Path | None = None) -> Path:
-    """The folder of sweep `name`: `--storage-path`, else the YAML's `storage_path`, else `<workdir>/sweeps`."""
-    return layout.sweep_dir(storage_path or cfg.storage_path or layout.default_storage(workdir), name)
+def sweep_location(cfg: SearchConfig, name: str, workdir: Path, storage_path: storage.Location | None = None
+                   ) -> storage.Location:
+    """The folder of sweep `name`: `--storage-path`, else the YAML's `storage_path`, else `<workdir>/sweeps` (a
+    `str` URI for object storage, else a resolved `Path`)."""
+    where = storage.parse_location(storage_path or cfg.storage_path or layout.default_storage(workdir))
+    return storage.join(where, name) if storage.is_remote(where) else layout.sweep_dir(where, name)
 
 
 def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_file: Path | None = None,
-           storage_path: Path | None = None, num_samples: int | None = None, address: str | None = None,
+           storage_path: storage.Location | None = None, num_samples: int | None = None, address: str | None = None,
            resume: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) cleaning sweep `name` and return its leaderboard.
 
@@ -71,7 +77,7 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
         name: Sweep name (Tune experiment folder, MLflow parent run).
         workdir: Holds the default storage (`sweeps/`) and the default MLflow database.
         space_file: The YAML the config came from (kept as an artifact).
-        storage_path: Tune storage folder; default `cfg.storage_path` or `<workdir>/sweeps`.
+        storage_path: Tune storage folder or s3:// / gs:// URI; default `cfg.storage_path` or `<workdir>/sweeps`.
         num_samples: Override `search.num_samples`.
         address: Ray cluster address; default `cfg.address`, else $RAY_ADDRESS, else a new local Ray.
         resume: Continue an interrupted sweep of this name (without it an existing name is an error).
@@ -84,10 +90,11 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
     """
     started = time.monotonic()
     sweep_dir = sweep_location(cfg, name, Path(workdir), storage_path)
+    storage.check_storage(sweep_dir)
     names.check_sweep_name(name, sweep_dir, resume=resume)
     cfg = _with_num_samples(cfg, sweep_dir, num_samples, resume)
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, Path(workdir).resolve())
-    diskguard.check_space(diskguard.sweep_paths(sweep_dir, uri), name)  # before anything is written
+    diskguard.check_space(_disk_paths(sweep_dir, uri), name)  # before anything is written
     client = tracking.open_client(uri)
     experiment_id = tracking.get_or_create_experiment(client, cfg.mlflow.experiment)
     in_mlflow = tracking.find_sweep_run(client, experiment_id, name) is not None
@@ -103,7 +110,7 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
             print(start.warning, file=sys.stderr, flush=True)
         ctx = TrialContext(sweep=name, stage="main", base=start.base, tracking_uri=uri, experiment_id=experiment_id,
                            parent_run_id=parent.run_id, threshold=cfg.objective.threshold, gpu=cfg.resources.gpu,
-                           scratch=scratch.name(sweep_dir), constraint=cfg.objective.constraint)
+                           scratch=scratch.name(str(sweep_dir)), constraint=cfg.objective.constraint)
         try:
             outputs = _run_stages(cfg, ctx, sweep_dir, resume, start, parent, echo)
             tracking.mark_stale_trials(client, experiment_id, name)
@@ -117,12 +124,19 @@ def search(cfg: SearchConfig, start: Any, *, name: str, workdir: Path, space_fil
             "tracking_uri": uri, "seconds": time.monotonic() - started, "start": dict(start.metrics)}
 
 
-def _start_parent(client: Any, experiment_id: str, cfg: SearchConfig, name: str, start: Any, sweep_dir: Path,
-                  space_file: Path | None, resume: bool) -> tracking.RunHandle:
+def _start_parent(client: Any, experiment_id: str, cfg: SearchConfig, name: str, start: Any,
+                  sweep_dir: storage.Location, space_file: Path | None, resume: bool) -> tracking.RunHandle:
     """The sweep's parent run (reopened on resume) with its params, space file and the starting model's metrics."""
     parent = tracking.start_sweep(client, experiment_id, name, params=_sweep_params(cfg, start))
     if space_file is not None and not resume:
-        parent.log_artifact(sweep_dir / layout.SPACE_FILE)
+        if storage.is_remote(sweep_dir):  # MLflow logs local files, under their own name
+            staging = storage.local_staging("space")
+            try:
+                parent.log_artifact(shutil.copyfile(space_file, staging / layout.SPACE_FILE))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            parent.log_artifact(sweep_dir / layout.SPACE_FILE)
     parent.log_metrics({start_metric(k): v for k, v in start.metrics.items()}, step=0)
     return parent
 
@@ -146,6 +160,17 @@ def _run_stages(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: b
     return write_outputs(cfg, ctx, sweep_dir, start, parent)
 
 
+def _disk_paths(sweep_dir: storage.Location, tracking_uri: str) -> list[Path]:
+    """Local folders a sweep fills: with object storage, Tune stages checkpoints in the temp folder (in the list)."""
+    local = Path(tempfile.gettempdir()) if storage.is_remote(sweep_dir) else Path(sweep_dir)
+    return diskguard.sweep_paths(local, tracking_uri)
+
+
+def _guard_dir(stage_dir: storage.Location, ctx: TrialContext) -> Path:
+    """The local experiment folder the disk guard keeps state copies of (none with object storage: a name only)."""
+    return Path(tempfile.gettempdir()) / ctx.scratch / ctx.stage if storage.is_remote(stage_dir) else Path(stage_dir)
+
+
 def _check_trial_fits(cfg: SearchConfig) -> None:
     check_trial_resources(cfg.resources.cpu, cfg.resources.gpu, cluster.cluster_capacity())
 
@@ -159,15 +184,15 @@ def check_trial_resources(cpu: float, gpu: float, capacity: cluster.Capacity | l
                             fix="lower resources.cpu / resources.gpu or connect to a bigger cluster (--address)")
 
 
-def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: bool,
+def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: storage.Location, resume: bool,
               echo: Callable[[str], None] = print) -> tune.ResultGrid:
     """Fit (or restore and finish) one Tune experiment of the sweep; KeyboardInterrupt when it was interrupted."""
-    stage_dir = sweep_dir / ctx.stage
+    stage_dir = storage.join(sweep_dir, ctx.stage)
     points = space.preselect_points(cfg) if ctx.stage == "preselect" else None
     trainable = tune.with_resources(tune.with_parameters(clean_trial, ctx=ctx),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     param_space, tune_config, expected = _tune_setup(cfg, ctx, points)
-    if resume:
+    if resume and not storage.is_remote(stage_dir):  # an object is written whole or not at all
         diskguard.repair_state(stage_dir)  # a state file a full disk truncated: its last complete copy
     if resume and tune.Tuner.can_restore(str(stage_dir)):
         # Errored trials are restored too: one a full disk stopped runs on from its last checkpoint (its run is
@@ -175,8 +200,8 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
         tuner = tune.Tuner.restore(str(stage_dir), trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=True, restart_errored=False)
     else:
-        if stage_dir.exists():  # constructed but never snapshotted: start the stage afresh
-            shutil.rmtree(stage_dir)
+        if storage.exists(stage_dir):  # constructed but never snapshotted: start the stage afresh
+            storage.remove_tree(stage_dir)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                            run_config=_run_config(cfg, ctx, sweep_dir, echo))
     budget_start = time.monotonic()
@@ -189,7 +214,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
             raise NodeOutOfMemory(f"sweep {ctx.sweep!r}: Ray's memory monitor killed a trial worker (the node ran "
                                   "out of memory) and Tune stopped the sweep; free memory or lower "
                                   "search.max_concurrent, then re-run with --resume") from None
-    diskguard.raise_if_tripped(stage_dir, ctx.sweep)
+    diskguard.raise_if_tripped(_guard_dir(stage_dir, ctx), ctx.sweep)
     diskguard.raise_if_trials_hit_full_disk(grid, ctx.sweep)
     if resume:
         client = tracking.open_client(ctx.tracking_uri)
@@ -199,7 +224,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     if done:  # the experiment is over: no trial will resume from any checkpoint
         settle_statuses(grid, ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs)
         for result in grid:
-            drop_resume_state(result.path, keep_latest=False)
+            drop_resume_state(result.path, keep_latest=False, filesystem=result.filesystem)
         scratch.remove(ctx.scratch)  # what killed trials on this node left (other nodes: when a trial resumes there)
     budget_hit = cfg.search.time_budget_s is not None and time.monotonic() - budget_start >= cfg.search.time_budget_s
     if not done or (len(grid) < expected and not budget_hit):
@@ -207,7 +232,8 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: boo
     return grid
 
 
-def _run_config(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, echo: Callable[[str], None]) -> tune.RunConfig:
+def _run_config(cfg: SearchConfig, ctx: TrialContext, sweep_dir: storage.Location, echo: Callable[[str], None]
+                ) -> tune.RunConfig:
     variants = space.variants(cfg)
     params = sorted({k for v in variants.values() for k, d in v.items() if isinstance(d, Domain)}
                     | ({space.VARIANT_KEY} if len(variants) > 1 else set()))
@@ -219,7 +245,8 @@ def _run_config(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, echo: Cal
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
                    TrialEndCallback(ctx.tracking_uri, 0 if ctx.stage == "preselect" else cfg.epochs, ctx.sweep,
                                     ctx.experiment_id),
-                   diskguard.DiskGuard(diskguard.sweep_paths(sweep_dir, ctx.tracking_uri), sweep_dir / ctx.stage)],
+                   diskguard.DiskGuard(_disk_paths(sweep_dir, ctx.tracking_uri),
+                                       _guard_dir(storage.join(sweep_dir, ctx.stage), ctx))],
         # Failed trials are not retried. An exception in the trial (a diverged loss, bad input, GPU out of memory)
         # recurs with the same config, and so does, as a rule, a worker the OOM killer ended (same config, same
         # batch); they end FAILED with their cause (`TrialEndCallback.on_trial_error`). A trial whose node was
@@ -249,12 +276,12 @@ def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def run_preselect(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume: bool,
+def run_preselect(cfg: SearchConfig, ctx: TrialContext, sweep_dir: storage.Location, resume: bool,
                   echo: Callable[[str], None]) -> dict[str, Any]:
     """Stage 1 of the paper's shrink-and-perturb: evaluate every perturbed model, keep the best with ASR < max_asr."""
-    chosen_file = sweep_dir / layout.PRESELECT_FILE
-    if chosen_file.is_file():
-        return json.loads(chosen_file.read_text())["params"]
+    chosen_file = storage.join(sweep_dir, layout.PRESELECT_FILE)
+    if storage.is_file(chosen_file):
+        return json.loads(storage.read_bytes(chosen_file))["params"]
     run_stage(cfg, replace(ctx, stage="preselect"), sweep_dir, resume, echo)
     record = tracking.load_sweep(ctx.sweep, ctx.tracking_uri, experiment=cfg.mlflow.experiment)
     pick = analysis.preselect_choice(record, cfg.preselect.max_asr)
@@ -264,7 +291,7 @@ def run_preselect(cfg: SearchConfig, ctx: TrialContext, sweep_dir: Path, resume:
         echo(f"preselect: no perturbed model has ASR < {cfg.preselect.max_asr}; taking the lowest ASR "
              f"({pick[ASR]:.3f})")
     echo(f"preselect: perturbed model {pick['params']} top1 {pick[TOP1]:.4f} asr {pick[ASR]:.4f}")
-    atomic.write_json(chosen_file, {"params": pick["params"], TOP1: pick[TOP1], ASR: pick[ASR]})
+    _write_json(chosen_file, {"params": pick["params"], TOP1: pick[TOP1], ASR: pick[ASR]})
     return pick["params"]
 
 
@@ -281,26 +308,38 @@ def _db_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
 
 
-def _with_num_samples(cfg: SearchConfig, sweep_dir: Path, num_samples: int | None, resume: bool) -> SearchConfig:
+def _write_json(location: storage.Location, data: dict[str, Any]) -> None:
+    if storage.is_remote(location):
+        storage.write_bytes(location, json.dumps(data, indent=2).encode())
+    else:
+        atomic.write_json(location, data)
+
+
+def _with_num_samples(cfg: SearchConfig, sweep_dir: storage.Location, num_samples: int | None, resume: bool
+                      ) -> SearchConfig:
     if num_samples is None and resume:  # a resume without --num-samples keeps the one the sweep started with
-        num_samples = json.loads((sweep_dir / layout.SWEEP_FILE).read_text())["config"]["search"]["num_samples"]
+        recorded = json.loads(storage.read_bytes(storage.join(sweep_dir, layout.SWEEP_FILE)))
+        num_samples = recorded["config"]["search"]["num_samples"]
     if num_samples is None:
         return cfg
     return cfg.model_copy(update={"search": cfg.search.model_copy(update={"num_samples": num_samples})})
 
 
-def _open_sweep_dir(sweep_dir: Path, cfg: SearchConfig, name: str, space_file: Path | None, resume: bool) -> None:
+def _open_sweep_dir(sweep_dir: storage.Location, cfg: SearchConfig, name: str, space_file: Path | None,
+                    resume: bool) -> None:
     identity = {"name": name, "config": cfg.model_dump(mode="json")}
     if resume:
-        old = json.loads((sweep_dir / layout.SWEEP_FILE).read_text())
+        old = json.loads(storage.read_bytes(storage.join(sweep_dir, layout.SWEEP_FILE)))
         if not _same_config(old.get("config"), identity["config"]):
             raise UserError(f"--resume: the space of sweep {name!r} changed since it started; resume with the "
-                            f"original file (kept as {sweep_dir / layout.SPACE_FILE}) or start a new --name")
+                            f"original file (kept as {storage.join(sweep_dir, layout.SPACE_FILE)}) or start a new "
+                            "--name")
         return
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(sweep_dir):
+        sweep_dir.mkdir(parents=True, exist_ok=True)
     if space_file is not None:
-        shutil.copyfile(space_file, sweep_dir / layout.SPACE_FILE)
-    atomic.write_json(sweep_dir / layout.SWEEP_FILE, identity)
+        storage.upload(space_file, storage.join(sweep_dir, layout.SPACE_FILE))
+    _write_json(storage.join(sweep_dir, layout.SWEEP_FILE), identity)
 
 
 def _same_config(recorded: Any, current: dict[str, Any]) -> bool:

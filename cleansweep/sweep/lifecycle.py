@@ -17,7 +17,7 @@ from ray.train.constants import CHECKPOINT_DIR_NAME
 
 from cleansweep import tracking
 from cleansweep.objective import BEST_STEP, EPOCH, FEASIBLE, STEP
-from cleansweep.runtime import diskguard, layout
+from cleansweep.runtime import diskguard, layout, storage
 from cleansweep.sweep import records
 
 RESUME_STATE = layout.STATE_FILE
@@ -57,7 +57,9 @@ class TrialEndCallback(tune.Callback):
         if Path(checkpoint.path).name != result.get(CHECKPOINT_DIR_NAME):
             return
         with contextlib.suppress(Exception):  # never let bookkeeping kill the sweep: the end-of-sweep check is loud
-            tracking.record_best_checkpoint(self._client_for(), run_id, checkpoint.path, int(step))
+            # A URI when Tune persisted it to object storage (`checkpoint.path` is then the path in the bucket).
+            where = storage.uri_of(checkpoint.filesystem, checkpoint.path)
+            tracking.record_best_checkpoint(self._client_for(), run_id, where, int(step))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -66,7 +68,7 @@ class TrialEndCallback(tune.Callback):
                 stopped = float(result.get(EPOCH, 0.0)) < self.epochs - 1e-6
                 tracking.finish_trial(self._client_for(), result["mlflow_run_id"], stopped_early=stopped)
         # Not from the latest checkpoint yet: a driver killed before its next snapshot resumes the trial from it.
-        drop_resume_state(trial.path, keep_latest=True)
+        drop_resume_state(trial.path, keep_latest=True, filesystem=getattr(trial.storage, "storage_filesystem", None))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         with contextlib.suppress(Exception):
@@ -103,12 +105,20 @@ def settle_statuses(grid: tune.ResultGrid, tracking_uri: str, epochs: float) -> 
             tracking.finish_trial(client, run_id, stopped_early=stopped)
 
 
-def drop_resume_state(trial_dir: str | None, *, keep_latest: bool) -> int:
+def drop_resume_state(trial_dir: str | None, *, keep_latest: bool, filesystem: Any = None) -> int:
     """Delete the resume-only file of a finished trial's checkpoints (the kept weights stay); returns bytes freed.
 
     Hundreds of trials would otherwise keep every best checkpoint at three times its weights' size.
+
+    Args:
+        trial_dir: The trial's folder (Tune's `trial.path` / `result.path`).
+        keep_latest: Keep it in the latest checkpoint (a trial that may still resume from it).
+        filesystem: The pyarrow filesystem `trial_dir` is on when it is object storage (the path is then in the
+            bucket); without it a path that is not a local folder is left alone.
     """
-    if not trial_dir or not Path(trial_dir).is_dir():  # remote storage (s3://...): left to its lifecycle rules
+    if trial_dir and filesystem is not None and getattr(filesystem, "type_name", "local") != "local":
+        return _drop_stored_resume_state(filesystem, trial_dir, keep_latest)
+    if not trial_dir or not Path(trial_dir).is_dir():
         return 0
     dirs = sorted(Path(trial_dir).glob("checkpoint_*"))
     freed = 0
@@ -118,3 +128,20 @@ def drop_resume_state(trial_dir: str | None, *, keep_latest: bool) -> int:
             freed += f.stat().st_size
             f.unlink()
     return freed
+
+
+def _drop_stored_resume_state(fs: Any, trial_dir: str, keep_latest: bool) -> int:
+    import pyarrow.fs
+
+    with contextlib.suppress(OSError):  # housekeeping: an unreachable bucket must not stop the sweep
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
+        dirs = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                      and i.base_name.startswith("checkpoint_"))
+        freed = 0
+        for d in dirs[:-1] if keep_latest else dirs:
+            info = fs.get_file_info(f"{d}/{RESUME_STATE}")
+            if info.type == pyarrow.fs.FileType.File:
+                fs.delete_file(info.path)
+                freed += info.size
+        return freed
+    return 0
