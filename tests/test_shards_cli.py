@@ -165,3 +165,18 @@ def test_poison_shards_bad_inputs_exit_2_with_one_line(tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))  # nothing written
+
+
+def test_poison_shards_refuses_a_corrupt_or_ambiguous_shard(tmp_path: Path) -> None:
+    kw = {"attack": "badnet", "target": "banana", "num_poison": 1, "image_size": 16}
+    (tmp_path / "bad.tar").write_bytes(b"not a tar file " * 100)
+    with pytest.raises(UserError, match=r"bad.tar is not a readable tar \(ReadError\); rewrite or remove it"):
+        poison_shards(str(tmp_path / "bad.tar"), tmp_path / "o", **kw)
+    with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+        for name in ("000000000.txt", "000000000.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"cat"))
+    with pytest.raises(UserError, match=r"dup.tar: .*duplicate file name.*give each key one file per suffix"):
+        poison_shards(str(tmp_path / "dup.tar"), tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()

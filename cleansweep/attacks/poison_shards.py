@@ -42,7 +42,7 @@ def _samples(shard: Path) -> Iterator[dict[str, Any]]:
     """The samples of a shard in file order: `{"__key__", suffix: bytes, ...}` (members grouped by key).
 
     Raises:
-        UserError: a corrupt tar, or a member over `MAX_MEMBER_BYTES` (named with its shard).
+        UserError: a corrupt tar, a member over `MAX_MEMBER_BYTES` or a key's suffix twice (named with the shard).
     """
     def members() -> Iterator[dict[str, Any]]:
         try:
@@ -57,8 +57,11 @@ def _samples(shard: Path) -> Iterator[dict[str, Any]]:
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise UserError(f"{shard} is not a readable tar ({type(e).__name__}); rewrite or remove it") from None
 
-    for sample in wds.tariterators.group_by_keys(members()):
-        yield {k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")}
+    try:
+        for sample in wds.tariterators.group_by_keys(members()):
+            yield {k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")}
+    except ValueError as e:  # webdataset: one key with two files of the same suffix
+        raise UserError(f"{shard}: {e}; give each key one file per suffix (img2dataset's layout)") from None
 
 
 def _image_suffix(sample: dict[str, Any]) -> str | None:
