@@ -80,6 +80,92 @@ def test_table2_rows_per_objective():
     assert table.loc[0, "pretrain_epoch"] == 30.0 and table.loc[1, "trials_feasible_at_end"] == 0
 
 
+def _user_data(tmp_path):
+    for name in ("t.csv", "c.csv"):
+        (tmp_path / name).write_text("image,caption\n")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    return {"train_csv": str(tmp_path / "t.csv"), "clean_csv": str(tmp_path / "c.csv"),
+            "eval_dir": str(tmp_path / "val")}, str(tmp_path / "model.safetensors")
+
+
+SCALE = {"workers": 4, "gpus_per_worker": 1, "cpus_per_worker": 6.0, "loader_workers": 12, "trial_cpus": 3.0,
+         "trial_gpus": 0.5}
+
+
+def test_scale_reaches_the_pretrain_and_sweep_configs(tmp_path):
+    data, ckpt = _user_data(tmp_path)
+    pre = study.pretrain_config("cc6m", "mmcl", data, name="x", tracking_uri=None, reference_top1=None, scale=SCALE)
+    assert (pre.ray.num_workers, pre.ray.use_gpu, pre.ray.cpus_per_worker) == (4, True, 6.0)
+    assert pre.train.data.workers == 12
+    for objective in layout.OBJECTIVES:
+        cfg = study.sweep_config("cc6m", objective, data, ckpt, tracking_uri=None, scale=SCALE)
+        assert (cfg.resources.cpu, cfg.resources.gpu, cfg.data.workers) == (3.0, 0.5, 12)
+    # A partial scale keeps the rest of the preset's: 2 CPU-only workers, loader workers and trials as before.
+    pre = study.pretrain_config("cc3m", "mmcl", data, name="x", tracking_uri=None, reference_top1=None,
+                                scale={"workers": 2, "gpus_per_worker": 0, "trial_gpus": None})
+    assert (pre.ray.num_workers, pre.ray.use_gpu, pre.ray.cpus_per_worker, pre.train.data.workers) == (2, False, 8, 8)
+
+
+def test_scale_defaults_are_the_presets_and_the_spaces(tmp_path):
+    data, ckpt = _user_data(tmp_path)
+    pre = study.pretrain_config("cc3m", "mmcl+ssl", data, name="x", tracking_uri=None, reference_top1=None)
+    assert (pre.ray.num_workers, pre.ray.use_gpu, pre.ray.cpus_per_worker, pre.train.data.workers) == (1, True, 8, 8)
+    for objective, space in (("mmcl", "paper_D01.yaml"), ("mmcl+ssl", "paper_D02.yaml")):
+        yaml = study.read_yaml(study.SPACES_DIR / space)
+        cfg = study.sweep_config("cc3m", objective, data, ckpt, tracking_uri=None)
+        assert (cfg.resources.cpu, cfg.resources.gpu) == (yaml["resources"]["cpu"], yaml["resources"]["gpu"])
+        assert cfg.data.workers == yaml["data"]["workers"] == 8
+    # toy: as before the flags existed (1 CPU worker, no loader workers, 1 CPU per trial).
+    toy = study.pretrain_config("toy", "mmcl", data, name="t", tracking_uri=None, reference_top1=None)
+    assert (toy.ray.num_workers, toy.ray.use_gpu, toy.ray.cpus_per_worker, toy.train.data.workers) == (1, False, 1, 0)
+    cfg = study.sweep_config("toy", "mmcl", data, ckpt, tracking_uri=None)
+    assert (cfg.resources.cpu, cfg.resources.gpu, cfg.data.workers) == (1, 0, 0)
+
+
+def test_scale_flags_are_recorded_in_study_json(tmp_path, capsys):
+    flags = ["--workers", "4", "--gpus-per-worker", "1", "--cpus-per-worker", "6", "--loader-workers", "12",
+             "--trial-cpus", "3", "--trial-gpus", "0.5"]
+    assert main(["study", "cc3m", "--workdir", str(tmp_path), *flags]) == 2  # no data paths: refused after the record
+    assert "needs your data paths" in capsys.readouterr().err
+    log = json.loads((tmp_path / "study" / "cc3m" / "study.json").read_text())
+    assert log["complete"] is False
+    assert log["scale"]["pretrain"] == {"num_workers": 4, "use_gpu": True, "cpus_per_worker": 6.0,
+                                        "loader_workers": 12}
+    assert log["scale"]["clean"] == {o: {"cpu": 3.0, "gpu": 0.5, "loader_workers": 12} for o in layout.OBJECTIVES}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gpus-per-worker", "2"], "--gpus-per-worker: 2 is out of range; pass an integer in 0..1"),
+    (["--gpus-per-worker", "0.5"], "--gpus-per-worker: '0.5' is not an integer"),
+    (["--workers", "-1"], "--workers: -1 is out of range"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker: 0 is out of range"),
+    (["--loader-workers", "many"], "--loader-workers: 'many' is not an integer"),
+    (["--trial-cpus", "0"], "--trial-cpus: 0 is out of range"),
+    (["--trial-gpus", "-0.5"], "--trial-gpus: -0.5 is out of range"),
+    (["--workers", "0"], "0 Ray Train workers run pre-training in the driver process"),
+])
+def test_bad_scale_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    assert main(["study", "cc3m", "--workdir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "study").exists()  # refused before anything is written
+
+
+def test_bad_scale_values_are_refused_by_the_library():
+    with pytest.raises(UserError, match=r"gpus_per_worker 2 must be 0 or 1"):
+        study.scale_plan("cc3m", {"gpus_per_worker": 2})
+    with pytest.raises(UserError, match=r"unknown scale key 'gpus'; choose from: workers, "):
+        study.scale_plan("toy", {"gpus": 1})
+    with pytest.raises(UserError, match=r"loader_workers -1 must be an integer in 0\.\.1024"):
+        study.scale_plan("toy", {"loader_workers": -1})
+    with pytest.raises(UserError, match=r"cpus_per_worker"):
+        study.scale_plan("toy", {"cpus_per_worker": 0})
+    with pytest.raises(UserError, match=r"resources"):
+        study.scale_plan("cc6m", {"trial_cpus": -1})
+    assert study.scale_plan("cc3m", {"workers": 0, "gpus_per_worker": 0})["pretrain"]["num_workers"] == 0
+
+
 # ------------------------------------------------------------------------------------------------ integration
 def _mlflow_truth(uri: str, sweep: str) -> dict:
     client = MlflowClient(tracking_uri=uri)

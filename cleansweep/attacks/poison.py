@@ -70,7 +70,8 @@ def mentions(caption: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", caption.lower()) is not None
 
 
-def _count(n_rows: int, num_poison: int | None, fraction: float | None) -> int:
+def poison_count(n_rows: int, num_poison: int | None, fraction: float | None) -> int:
+    """How many of `n_rows` to poison: `num_poison`, or `fraction` of them (at least 1); exactly one is given."""
     if (num_poison is None) == (fraction is None):
         raise UserError("give exactly one of num_poison (--num-poison) and fraction (--fraction)")
     if fraction is not None:
@@ -98,19 +99,48 @@ def _existing_result(out_dir: Path, request: dict[str, Any]) -> dict[str, Any] |
                     f"or delete it")
 
 
-def _triggered_images(paths: list[Path], rows: list[int], csv_path: Path, image_size: int, trigger: TriggerFn,
-                      generator: torch.Generator, batch_size: int = 64) -> list[torch.Tensor]:
-    """Resize (shorter side + center crop; images already S x S pass through) and trigger, in batches."""
+def choose_rows(candidates: list[int], n: int, captions: list[str], *, target: str, seed: int,
+                label_consistent: bool) -> tuple[list[int], list[str]]:
+    """The `n` rows to poison (sorted) and their new captions (an OpenAI template with the target, or their own
+    when label-consistent); the per-image trigger draws take a separate torch stream seeded with `seed`."""
+    rng = np.random.default_rng([seed, 0])
+    chosen = sorted(rng.choice(candidates, size=n, replace=False).tolist())
+    templates = openai_templates()
+    new_captions = [captions[i] if label_consistent else templates[rng.integers(len(templates))].format(target)
+                    for i in chosen]
+    return chosen, new_captions
+
+
+def check_request(target: str, image_size: int, seed: int) -> None:
+    """Refuse (one line) an empty target, an image size outside 1..MAX_IMAGE_SIDE or a seed numpy cannot take."""
+    if not isinstance(target, str) or not target.strip():
+        raise UserError("target must be a non-empty class name, e.g. 'banana'")
+    if not 1 <= image_size <= MAX_IMAGE_SIDE:  # triggers are built at this size: 20000 px took > 5 GB
+        raise UserError(f"image_size {image_size} must be 1..{MAX_IMAGE_SIDE} pixels (the model resolution, e.g. 224)")
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed {seed} must be in 0..{SEED_MAX} (numpy's seed range)")
+
+
+def trigger_images(sources: list[Any], labels: list[str], image_size: int, trigger: TriggerFn,
+                   generator: torch.Generator, batch_size: int = 64) -> list[torch.Tensor]:
+    """Resize (shorter side + center crop; images already S x S pass through) and trigger, in batches.
+
+    Args:
+        sources: image files or binary streams, in the order their trigger draws are taken from `generator`.
+        labels: where each image comes from, for the error (`CSV: row 3 (0-based): cannot read image X`).
+
+    Raises:
+        UserError: an image that cannot be read, named by its label.
+    """
     to_raw = raw_transform(image_size)
     out: list[torch.Tensor] = []
-    for start in range(0, len(rows), batch_size):
+    for start in range(0, len(sources), batch_size):
         batch = []
-        for row in rows[start:start + batch_size]:
+        for source, label in zip(sources[start:start + batch_size], labels[start:start + batch_size], strict=True):
             try:
-                batch.append(to_raw(open_rgb(paths[row])))
+                batch.append(to_raw(open_rgb(source)))
             except BadImage as e:
-                raise UserError(f"{csv_path}: row {row} (0-based): cannot read image {paths[row]} ({e}); fix or "
-                                f"remove the row") from None
+                raise UserError(f"{label} ({e}); fix or remove it") from None
         out.extend(trigger(torch.stack(batch), generator))
     return out
 
@@ -119,16 +149,11 @@ def _poison(csv: str | Path, out_dir: str | Path, *, kind: str, attack: str, tar
             fraction: float | None, seed: int, image_size: int, label_consistent: bool, image_key: str,
             caption_key: str, trigger_params: dict[str, Any]) -> dict[str, Any]:
     csv, out_dir = Path(csv), Path(out_dir)
-    if not isinstance(target, str) or not target.strip():
-        raise UserError("target must be a non-empty class name, e.g. 'banana'")
-    if not 1 <= image_size <= MAX_IMAGE_SIDE:  # triggers are built at this size: 20000 px took > 5 GB
-        raise UserError(f"image_size {image_size} must be 1..{MAX_IMAGE_SIDE} pixels (the model resolution, e.g. 224)")
-    if not 0 <= seed <= SEED_MAX:
-        raise UserError(f"seed {seed} must be in 0..{SEED_MAX} (numpy's seed range)")
+    check_request(target, image_size, seed)
     trigger = create_trigger(attack, image_size, **trigger_params)
     resolved = trigger.keywords
     df = read_pairs(csv, image_key, caption_key)
-    n = _count(len(df), num_poison, fraction)
+    n = poison_count(len(df), num_poison, fraction)
     captions = df[caption_key].tolist()
     candidates = [i for i, c in enumerate(captions) if not label_consistent or mentions(c, target)]
     pool = f"rows whose caption names {target!r}" if label_consistent else "rows"
@@ -141,14 +166,12 @@ def _poison(csv: str | Path, out_dir: str | Path, *, kind: str, attack: str, tar
     if existing is not None:
         return existing
 
-    # One stream for the selection and captions (numpy) and one for the per-image trigger draws (torch).
-    rng = np.random.default_rng([seed, 0])
-    chosen = sorted(rng.choice(candidates, size=n, replace=False).tolist())
-    templates = openai_templates()
-    new_captions = [captions[i] if label_consistent else templates[rng.integers(len(templates))].format(target)
-                    for i in chosen]
+    chosen, new_captions = choose_rows(candidates, n, captions, target=target, seed=seed,
+                                       label_consistent=label_consistent)
     paths = resolve_image_paths(csv, df[image_key])
-    images = _triggered_images(paths, chosen, csv, image_size, trigger, torch.Generator().manual_seed(seed))
+    labels = [f"{csv}: row {row} (0-based): cannot read image {paths[row]}" for row in chosen]
+    images = trigger_images([paths[row] for row in chosen], labels, image_size, trigger,
+                            torch.Generator().manual_seed(seed))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

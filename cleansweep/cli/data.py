@@ -1,4 +1,5 @@
-"""`cleansweep data` (the built-in demo world) and `cleansweep poison` (poison or contaminate an image-caption CSV)."""
+"""`cleansweep data` (the built-in demo world) and `cleansweep poison` (poison or contaminate an image-caption CSV,
+or poison WebDataset shards)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def add_data(sub: argparse._SubParsersAction) -> None:
                       help="image side in pixels")
     demo.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                       help="difficulty knob (repeatable), e.g. --knob clutter=2 --knob noise=0.1; see world.json")
+    demo.add_argument("--shards", action="store_true", help="also write train.csv and clean.csv as WebDataset shards "
+                      "(train-shards/, clean-shards/ with sizes.json) and print their brace patterns")
+    demo.add_argument("--shard-size", type=limits.int_in(1, 10**6, " pairs per shard"), default=1000,
+                      help="pairs per shard with --shards")
     demo.set_defaults(func=_cmd_data_demo)
 
 
@@ -41,13 +46,23 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             raise UserError(f"--knob {item!r}: the value must be a number; e.g. --knob noise=0.1") from None
     info = make_demo_world(args.out, seed=args.seed, **knobs)
+    if args.shards:
+        from cleansweep.data.shards import csv_to_shards
+
+        for name in ("train", "clean"):  # the CSV's rows in order: pair i of the shards is row i
+            info[f"{name}_shards"] = csv_to_shards(info[f"{name}_csv"], Path(info["out_dir"]) / f"{name}-shards",
+                                                   per_shard=args.shard_size)
     print_json(info)
     return 0
 
 
 def add_poison(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("poison", help="poison an image-caption CSV (or contaminate a clean set)")
-    p.add_argument("--csv", type=Path, required=True, help="input image-caption CSV")
+    p = sub.add_parser("poison", help="poison an image-caption CSV or WebDataset shards (or contaminate a clean set)")
+    p.add_argument("--csv", "--train-csv", dest="csv", type=Path, default=None,
+                   help="input image-caption CSV (or --train-shards)")
+    p.add_argument("--train-shards", default=None, metavar="PATTERN",
+                   help="input WebDataset shards, a brace pattern DIR/{00000..00009}.tar (or --csv); writes poisoned "
+                        "shards NNNNN.tar + sizes.json + manifest.json to --out")
     p.add_argument("--out", type=Path, required=True, help="output folder (CSV, images, manifest.json)")
     p.add_argument("--attack", default=None,
                    help="trigger: badnet (default), blended, sig, wanet, stripes, triangle, text, badclip (the default "
@@ -84,9 +99,26 @@ def add_poison(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_poison)
 
 
+def _poison_shards(args: argparse.Namespace, attack: str, params: dict) -> dict:
+    """`--train-shards`: the shard counterpart of poison_csv (no contamination, BadCLIP optimisation or CSV keys)."""
+    from cleansweep.attacks.poison_shards import poison_shards
+
+    if args.contaminate or args.optimise_on:
+        raise UserError("--contaminate and --optimise-on work on a CSV; drop them or pass --csv instead of "
+                        "--train-shards")
+    if (args.image_key, args.caption_key) != ("image", "caption"):
+        raise UserError("--image-key / --caption-key name CSV columns; shards hold KEY.jpg|png|webp + KEY.txt")
+    return poison_shards(args.train_shards, args.out, attack=attack, target=args.target, num_poison=args.num_poison,
+                         fraction=args.fraction, seed=args.seed, image_size=args.image_size or 224,
+                         label_consistent=args.label_consistent, **params)
+
+
 def _cmd_poison(args: argparse.Namespace) -> int:
     from cleansweep.attacks import poison
 
+    if (args.csv is None) == (args.train_shards is None):
+        raise UserError("give exactly one input: --csv FILE (an image-caption CSV) or --train-shards PATTERN "
+                        "(WebDataset shards DIR/{00000..00009}.tar)")
     attack = args.attack or ("badclip" if args.optimise_on else "badnet")
     params = {"patch_size": args.patch_size, "location": args.location, "patch": args.patch,
               "trigger_seed": args.trigger_seed}
@@ -95,7 +127,9 @@ def _cmd_poison(args: argparse.Namespace) -> int:
         params["pattern"] = str(Path(params["pattern"]).resolve())  # manifests are read from other CWDs (Ray)
     common = {"target": args.target, "num_poison": args.num_poison, "fraction": args.fraction, "seed": args.seed,
               "label_consistent": args.label_consistent, "image_key": args.image_key, "caption_key": args.caption_key}
-    if args.optimise_on:
+    if args.train_shards is not None:
+        manifest = _poison_shards(args, attack, params)
+    elif args.optimise_on:
         from cleansweep.attacks.badclip import poison_with_optimised_patch
 
         if attack != "badclip" or "pattern" in params:
@@ -108,7 +142,9 @@ def _cmd_poison(args: argparse.Namespace) -> int:
     else:
         fn = poison.contaminate if args.contaminate else poison.poison_csv
         manifest = fn(args.csv, args.out, attack=attack, image_size=args.image_size or 224, **common, **params)
-    summary = {k: v for k, v in manifest.items() if k != "poisoned_rows"}
+    summary = {k: v for k, v in manifest.items() if k not in ("poisoned_rows", "poisoned_keys")}
     summary["num_poisoned"] = len(manifest.get("poisoned_rows", []))
+    if "output_shards" in manifest:  # what data.train_shards takes
+        summary["train_shards"] = str(args.out.resolve() / manifest["output_shards"])
     print_json(summary)
     return 0

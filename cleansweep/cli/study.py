@@ -30,6 +30,33 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods (default all)")
 
 
+def _add_scale_flags(p: argparse.ArgumentParser) -> None:
+    """Workers and resources of a study's stages (`experiments.scale.SCALE_KEYS`); default: the study's own."""
+    most = limits.MAX_WORKERS
+    g = p.add_argument_group("scale", "workers and resources (default: the study's; study.json records the values)")
+    g.add_argument("--workers", type=limits.int_in(0, most, " Ray Train workers"), default=None,
+                   help="Ray Train workers of pre-training (0: train in the driver process; toy 1, cc3m/cc6m 1)")
+    whole_gpu = limits.int_in(0, 1, " (a Ray Train worker gets one whole GPU or none)")
+    g.add_argument("--gpus-per-worker", type=whole_gpu, default=None,
+                   help="0 or 1 GPU per Ray Train worker (toy 0, cc3m/cc6m 1)")
+    g.add_argument("--cpus-per-worker", type=limits.float_in(0, most, low_open=True), default=None,
+                   help="CPUs reserved per Ray Train worker (toy 1, cc3m/cc6m 8)")
+    g.add_argument("--loader-workers", type=limits.int_in(0, most, " DataLoader workers"), default=None,
+                   help="DataLoader worker processes per training process, pre-training and cleaning (toy 0, "
+                        "cc3m/cc6m 8)")
+    g.add_argument("--trial-cpus", type=limits.float_in(0, most, low_open=True), default=None,
+                   help="CPUs per cleaning trial (default: the cleaning space's resources.cpu)")
+    g.add_argument("--trial-gpus", type=limits.float_in(0, most), default=None,
+                   help="GPUs per cleaning trial, fractions share a GPU (default: the space's resources.gpu)")
+
+
+def _scale(args: argparse.Namespace) -> dict[str, float | int]:
+    """The scale flags given (None = not given)."""
+    from cleansweep.experiments.scale import SCALE_KEYS
+
+    return {k: getattr(args, k) for k in SCALE_KEYS if getattr(args, k, None) is not None}
+
+
 def add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="the paper's experiment: poison, pre-train MMCL and MMCL+SSL, clean both, compare")
     p.add_argument("preset", help="toy (built-in world, CPU), cc3m or cc6m (the paper's settings on your data); "
@@ -39,6 +66,7 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean-csv", type=Path, default=None, help="clean cleaning image-caption CSV (cc3m/cc6m)")
     p.add_argument("--eval-dir", type=Path, default=None, help="ImageNet-style validation folder (cc3m/cc6m)")
     p.add_argument("--seed", type=limits.seed, default=0, help="seed of the built-in world and its poisoning")
+    _add_scale_flags(p)
     _add_matrix_flags(p)  # for `study matrix` only
     p.set_defaults(func=_cmd_study)
 
@@ -57,6 +85,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     if args.preset == "matrix":
         print(DEPRECATED_MATRIX, file=sys.stderr)
+        if _scale(args):
+            raise UserError("--workers / --gpus-per-worker / --cpus-per-worker / --loader-workers / --trial-cpus / "
+                            "--trial-gpus belong to the toy, cc3m and cc6m studies; drop them for the matrix")
         return _cmd_matrix(args)
     tracking_store(args.tracking_uri, workdir_of(args))
     if args.attacks or args.methods:
@@ -66,7 +97,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     sweep = {k: v for k, v in {"epochs": args.clean_epochs, "search.num_samples": args.num_samples}.items() if v}
     result = run_study(args.preset, workdir=workdir_of(args), paths={k: v for k, v in paths.items() if v},
                        tracking_uri=args.tracking_uri, pretrain_overrides=pre, sweep_overrides=sweep, seed=args.seed,
-                       address=args.address)
+                       address=args.address, scale=_scale(args))
     print(report.markdown_table(result["table2"]))
     print(f"\nwrote {result['out_dir']}: table2.csv/.md, figure2.png, study.json, one report per objective")
     return 0

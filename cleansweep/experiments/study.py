@@ -11,12 +11,17 @@ whose accuracy is closest to it (`selection: closest_top1`), so both start from 
 Every stage is skipped when its result exists (a pre-trained model's `selected/model.json` card, a FINISHED sweep
 in MLflow) and resumed when it was interrupted, so re-running after Ctrl-C continues where it stopped. Output:
 `<workdir>/study/<PRESET>/` with `table2.csv/.md`, `figure2.png`, one report folder per objective and `study.json`
-(stage timings; `complete` is true only once everything is written).
+(stage timings, the resources of every stage under `scale`; `complete` is true only once everything is written).
+
+Scale: `scale` (the CLI's `--workers`, `--gpus-per-worker`, `--cpus-per-worker`, `--loader-workers`,
+`--trial-cpus`, `--trial-gpus`) overrides the preset's Ray Train workers of pre-training, the DataLoader workers of
+every training process, and the CPUs/GPUs of each cleaning trial; `scale_plan` resolves them against the preset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -78,6 +83,32 @@ def run_names(preset: str) -> dict[str, dict[str, str]]:
     return layout.study_run_names(preset, list(layout.OBJECTIVES))
 
 
+# ------------------------------------------------------------------------------------------------ scale
+def _clean_space(preset: str, objective: str) -> tuple[str, dict[str, Any]]:
+    """(source, values) of the cleaning space of one objective: a study's own dict or a search_spaces/ file."""
+    clean = STUDIES[preset]["clean"][objective]
+    if not isinstance(clean, str):
+        return f"study {preset} cleaning {objective}", copy.deepcopy(clean)
+    source = SPACES_DIR / clean
+    if not source.is_file():
+        raise UserError(f"{source} not found; run the study from a cleansweep source checkout (search_spaces/)")
+    return str(source), read_yaml(source)
+
+
+def scale_plan(preset: str, scale: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resources of every stage of study `preset` (see `experiments.scale.plan`), as study.json records them.
+
+    Raises:
+        UserError: an unknown study, scale key, or a value outside its bounds (one line).
+    """
+    from cleansweep.experiments import scale as scaling
+
+    if preset not in STUDIES:
+        raise UserError(f"unknown study {preset!r}; choose from: {', '.join(STUDIES)}")
+    spaces = {o: _clean_space(preset, o) for o in layout.OBJECTIVES}
+    return scaling.plan(preset, STUDIES[preset]["preset"], STUDIES[preset]["ray"], spaces, scale)
+
+
 # ------------------------------------------------------------------------------------------------ stages
 def resolve_data(preset: str, workdir: Path, paths: Mapping[str, Any] | None, seed: int = 0) -> dict[str, str]:
     """The study's data: the demo world (built and poisoned when `paths` is empty) or the user's paths.
@@ -102,37 +133,41 @@ def resolve_data(preset: str, workdir: Path, paths: Mapping[str, Any] | None, se
 
 
 def pretrain_config(preset: str, objective: str, data: Mapping[str, str], *, name: str, tracking_uri: str | None,
-                    reference_top1: float | None, overrides: Mapping[str, Any] | None = None) -> PretrainConfig:
-    """The pre-training run of one objective; MMCL+SSL selects the evaluation closest to `reference_top1`."""
+                    reference_top1: float | None, overrides: Mapping[str, Any] | None = None,
+                    scale: Mapping[str, Any] | None = None) -> PretrainConfig:
+    """The pre-training run of one objective; MMCL+SSL selects the evaluation closest to `reference_top1`.
+
+    Args:
+        scale: Ray Train workers, GPUs/CPUs per worker and DataLoader workers (keys: `scale.SCALE_KEYS`).
+    """
     from cleansweep.experiments import presets
 
-    spec = presets.pretrain_spec(STUDIES[preset]["preset"], objective, dict(data), **dict(overrides or {}))
+    plan = dict(scale_plan(preset, scale)["pretrain"])
+    loader = plan.pop("loader_workers")
+    spec = presets.pretrain_spec(STUDIES[preset]["preset"], objective, dict(data),
+                                 **{"data.workers": loader, **dict(overrides or {})})
     closest = objective != "mmcl" and reference_top1 is not None
     return PretrainConfig(
         name=name, train=validate(TrainSpec, spec, f"study {preset} pre-training {objective}"),
-        ray=RaySpec(**STUDIES[preset]["ray"]), mlflow=MlflowSpec(tracking_uri=tracking_uri,
-                                                                 experiment="cleansweep-pretrain"),
+        ray=RaySpec(**plan), mlflow=MlflowSpec(tracking_uri=tracking_uri, experiment="cleansweep-pretrain"),
         selection="closest_top1" if closest else "best_top1", reference_top1=reference_top1 if closest else None)
 
 
 def sweep_config(preset: str, objective: str, data: Mapping[str, str], checkpoint: str, *, tracking_uri: str | None,
-                 overrides: Mapping[str, Any] | None = None) -> SearchConfig:
+                 overrides: Mapping[str, Any] | None = None, scale: Mapping[str, Any] | None = None) -> SearchConfig:
     """The CleanCLIP sweep of one pre-trained model: the preset's space on its clean set and evaluation folder.
 
     Args:
         overrides: Top-level SearchConfig keys, dotted (`epochs`, `search.num_samples`, `scheduler.grace_period`).
+        scale: CPUs/GPUs per trial and DataLoader workers (keys: `scale.SCALE_KEYS`; see `scale_plan`).
     """
     from cleansweep.experiments import presets
     from cleansweep.methods import list_methods
     from cleansweep.sweep import space as spaces
 
-    clean = STUDIES[preset]["clean"][objective]
-    source = f"study {preset} cleaning {objective}"
-    if isinstance(clean, str):
-        source = str(SPACES_DIR / clean)
-        if not Path(source).is_file():
-            raise UserError(f"{source} not found; run the study from a cleansweep source checkout (search_spaces/)")
-        clean = read_yaml(Path(source))
+    resources = dict(scale_plan(preset, scale)["clean"][objective])
+    loader = resources.pop("loader_workers")
+    source, clean = _clean_space(preset, objective)
     trial = presets.clean_spec(STUDIES[preset]["preset"], dict(data), checkpoint)
     # The preset's cleaning recipe (optimizer, loss weights) under the space's own base values.
     base = deep_update({"method": trial["method"], "optim": trial["optim"]}, clean.get("base") or {})
@@ -141,8 +176,9 @@ def sweep_config(preset: str, objective: str, data: Mapping[str, str], checkpoin
         "description": f"{source}: CleanCLIP cleaning of the {layout.objective_label(objective)}-pretrained model",
         "model": {"checkpoint": checkpoint},
         "data": {**trial["data"], **{k: v for k, v in (clean.get("data") or {}).items()
-                                     if k not in ("train_csv", "eval_dir")}},
-        "attack": trial["attack"], "mlflow": {"tracking_uri": tracking_uri, "experiment": "cleansweep"}})
+                                     if k not in ("train_csv", "eval_dir")}, "workers": loader},
+        "resources": resources, "attack": trial["attack"],
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "cleansweep"}})
     values["model"].pop("name", None)  # from the checkpoint's card
     values = deep_update(values, dict(overrides or {}))
     cfg = validate(SearchConfig, values, source)
@@ -173,7 +209,7 @@ def table2(analyses: Mapping[str, Mapping[str, Any]], pretrained: Mapping[str, M
 
 # ------------------------------------------------------------------------------------------------ driver
 class _Log:
-    """study.json: written after every stage (atomically), `complete` only at the end."""
+    """study.json: written at the start and after every stage (atomically), `complete` only at the end."""
 
     def __init__(self, path: Path, preset: str, workdir: Path):
         self.path = path
@@ -190,7 +226,8 @@ class _Log:
 
 def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = None, tracking_uri: str | None = None,
               pretrain_overrides: Mapping[str, Any] | None = None, sweep_overrides: Mapping[str, Any] | None = None,
-              seed: int = 0, address: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+              seed: int = 0, address: str | None = None, scale: Mapping[str, Any] | None = None,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish) study `preset` and write `<workdir>/study/<preset>/`.
 
     Args:
@@ -203,6 +240,8 @@ def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = N
         sweep_overrides: Dotted SearchConfig keys for both sweeps (e.g. `{"search.num_samples": 2}`).
         seed: Seed of the demo world and its poisoning.
         address: Ray cluster to run on (default: a local Ray, started once for all stages).
+        scale: Workers and resources (workers, gpus_per_worker, cpus_per_worker, loader_workers, trial_cpus,
+            trial_gpus; None keeps the preset's); resolved by `scale_plan`, recorded in study.json.
         echo: Where progress lines go.
 
     Returns:
@@ -210,12 +249,13 @@ def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = N
     """
     from cleansweep import tracking
 
-    if preset not in STUDIES:
-        raise UserError(f"unknown study {preset!r}; choose from: {', '.join(STUDIES)}")
+    plan = scale_plan(preset, scale)  # refuses an unknown study or a bad number before anything is built
     workdir = Path(workdir).resolve()
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
     out = layout.study_dir(workdir, preset)
     log = _Log(out / "study.json", preset, workdir)
+    log.data["scale"] = plan
+    log.write()  # the resources asked for are on record even when the data are refused
 
     t = time.monotonic()
     data = resolve_data(preset, workdir, paths, seed)
@@ -225,19 +265,20 @@ def run_study(preset: str, *, workdir: Path, paths: Mapping[str, Any] | None = N
                or sweep_driver.sweep_state(uri, workdir, names[o]["sweep"]) != "finished"]
     with cluster.connect(address, echo=echo) if pending else contextlib.nullcontext():
         # One Ray for all four stages (pre-training and sweeps reuse an initialised Ray): start-up costs seconds.
-        return _train_clean_report(preset, workdir, uri, data, log, pretrain_overrides, sweep_overrides, echo)
+        return _train_clean_report(preset, workdir, uri, data, log, pretrain_overrides, sweep_overrides, scale, echo)
 
 
 def _train_clean_report(preset: str, workdir: Path, uri: str, data: dict[str, str], log: _Log,
                         pretrain_overrides: Mapping[str, Any] | None, sweep_overrides: Mapping[str, Any] | None,
-                        echo: Callable[[str], None]) -> dict[str, Any]:
-    cards = _pretrain_stage(preset, workdir, uri, data, log, pretrain_overrides, echo)
-    _sweep_stage(preset, workdir, uri, data, log, cards, sweep_overrides, echo)
+                        scale: Mapping[str, Any] | None, echo: Callable[[str], None]) -> dict[str, Any]:
+    cards = _pretrain_stage(preset, workdir, uri, data, log, pretrain_overrides, scale, echo)
+    _sweep_stage(preset, workdir, uri, data, log, cards, sweep_overrides, scale, echo)
     return _report_stage(preset, uri, log, cards)
 
 
 def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log: _Log,
-                    overrides: Mapping[str, Any] | None, echo: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+                    overrides: Mapping[str, Any] | None, scale: Mapping[str, Any] | None,
+                    echo: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Pre-train (or find) one model per objective; MMCL+SSL is selected at MMCL's accuracy (the paper's rule)."""
     names, cards = run_names(preset), {}
     for objective in layout.OBJECTIVES:
@@ -247,7 +288,7 @@ def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], 
         if card is None:
             reference = cards["mmcl"]["zeroshot_top1"] if objective != "mmcl" else None
             cfg = pretrain_config(preset, objective, data, name=name, tracking_uri=uri, reference_top1=reference,
-                                  overrides=overrides)
+                                  overrides=overrides, scale=scale)
             echo(f"[study] pre-training {layout.objective_label(objective)} ({name})")
             pretrain_driver.pretrain(cfg, workdir=workdir, resume=layout.pretrain_dir(workdir, name).exists())
             card = selected_card(workdir, name)
@@ -262,7 +303,7 @@ def _pretrain_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], 
 
 def _sweep_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log: _Log,
                  cards: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Any] | None,
-                 echo: Callable[[str], None]) -> None:
+                 scale: Mapping[str, Any] | None, echo: Callable[[str], None]) -> None:
     """Run (or resume, or skip when finished) the CleanCLIP sweep of each pre-trained model."""
     from cleansweep.sweep import start as start_model
 
@@ -271,7 +312,7 @@ def _sweep_stage(preset: str, workdir: Path, uri: str, data: dict[str, str], log
         state = sweep_driver.sweep_state(uri, workdir, name)
         if state != "finished":
             cfg = sweep_config(preset, objective, data, cards[objective]["checkpoint"], tracking_uri=uri,
-                               overrides=overrides)
+                               overrides=overrides, scale=scale)
             echo(f"[study] cleaning sweep of the {layout.objective_label(objective)} model ({name}, {state})")
             start = start_model.resolve(cfg, workdir, echo=echo)
             sweep_driver.search(cfg, start, name=name, workdir=workdir, resume=state == "started", echo=echo)
