@@ -15,6 +15,11 @@ The table's rows (one workdir per row; at most two at once on 2 cores, each with
     python benchmarks/calibrate_demo.py --workdir W2 --objectives mmcl+ssl --threads 1 --clean-lrs 3e-4 1e-3 3e-3 \
         --clean-objective mmcl+ssl
     python benchmarks/calibrate_demo.py --workdir W3 --objectives mmcl+ssl --threads 1 --fraction 0.15 --clean-lrs
+    # MMCL+SSL at other rates and with the paper's trigger (random position, fresh values)
+    python benchmarks/calibrate_demo.py --workdir W4 --objectives mmcl+ssl --threads 1 --fraction 0.025 --clean-lrs
+    python benchmarks/calibrate_demo.py --workdir W5 --objectives mmcl+ssl --threads 1 --clean-lrs
+    python benchmarks/calibrate_demo.py --workdir W6 --objectives mmcl+ssl --threads 1 --fraction 0.10 \
+        --location random --patch fresh --clean-lrs
     # the clean set with every class (the shift's effect): reuse W1's model
     python benchmarks/calibrate_demo.py --workdir W1 --skip-pretrain --knob clean_classes=0 --clean-lrs 1e-3
 
