@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from cleansweep.tracking import outage, store
-from cleansweep.tracking.read import SweepRecord, list_sweeps, load_sweep, run_tags
+from cleansweep.tracking.read import SweepRecord, bulk_metric_history, list_sweeps, load_sweep, run_tags
 from cleansweep.tracking.registry import register_best_model
 from cleansweep.tracking.runs import (
     TRUNCATED_MARKER,
@@ -105,7 +105,7 @@ __all__ = [
     "finished_trial", "mark_stale_trials", "record_best_checkpoint", "record_error", "start_sweep", "start_trial",
     "sweep_key", "tag_lost_trials", "trial_key",
     # read
-    "SweepRecord", "list_sweeps", "load_sweep", "run_tags",
+    "SweepRecord", "bulk_metric_history", "list_sweeps", "load_sweep", "run_tags",
     # registry
     "register_best_model",
     # server
