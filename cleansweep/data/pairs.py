@@ -152,23 +152,32 @@ class ImageCaptionDataset(Dataset):
                 return None
             raise UserError(f"{self.csv_path}: row {index} (0-based): cannot read image {path} ({e}); fix or remove "
                             f"the row, or use on_bad_image 'skip'") from None
-        caption = self.captions[index]
-        seed = item_seed(self.seed, self.epoch, index)
-        # torchvision's random transforms draw from the global torch RNG: fork it so the draw is a function of
-        # (seed, epoch, index) alone and the caller's RNG stream is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            item = {"image": self.transform(image)}
-            texts = [caption]
-            if self.has_ssl_views:
-                item["image_aug"] = self.ssl_image_transform(image)
-                texts.append(self.ssl_text_fn(caption, random.Random(seed)))
-        tokens = self.tokenize(texts)
-        item["text"] = tokens[0]
-        if self.has_ssl_views:
-            item["text_aug"] = tokens[1]
-        item["index"] = torch.tensor(index, dtype=torch.long)
-        return item
+        return training_item(image, self.captions[index], index, seed=item_seed(self.seed, self.epoch, index),
+                             transform=self.transform, tokenize=self.tokenize,
+                             ssl_image_transform=self.ssl_image_transform, ssl_text_fn=self.ssl_text_fn)
+
+
+def training_item(image: Any, caption: str, index: int, *, seed: int, transform: Callable[[Any], torch.Tensor],
+                  tokenize: Callable[[list[str]], torch.Tensor],
+                  ssl_image_transform: Callable[[Any], torch.Tensor] | None = None,
+                  ssl_text_fn: Callable[[str, random.Random], str] | None = None) -> dict[str, torch.Tensor]:
+    """One training dict (`image`, `text`, `index`, and the SSL views when given) of a pair, every random draw a
+    function of `seed` alone: the same on a CSV and on shards, with any number of workers."""
+    # torchvision's random transforms draw from the global torch RNG: fork it so the draw is a function of the seed
+    # alone and the caller's RNG stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        item = {"image": transform(image)}
+        texts = [caption]
+        if ssl_image_transform is not None:
+            item["image_aug"] = ssl_image_transform(image)
+            texts.append(ssl_text_fn(caption, random.Random(seed)))
+    tokens = tokenize(texts)
+    item["text"] = tokens[0]
+    if ssl_image_transform is not None:
+        item["text_aug"] = tokens[1]
+    item["index"] = torch.tensor(index, dtype=torch.long)
+    return item
 
 
 def collate_skip(batch: list[dict[str, torch.Tensor] | None]) -> dict[str, Any]:

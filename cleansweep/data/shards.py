@@ -34,7 +34,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cleansweep.data.images import BadImage, open_rgb
-from cleansweep.data.pairs import BAD_IMAGE_POLICIES, item_seed, read_pairs, resolve_image_paths
+from cleansweep.data.pairs import BAD_IMAGE_POLICIES, item_seed, read_pairs, resolve_image_paths, training_item
 from cleansweep.errors import UserError
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -230,20 +230,9 @@ class ShardDataset(IterableDataset):
         return self._views(image, caption, index)
 
     def _views(self, image: Any, caption: str, index: int) -> dict[str, torch.Tensor]:
-        seed = item_seed(self.seed, self.epoch, index)
-        with torch.random.fork_rng(devices=[]):  # the draw is a function of (seed, epoch, index), as on a CSV
-            torch.manual_seed(seed)
-            item = {"image": self.transform(image)}
-            texts = [caption]
-            if self.has_ssl_views:
-                item["image_aug"] = self.ssl_image_transform(image)
-                texts.append(self.ssl_text_fn(caption, random.Random(seed)))
-        tokens = self.tokenize(texts)
-        item["text"] = tokens[0]
-        if self.has_ssl_views:
-            item["text_aug"] = tokens[1]
-        item["index"] = torch.tensor(index, dtype=torch.long)
-        return item
+        return training_item(image, caption, index, seed=item_seed(self.seed, self.epoch, index),
+                             transform=self.transform, tokenize=self.tokenize,
+                             ssl_image_transform=self.ssl_image_transform, ssl_text_fn=self.ssl_text_fn)
 
 
 class _TooBig:
