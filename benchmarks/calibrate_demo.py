@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="BadNet patch values: fresh per image or one per run")
     p.add_argument("--location", default=demo["poison"]["location"], choices=["random", "fixed"],
                    help="BadNet patch position: random or bottom-right")
+    p.add_argument("--attack", default=demo["poison"]["attack"], help="trigger (default: the preset's BadNet)")
+    p.add_argument("--param", action="append", default=[],
+                   help="trigger parameter NAME=VALUE (JSON value) of a non-BadNet --attack; repeatable")
     p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the preset's)")
     p.add_argument("--n-train", type=int, default=demo["world"]["n_train"])
     p.add_argument("--n-clean", type=int, default=demo["world"]["n_clean"], help="clean pairs for cleaning")
@@ -81,12 +84,26 @@ def build_data(args: argparse.Namespace) -> dict[str, str]:
     world = make_demo_world(args.workdir / f"world-{tag}", seed=args.seed, n_train=args.n_train,
                             n_clean=args.n_clean, n_eval=w["n_eval"], image_size=w["image_size"], **knobs)
     p = demo["poison"]
-    out = args.workdir / f"poison-{tag}-f{args.fraction}-p{args.patch_size}-{args.patch}-{args.location}"
-    manifest = poison_csv(world["train_csv"], out, attack=p["attack"], target=p["target"], fraction=args.fraction,
-                          seed=args.seed, image_size=w["image_size"], patch_size=args.patch_size,
-                          location=args.location, patch=args.patch)
+    params = trigger_params(args)
+    out = args.workdir / (f"poison-{tag}-f{args.fraction}-{args.attack}-"
+                          + "-".join(f"{k}{v}" for k, v in sorted(params.items())))
+    manifest = poison_csv(world["train_csv"], out, attack=args.attack, target=p["target"], fraction=args.fraction,
+                          seed=args.seed, image_size=w["image_size"], **params)
     return {"train_csv": str(out / manifest["output_csv"]), "clean_csv": world["clean_csv"],
             "eval_dir": world["eval_dir"], "num_poison": str(len(manifest.get("poisoned_rows", [])))}
+
+
+def trigger_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The trigger's parameters: BadNet's patch flags, or the --param values of another --attack."""
+    if args.attack == "badnet":
+        return {"patch_size": args.patch_size, "location": args.location, "patch": args.patch}
+    return {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.param)}
+
+
+def attack_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted TrainSpec overrides that evaluate the ASR with the trigger the data was poisoned with."""
+    target = presets.get_preset("demo")["poison"]["target"]
+    return {"attack": {"name": args.attack, "target": target, **trigger_params(args)}}
 
 
 class Printer:
@@ -109,11 +126,11 @@ class Printer:
 
 
 def pretrain(args: argparse.Namespace, paths: dict[str, str], objective: str) -> dict[str, Any]:
-    overrides = {"model.name": args.model, "device": args.device, "seed": args.seed,
-                 "attack.patch_size": args.patch_size, "attack.patch": args.patch, "attack.location": args.location}
+    overrides = {"model.name": args.model, "device": args.device, "seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     spec = presets.pretrain_spec("demo", objective, paths, **overrides)
+    spec["attack"] = attack_overrides(args)["attack"]
     ckpt = args.workdir / f"pretrained-{objective}.safetensors"  # one configuration per workdir
     printer = Printer(objective, keep=ckpt)
     session.fit(spec, printer)
@@ -128,9 +145,8 @@ def clean(args: argparse.Namespace, paths: dict[str, str], lr: float) -> dict[st
     init = args.workdir / f"pretrained-{args.clean_objective}.safetensors"
     spec = presets.clean_spec("demo", paths, init, **{"model.name": args.model, "device": args.device,
                                                       "optim.lr": lr, "epochs": args.clean_epochs,
-                                                      "seed": args.seed, "attack.patch_size": args.patch_size,
-                                                      "attack.patch": args.patch,
-                                                      "attack.location": args.location})
+                                                      "seed": args.seed})
+    spec["attack"] = attack_overrides(args)["attack"]
     printer = Printer(f"clean lr={lr:g}")
     session.fit(spec, printer)
     h = printer.history
