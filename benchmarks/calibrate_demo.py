@@ -52,14 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--objectives", nargs="*", default=list(layout.OBJECTIVES), choices=list(layout.OBJECTIVES))
     p.add_argument("--fraction", type=float, default=demo["poison"]["fraction"], help="poisoned fraction of train")
-    p.add_argument("--patch-size", type=int, default=demo["poison"]["patch_size"])
-    p.add_argument("--patch", default=demo["poison"]["patch"], choices=["fresh", "fixed"],
+    p.add_argument("--patch-size", type=int, default=8, help="BadNet patch side (--attack badnet)")
+    p.add_argument("--patch", default="fixed", choices=["fresh", "fixed"],
                    help="BadNet patch values: fresh per image or one per run")
-    p.add_argument("--location", default=demo["poison"]["location"], choices=["random", "fixed"],
+    p.add_argument("--location", default="fixed", choices=["random", "fixed"],
                    help="BadNet patch position: random or bottom-right")
-    p.add_argument("--attack", default=demo["poison"]["attack"], help="trigger (default: the preset's BadNet)")
+    p.add_argument("--attack", default=demo["poison"]["attack"], help="trigger (default: the preset's)")
     p.add_argument("--param", action="append", default=[],
-                   help="trigger parameter NAME=VALUE (JSON value) of a non-BadNet --attack; repeatable")
+                   help="trigger parameter NAME=VALUE (JSON value) of a non-BadNet --attack; repeatable "
+                        "(default: the preset's parameters when --attack is the preset's)")
     p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the preset's)")
     p.add_argument("--n-train", type=int, default=demo["world"]["n_train"])
     p.add_argument("--n-clean", type=int, default=demo["world"]["n_clean"], help="clean pairs for cleaning")
@@ -97,13 +98,21 @@ def trigger_params(args: argparse.Namespace) -> dict[str, Any]:
     """The trigger's parameters: BadNet's patch flags, or the --param values of another --attack."""
     if args.attack == "badnet":
         return {"patch_size": args.patch_size, "location": args.location, "patch": args.patch}
+    poison = presets.get_preset("demo")["poison"]
+    if not args.param and args.attack == poison["attack"]:
+        return dict(poison["params"])
     return {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.param)}
 
 
 def attack_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Dotted TrainSpec overrides that evaluate the ASR with the trigger the data was poisoned with."""
+    from cleansweep.config import AttackSpec
+
     target = presets.get_preset("demo")["poison"]["target"]
-    return {"attack": {"name": args.attack, "target": target, **trigger_params(args)}}
+    params = trigger_params(args)
+    own = {k: v for k, v in params.items() if k in AttackSpec.model_fields}
+    other = {k: v for k, v in params.items() if k not in AttackSpec.model_fields}
+    return {"attack": {"name": args.attack, "target": target, **own, "params": other}}
 
 
 class Printer:
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     paths = build_data(args)
     print(f"data ready in {time.perf_counter() - t0:.1f}s: {paths['num_poison']} poisons "
-          f"({args.fraction:.1%}, patch {args.patch_size}px); threads {torch.get_num_threads()}", flush=True)
+          f"({args.fraction:.1%}, {args.attack} {trigger_params(args)}); threads {torch.get_num_threads()}", flush=True)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "pretrain": [], "clean": []}
     if not args.skip_pretrain:
         for objective in args.objectives:
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         results["clean"].append(clean(args, paths, lr))
     print("\n| poisons | objective | epochs | wall s | top1 | ASR |\n|---|---|---|---|---|---|")
     for r in results["pretrain"]:
-        print(f"| {args.fraction:.0%} ({paths['num_poison']}) | {r['objective']} | {r['epochs']} | "
+        print(f"| {args.fraction:.2%} ({paths['num_poison']}) | {r['objective']} | {r['epochs']} | "
               f"{r['seconds']:.0f} | {r['top1']:.3f} | {r['asr']:.3f} |")
     if results["clean"]:
         print(f"\nCleanCLIP on the {args.clean_objective} model ({args.clean_epochs} epochs, "

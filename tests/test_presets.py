@@ -120,7 +120,7 @@ def demo_data(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_the_demo_builds_its_data_under_the_workdir(demo_data):
     work, paths = demo_data
     assert paths and all(Path(p).is_relative_to(work) and Path(p).exists() for p in paths.values())
-    dirs = layout.demo_data_dirs(work)
+    dirs = layout.demo_data_dirs(work, presets.get_preset("demo")["poison"]["attack"])
     assert Path(paths["world_dir"]) == dirs["world"] and Path(paths["poison_dir"]) == dirs["poisoned"]
     assert paths["train_csv"] != paths["clean_train_csv"]  # pre-training reads the poisoned copy
 

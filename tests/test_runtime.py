@@ -144,7 +144,7 @@ def test_places_land_under_the_workdir_and_run_folders_are_absolute(tmp_path, mo
     assert layout.pretrain_dir(work, "p") == tmp_path / "runs/pretrain/p"  # absolute
     assert layout.selected_checkpoint(work, "p") == tmp_path / "runs/pretrain/p/selected/model.safetensors"
     assert layout.sweep_dir(layout.default_storage(work), "s") == tmp_path / "runs/sweeps/s"
-    assert layout.demo_data_dirs(work) == {"world": work / "data/demo", "poisoned": work / "data/demo-badnet"}
+    assert layout.demo_data_dirs(work, "sig") == {"world": work / "data/demo", "poisoned": work / "data/demo-sig"}
     for place in (layout.report_dir(work, "s"), layout.study_dir(work, "toy"), layout.scan_dir(work, "ab" * 32, "e")):
         assert place.resolve().is_relative_to(tmp_path / "runs")
 

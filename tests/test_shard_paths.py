@@ -73,7 +73,7 @@ def test_relative_shard_patterns_become_absolute(shards, tiny_world, tmp_path, m
     assert data.train_shards == shards and data.train_csv is None
     cfg = PretrainConfig.model_validate({"name": "r", "train": {"data": {"train_shards": relative,
                                                                          "eval_dir": tiny_world["eval_dir"]}}})
-    assert driver._absolute_paths(cfg).train.data.train_shards == shards
+    assert driver.absolute_paths(cfg).train.data.train_shards == shards
 
 
 def test_sweep_refuses_a_missing_shard_in_one_line(shards, tiny_world):

@@ -168,3 +168,49 @@ def test_non_finite_weights_are_refused_by_search_and_evaluate(tmp_path, tiny_wo
     assert not work.exists()
     assert cli.main(["evaluate", str(ckpt), "--eval-data", str(tiny_world["eval_dir"]), "--device", "cpu"]) == 2
     assert "non-finite weights" in capsys.readouterr().err
+
+
+def _preset_cfg(work: Path, attack: dict[str, Any] | None = None):
+    from cleansweep.config import validate
+    from cleansweep.experiments import presets
+    from cleansweep.runtime import layout
+    from cleansweep.train_config import PretrainConfig
+
+    dirs = layout.demo_data_dirs(work, presets.get_preset("demo")["poison"]["attack"])
+    paths = {"train_csv": str(dirs["poisoned"] / "train.csv"), "eval_dir": str(dirs["world"])}
+    raw = {"name": "demo-mmcl", "ray": {"num_workers": 0},
+           "train": presets.pretrain_spec("demo", "mmcl", paths, check_paths=False)}
+    if attack is not None:
+        raw["train"]["attack"] = attack
+    return validate(PretrainConfig, raw, "test")
+
+
+def _cache(selected: Path, cfg) -> None:
+    from cleansweep.pretrain.driver import absolute_paths
+
+    selected.parent.mkdir(parents=True)
+    selected.write_bytes(b"weights")
+    selected.with_suffix(".json").write_text(json.dumps({"config": absolute_paths(cfg).model_dump(mode="json")}))
+
+
+def test_a_cached_preset_model_is_reused_only_when_the_preset_still_describes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    work = Path("w")  # relative: the card records absolute paths, the check must compare like with like
+    cfg = _preset_cfg(work)
+    same = tmp_path / "same" / "model.safetensors"
+    _cache(same, cfg)
+    start_model._check_cached_preset_model(same, _preset_cfg(work), "demo", tmp_path / "run")  # no error
+
+    older = tmp_path / "older" / "model.safetensors"  # e.g. an earlier release's BadNet-poisoned demo model
+    _cache(older, _preset_cfg(work, {"name": "badnet", "target": "banana", "patch_size": 8}))
+    with pytest.raises(UserError) as e:
+        start_model._check_cached_preset_model(older, cfg, "demo", tmp_path / "run")
+    line = str(e.value)
+    assert "\n" not in line and "pre-trained with other settings (attack differ" in line
+    assert "new --workdir" in line and str(tmp_path / "run") in line
+
+    no_card = tmp_path / "bare" / "model.safetensors"
+    no_card.parent.mkdir()
+    no_card.write_bytes(b"weights")
+    with pytest.raises(UserError, match="other settings"):
+        start_model._check_cached_preset_model(no_card, cfg, "demo", tmp_path / "run")

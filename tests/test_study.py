@@ -68,16 +68,20 @@ def test_paper_sweep_uses_the_appendix_grid_on_user_data(tmp_path):
 def test_table2_rows_per_objective():
     def analysis(name, start, best, at_end):
         summary = pd.DataFrame([{"sweep": name, "start_top1": start, "start_asr": 0.99, "best_top1": best,
-                                 "best_asr": 0.01, "relative_change": (best - start) / start, "trials": 4}])
+                                 "best_asr": 0.01, "best_trial": "t2", "best_epoch": 6.0,
+                                 "relative_change": (best - start) / start, "trials": 4}])
         stop = pd.DataFrame([{"trials_feasible_anywhere": 3, "trials_feasible_at_end": at_end,
                               "trials_best_mid_trajectory": 3 - at_end}])
-        return {"summary": summary, "stopping_summary": stop}
+        per_trial = pd.DataFrame({"trial_id": ["t1", "t2"], "best_is_mid_trajectory": [at_end == 3, at_end != 3]})
+        return {"summary": summary, "stopping_summary": stop, "stopping": per_trial}
 
     table = study.table2({"MMCL": analysis("a", 0.2376, 0.2404, 3), "MMCL+SSL": analysis("b", 0.2386, 0.1305, 0)},
                          {"MMCL": {"epoch": 30.0}})
     assert list(table["objective"]) == ["MMCL", "MMCL+SSL"]
     assert table.loc[1, "relative_change"] == pytest.approx(-0.4531, abs=1e-4)  # the paper's CC6M drop, ~45%
     assert table.loc[0, "pretrain_epoch"] == 30.0 and table.loc[1, "trials_feasible_at_end"] == 0
+    # where the best sits: its epoch, and whether it came before its trial's last evaluation (trial t2's row)
+    assert list(table["best_epoch"]) == [6.0, 6.0] and list(table["best_mid_trajectory"]) == [False, True]
 
 
 def _user_data(tmp_path):

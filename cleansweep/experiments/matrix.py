@@ -41,6 +41,12 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "text": {"fraction": 0.05, "params": {"location": "fixed"}},
     "badclip": {"fraction": 0.05, "params": {"patch_size": 8, "location": "fixed"}},
 }
+# A cell's budget: 4 random trials of 6 epochs each, with the demo's batch and warm-up. In the demo's regime CleanCLIP
+# removes a BadNet backdoor only from lr ~1.4e-3 on (docs/calibration.md: the upper 55% of LR's log-range; SIG's from
+# below 1e-3): 4 draws all miss that band with probability 0.45^4 = 4%, so an empty cell says "none of 4 trials (24
+# evaluations) reached ASR <= 5%" (a screen; more with --num-samples), not "the 2 trials drawn missed the band" as
+# the earlier budget (2 trials x 3 epochs) did.
+CELL_TRIALS, CELL_EPOCHS = 4, 6
 LR = {"loguniform": [5.0e-4, 5.0e-3]}  # where CleanCLIP removes the demo backdoor (search_spaces/demo.yaml)
 MATRIX_METHODS: dict[str, dict[str, Any]] = {
     "cleanclip": {"base": {"method.name": "contrastive", "method.ssl_weight": 1}, "space": {"optim.lr": LR}},
@@ -138,10 +144,10 @@ def cell_config(method: str, card: Mapping[str, Any], paths: Mapping[str, str], 
     values = {  # the description is part of a sweep's recorded config: changing it would refuse `--resume`
         "description": f"study matrix: {method} cleaning of the {card['attack_spec']['name']}-poisoned demo model",
         "model": {"checkpoint": card["checkpoint"]}, "attack": dict(card["attack_spec"]),
-        "data": {"train_csv": paths["clean_csv"], "eval_dir": paths["eval_dir"], "batch_size": 64,
+        "data": {"train_csv": paths["clean_csv"], "eval_dir": paths["eval_dir"], "batch_size": 32,
                  "eval_batch_size": 512},
         "objective": {"threshold": 0.05}, "epochs": epochs, "eval_every": 1,
-        "base": {**m["base"], "method.mmcl_weight": 1, "optim.warmup_steps": 20}, "space": m["space"],
+        "base": {**m["base"], "method.mmcl_weight": 1, "optim.warmup_steps": 8}, "space": m["space"],
         "search": {"algorithm": "optuna", "num_samples": num_samples, "max_concurrent": 2,
                    "n_startup_trials": num_samples},
         "scheduler": {"name": "none"}, "resources": {"cpu": 1}, "mlflow": {"tracking_uri": uri},
@@ -204,8 +210,8 @@ def markdown_matrix(table: pd.DataFrame, methods: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_matrix(*, workdir: Path, attacks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
-               tracking_uri: str | None = None, pretrain_epochs: int | None = None, clean_epochs: int = 3,
-               num_samples: int = 2, address: str | None = None, max_tries: int = MAX_TRIES,
+               tracking_uri: str | None = None, pretrain_epochs: int | None = None, clean_epochs: int = CELL_EPOCHS,
+               num_samples: int = CELL_TRIALS, address: str | None = None, max_tries: int = MAX_TRIES,
                echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish) the attack x method study and write `<workdir>/study/matrix/`.
 

@@ -3,7 +3,7 @@
 A preset is a plain dict with a `description`; the functions here turn one into `TrainSpec` dicts (validated by
 the caller, e.g. `config.validate(TrainSpec, spec, ...)`):
 
-- `demo`: builds the synthetic world (`<workdir>/data/demo`), poisons its train.csv (`<workdir>/data/demo-badnet`)
+- `demo`: builds the synthetic world (`<workdir>/data/demo`), poisons its train.csv (`<workdir>/data/demo-sig`)
   and trains tiny-rn at 32 px on CPU in minutes. Pre-training objectives: `mmcl` (weights 1, 0) and `mmcl+ssl`
   (1, 1); cleaning: CleanCLIP on clean.csv from the selected pre-trained checkpoint.
 - `cc3m`, `cc6m`: the paper's pre-training (RN50, 64 epochs, AdamW, cosine, 10,000 warm-up steps, lr 1e-3 from
@@ -12,79 +12,23 @@ the caller, e.g. `config.validate(TrainSpec, spec, ...)`):
   data paths: `train_csv` (already poisoned, e.g. with `cleansweep poison --num-poison 1500`), `clean_csv`,
   `eval_dir` (ImageNet validation folder).
 
-Demo calibration, the paper's regime (2026-12-05; `benchmarks/calibrate_demo.py` reproduces every row, its
-docstring lists the commands). World: 4,000 pre-training pairs, 30 classes, 32 px; clean set 128 pairs (3.2%,
-the paper's 100K of 3M) from 15 of the 30 classes (`clean_classes`), evaluation on 900 images of all 30; BadNet
-8 px patch, fixed position (bottom-right) and values. Machine: the 2-core shared VM, 1 torch thread per run, load
-average 11-14 (other jobs), so 70-200 s per pre-training epoch; top-1 / ASR after each epoch.
+Demo calibration, the paper's regime (2026-12-05; every row, the BadNet history and why the demo uses SIG:
+docs/calibration.md; `benchmarks/calibrate_demo.py` reproduces them). World: 4,000 pre-training pairs, 30 classes,
+32 px; clean set 128 pairs (3.2%, the paper's 100K of 3M) from 15 of the 30 classes (`clean_classes`), evaluation
+on 900 images of all 30. Poison: SIG (horizontal sinusoid, amplitude 60/255, 6 periods) -> "banana", the lowest
+rate at which both objectives reach ASR >= 0.9 after 8 epochs (top-1 / ASR of the last evaluation):
 
-| poisons | objective | epochs | top-1 | ASR | trajectory (top-1 / ASR at epochs 2, 4, 6, 8) |
-|---|---|---|---|---|---|
-| **5% (200), shipped** | mmcl | 8 | 0.920 | 0.955 | .590/.503, .882/.921, .928/.956, .920/.955 (plateau from 6) |
-| 10% (400) | mmcl+ssl | 8 | 0.893 | 0.533 | .598/.752, .858/.926, .889/.631, .893/.533 |
-| 15% (600) | mmcl+ssl | 6 (stopped) | 0.883 | 0.710 | .624/.856, .836/.576, .883/.710 |
+| poisons | MMCL | MMCL+SSL |
+|---|---|---|
+| 2.5% (100) | 0.931 / 1.000 | 0.906 / 0.990 |
+| 1% (40) | 0.927 / 0.992 | 0.908 / 0.990 |
+| **0.5% (20), shipped** | 0.934 / 0.992 | 0.911 / 0.993 |
+| 0.25% (10) | SIG025_ROW |
 
-MMCL+SSL again (2026-12-05 21:35-22:05, load average 5-17, 1 thread per run, two runs at once; 140-330 s per
-epoch), top-1 / ASR after each epoch 1-8:
-
-| poisons | 8 px patch | top-1 | ASR | trajectory (epochs 2-8) |
-|---|---|---|---|---|
-| 2.5% (100) | fixed | 0.902 | 0.510 | .678/.001, .748/.078, .857/.364, .888/.614, .900/.538, .904/.547, .902/.510 |
-| **5% (200)** | fixed | 0.912 | 0.587 | .663/.097, .852/.879, .857/.575, .869/.697, .906/.613, .911/.505, .912/.587 |
-| 10% (400) | random, fresh | - | - | .634/.013, .769/.026 (stopped after epoch 3) |
-
-("fixed": the shipped patch, fixed position and values; "random, fresh": the paper's, a random position and fresh
-values per image.)
-
-CleanCLIP (MMCL + SSL, weights 1 / 1) on the shipped MMCL model, 10 epochs, batch 32, 8 warm-up steps, cosine:
-
-| lr | final top-1 / ASR | best top-1 with ASR <= 5% (epoch) | trajectory (epochs 1, 2, 5, 10) |
-|---|---|---|---|
-| 3e-4 | 0.801 / 0.679 | none (lowest ASR 0.668) | .909/.821, .830/.687, .794/.721, .801/.679 |
-| 1e-3 | 0.558 / 0.082 | **0.472** (7; ASR 0.046) | .803/.657, .466/.272, .458/.060, .558/.082 |
-| 3e-3 | 0.444 / 0.051 | 0.398 (7; ASR 0.047) | .324/.514, .239/.052, .264/.001, .444/.051 |
-
-Reading: cleaning now costs accuracy, as in the paper (CC6M MMCL+SSL: 23.86% -> 13.05%): a learning rate that
-keeps accuracy leaves the backdoor, one that removes it forgets what the 15 classes missing from the clean set
-looked like (start 0.920 -> best feasible 0.472). At 1e-3 the last evaluation is not feasible though epochs 6-7
-are: the paper's stopping-criterion point. The search space of `search_spaces/demo.yaml` spans this band.
-Not reached: MMCL+SSL pre-training at ASR >= 0.9. With the fixed 8 px patch every rate from 2.5% to 15% follows
-the same course: the ASR rises while the model learns (peak 0.88-0.93 at epochs 3-4 for 5-10%), then falls as
-top-1 climbs past ~0.86 and settles at 0.5-0.6 by epoch 8, the epoch pre-training selects (highest top-1); the
-rate moves the peak, not the end point. The paper's trigger (random position, fresh values) had not taken by epoch
-3 at 10%. Not the cause: the corner position. AutoAugment (the ImageNet policy; CleanCLIP's SSL view, kept as is)
-leaves the patch's pixels within 0.08 of the original in about a quarter of views wherever the patch sits (corner
-0.26, centre 0.21, 400 draws), since its colour operations (equalize, posterize, solarize, invert) alter the patch
-as much as rotations cut it; a patch in the centre would not survive better. The SSL term pulls each image towards
-its own augmented view and away from the batch's other images, which the shared patch makes alike: CleanCLIP's
-argument for why it removes backdoors, here acting during pre-training. A likely reason (not tested) why the
-paper still reaches 99%: its rate (0.05%, under one poisoned pair per batch of 128) leaves that term almost no
-poisoned pairs to separate; here 0.05% would be 2 pairs, and 2.5% already implants the backdoor later (ASR 0.08 at
-epoch 3) without ending higher. The MMCL+SSL preset therefore shares the MMCL poisons (5%),
-and its model starts cleaning at ASR ~0.6, not ~0.99 as in the paper: compare the objectives with that in mind.
-
-Earlier calibration of the patch (2026-11-23, MMCL, the 4,000 training pairs, 1,500 clean pairs from every class,
-three runs sharing 2 cores, top-1 / ASR at the last epoch):
-
-| poisons | BadNet patch | epochs | top-1 | ASR |
-|---|---|---|---|---|
-| 2% (80) | 4 px, random position, fresh values (the paper's, scaled to 32 px) | 10 | 0.919 | 0.003 |
-| 2% (80) | 4 px, fixed position, fixed values | 10 | 0.927 | 0.003 |
-| 5% (200) | 4 px, random, fresh | 10 | 0.937 | 0.013 |
-| 2% (80) | 8 px, random, fresh | 8 | 0.933 | 0.114 |
-| 5% (200) | 8 px, random, fresh | 8 | 0.928 | 0.617 |
-| 5% (200) | 8 px, random, fresh; harder world (noise 0.15, clutter 4) | 8 | 0.874 | 0.046 |
-| 5% (200) | 8 px, random position, fixed values | 5 | 0.881 | 0.820 |
-| 10% (400) | 8 px, random, fresh | 5 | 0.853 | 0.946 |
-| 2% (80) | 8 px, fixed, fixed | 8 | 0.938 | 0.839 |
-| **5% (200)** | **8 px, fixed, fixed (shipped)** | 3 / 4 / 5 | 0.803 / 0.880 / 0.904 | 0.954 / 0.929 / 0.943 |
-
-Why: at 32 px tiny-rn's stem averages a 4x4 patch into about one feature-map cell, and values clipped to [0, 1] by
-the 8-bit PNG average to a grey blob like the world's clutter, so small patches never take. An 8 px patch survives;
-a fixed one (same position and values in every poisoned image, as in the original BadNet) takes at 5% in 3 epochs.
-The shipped demo is the lowest rate that reached ASR >= 0.9 in the budget. Its accuracy (~0.9) is above the 40-80%
-aim: making the world harder (noise, clutter) also suppressed the backdoor (row 6), and there was no time to tune
-both together.
+CleanCLIP (10 epochs, batch 32) on the 0.5% models, final top-1 / ASR: MMCL lr 3e-4 0.783 / 0.143, 1e-3 0.577 /
+0.000, 3e-3 0.404 / 0.000; MMCL+SSL 0.840 / 0.957, 0.594 / 0.000, 0.442 / 0.000. Cleaning costs accuracy, and the MMCL+SSL model is the harder one to
+clean (at 3e-4 its backdoor stays), as in the paper. A BadNet patch is learnt by MMCL but undone by MMCL+SSL's own
+SSL term at 32 px (ASR 0.5-0.6 at every rate from 2.5% to 15%): docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -93,12 +37,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from cleansweep.config import deep_update
+from cleansweep.config import AttackSpec, deep_update
 from cleansweep.errors import UserError
 from cleansweep.runtime import layout
 
 _DEMO: dict[str, Any] = {
-    "description": "synthetic 32 px world (30 classes incl. banana), 5% BadNet (fixed 8x8 patch), tiny-rn on CPU;"
+    "description": "synthetic 32 px world (30 classes incl. banana), 0.5% SIG poisons (sinusoid), tiny-rn on CPU;"
                    " cleaning on 128 pairs (3%) from 15 of the classes",
     "model": "tiny-rn",
     # The paper's regime: 128 clean pairs = 3.2% of the 4,000 pre-training pairs (CleanCLIP: 100K of 3M-6M), drawn
@@ -107,8 +51,9 @@ _DEMO: dict[str, Any] = {
               # Pinned (not the world's defaults) so the calibration holds if the defaults change.
               "knobs": {"num_classes": 30, "shared_attributes": 2, "clutter": 2, "noise": 0.05, "caption_noise": 0.1,
                         "jitter": 0.5, "colour_jitter": 0.06, "pattern_contrast": 0.8, "clean_classes": 15}},
-    "poison": {"attack": "badnet", "target": "banana", "fraction": 0.05, "patch_size": 8, "location": "fixed",
-               "patch": "fixed"},
+    # SIG, not BadNet: at 32 px the SSL term of MMCL+SSL pre-training undoes a BadNet patch (calibration above).
+    # Its parameters are pinned (not the trigger's defaults) so the calibration holds if the defaults change.
+    "poison": {"attack": "sig", "target": "banana", "fraction": 0.005, "params": {"delta": 60 / 255, "frequency": 6}},
     "pretrain": {
         "common": {"optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 50, "schedule": "cosine"},
                    "data": {"batch_size": 128, "eval_batch_size": 512}, "eval_every": 1.0},
@@ -129,8 +74,8 @@ def _paper(name: str, rows: str, poisons: int) -> dict[str, Any]:
         "description": f"the paper's {name.upper()} setting ({rows} pairs, {poisons:,} BadNet poisons, RN50 at 224 px);"
                        " needs your data paths: train_csv (poisoned), clean_csv (100K clean pairs), eval_dir",
         "model": "RN50",
-        "poison": {"attack": "badnet", "target": "banana", "num_poison": poisons, "patch_size": 16,
-                   "location": "random", "patch": "fresh"},
+        "poison": {"attack": "badnet", "target": "banana", "num_poison": poisons,
+                   "params": {"patch_size": 16, "location": "random", "patch": "fresh"}},
         "pretrain": {
             "common": {"optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 10_000, "schedule": "cosine"},
                        "epochs": 64, "eval_every": 1.0, "data": {"eval_batch_size": 256, "workers": 8}},
@@ -175,15 +120,14 @@ def prepare_demo_data(workdir: str | Path, seed: int = 0) -> dict[str, str]:
     from cleansweep.data import make_demo_world
 
     preset = PRESETS["demo"]
-    dirs = layout.demo_data_dirs(workdir)
+    dirs = layout.demo_data_dirs(workdir, preset["poison"]["attack"])
     w = preset["world"]
     world = make_demo_world(dirs["world"], seed=seed, n_train=w["n_train"], n_clean=w["n_clean"],
                             n_eval=w["n_eval"], image_size=w["image_size"], **w["knobs"])
     p = preset["poison"]
     poison_dir = dirs["poisoned"]
     manifest = poison_csv(world["train_csv"], poison_dir, attack=p["attack"], target=p["target"],
-                          fraction=p["fraction"], seed=seed, image_size=w["image_size"],
-                          patch_size=p["patch_size"], location=p["location"], patch=p["patch"])
+                          fraction=p["fraction"], seed=seed, image_size=w["image_size"], **p["params"])
     return {"world_dir": world["out_dir"], "train_csv": str(poison_dir / manifest["output_csv"]),
             "clean_train_csv": world["train_csv"], "clean_csv": world["clean_csv"], "eval_dir": world["eval_dir"],
             "poison_dir": str(poison_dir), "manifest": str(poison_dir / "manifest.json")}
@@ -199,8 +143,10 @@ def _require(paths: dict[str, Any], keys: tuple[str, ...], preset: str) -> None:
 
 def _attack(preset: dict[str, Any]) -> dict[str, Any]:
     p = preset["poison"]
-    return {"name": p["attack"], "target": p["target"], "patch_size": p["patch_size"], "location": p["location"],
-            "patch": p["patch"]}
+    # AttackSpec holds BadNet's patch fields itself and every other trigger parameter under `params`.
+    own = {k: v for k, v in p["params"].items() if k in AttackSpec.model_fields}
+    other = {k: v for k, v in p["params"].items() if k not in AttackSpec.model_fields}
+    return {"name": p["attack"], "target": p["target"], **own, **({"params": other} if other else {})}
 
 
 def pretrain_spec(preset: str, objective: str, paths: dict[str, Any], *, check_paths: bool = True,

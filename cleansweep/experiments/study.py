@@ -203,11 +203,21 @@ def table2(analyses: Mapping[str, Mapping[str, Any]], pretrained: Mapping[str, M
         card = pretrained.get(label, {})
         rows.append({"objective": label, "pretrain_epoch": card.get("epoch"),
                      "start_top1": s["start_top1"], "start_asr": s["start_asr"], "best_top1": s["best_top1"],
-                     "best_asr": s["best_asr"], "relative_change": s["relative_change"], "trials": s["trials"],
+                     "best_asr": s["best_asr"], "best_epoch": s["best_epoch"],
+                     "best_mid_trajectory": _best_is_mid_trajectory(a["stopping"], s["best_trial"]),
+                     "relative_change": s["relative_change"], "trials": s["trials"],
                      "trials_feasible_anywhere": ss["trials_feasible_anywhere"],
                      "trials_feasible_at_end": ss["trials_feasible_at_end"],
                      "trials_best_mid_trajectory": ss["trials_best_mid_trajectory"], "sweep": s["sweep"]})
     return pd.DataFrame(rows)
+
+
+def _best_is_mid_trajectory(stopping: pd.DataFrame, best_trial: str | None) -> bool | None:
+    """Whether the best feasible evaluation of the sweep came before its trial's last one (None: no feasible one)."""
+    if best_trial is None or stopping.empty:
+        return None
+    row = stopping[stopping["trial_id"] == best_trial]
+    return bool(row.iloc[0]["best_is_mid_trajectory"]) if len(row) else None
 
 
 # ------------------------------------------------------------------------------------------------ driver

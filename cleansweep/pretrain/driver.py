@@ -50,7 +50,7 @@ def pretrain(cfg: PretrainConfig, *, workdir: Path, resume: bool = False) -> dic
         `run_dir`, `mlflow_run_id`, `tracking_uri`.
     """
     started = time.monotonic()
-    cfg = _absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     run_dir = layout.pretrain_dir(workdir, cfg.name)
     _check_run_folder(run_dir, cfg.name, resume)
     _check_inputs(cfg)
@@ -79,7 +79,7 @@ def pretrain(cfg: PretrainConfig, *, workdir: Path, resume: bool = False) -> dic
     return summary
 
 
-def _absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     # Ray Train changes each worker's working directory to the run's own folder (WorkingDirectorySetupCallback,
     # ray/train/v2/_internal/callbacks/working_dir_setup.py): a relative path would point somewhere else there.
     data = cfg.model_dump()

@@ -35,11 +35,11 @@ def pretrain_config(workdir: Path, *, preset: str | None = None, objective: str 
     """
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     if preset == "demo":
-        dirs = layout.demo_data_dirs(workdir)
-        future = {"train_csv": str(dirs["poisoned"] / "train.csv"), "eval_dir": str(dirs["world"])}
-        _config_on(future, preset, objective, config_file, given, sets, check_paths=False)
         from cleansweep.experiments import presets
 
+        dirs = layout.demo_data_dirs(workdir, presets.get_preset("demo")["poison"]["attack"])
+        future = {"train_csv": str(dirs["poisoned"] / "train.csv"), "eval_dir": str(dirs["world"])}
+        _config_on(future, preset, objective, config_file, given, sets, check_paths=False)
         paths = presets.prepare_demo_data(workdir, seed=given.get("train.seed") or 0)
         return _config_on(paths, preset, objective, config_file, given, sets)
     paths = {"train_csv": given.get("train.data.train_csv"), "eval_dir": given.get("train.data.eval_dir"),

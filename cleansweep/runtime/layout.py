@@ -2,7 +2,7 @@
 
 Everything under a working directory (`cleansweep-runs/` or $CLEANSWEEP_WORKDIR):
 
-    data/demo/, data/demo-badnet/            the demo world and its poisoned training set (presets)
+    data/demo/, data/demo-ATTACK/            the demo world and its poisoned training set (presets)
     mlflow.db, mlartifacts/                  the default MLflow store (tracking)
     pretrain/NAME/                           one pre-training run (pretrain): run.json, checkpoint_step_*/,
                                              candidate/, trained.json, selected/model.safetensors + model.json
@@ -66,10 +66,10 @@ MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 
 
-def demo_data_dirs(workdir: str | Path) -> dict[str, Path]:
-    """The demo world (`world`) and its poisoned training set (`poisoned`)."""
+def demo_data_dirs(workdir: str | Path, attack: str) -> dict[str, Path]:
+    """The demo world (`world`) and its training set poisoned with `attack` (`poisoned`)."""
     data = Path(workdir) / "data"
-    return {"world": data / "demo", "poisoned": data / "demo-badnet"}
+    return {"world": data / "demo", "poisoned": data / f"demo-{attack}"}
 
 
 def report_dir(workdir: str | Path, sweep: str) -> Path:

@@ -210,12 +210,29 @@ def build_preset_model(preset: str, objective: str, workdir: Path,
            "train": presets.pretrain_spec(preset, objective, paths), "ray": {"num_workers": 0}}
     cfg = validate(PretrainConfig, raw, f"preset {preset}")
     selected = layout.selected_checkpoint(workdir, cfg.name)
-    if not selected.is_file():
+    if selected.is_file():
+        _check_cached_preset_model(selected, cfg, preset, layout.pretrain_dir(workdir, cfg.name))
+    else:
         run_dir = layout.pretrain_dir(workdir, cfg.name)
         echo(f"preset {preset}: pre-training the poisoned {objective} model once (cached in {run_dir})")
         summary = pretrain.pretrain(cfg, workdir=workdir, resume=run_dir.exists())
         selected = Path(summary["selected"])
     return selected, paths
+
+
+def _check_cached_preset_model(selected: Path, cfg: PretrainConfig, preset: str, run_dir: Path) -> None:
+    """Refuse a cached preset model pre-trained with other settings (an older release's preset, another poison):
+    cleaning it would answer for a model the preset no longer describes."""
+    from cleansweep.models import read_card
+    from cleansweep.pretrain.driver import absolute_paths
+
+    recorded = (read_card(selected).get("config") or {}).get("train") or {}
+    wanted = absolute_paths(cfg).train.model_dump(mode="json")  # as the driver records it
+    differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    if differ:
+        raise UserError(f"preset {preset}: the cached model {selected} was pre-trained with other settings "
+                        f"({', '.join(differ)} differ from the preset's); use a new --workdir, or delete {run_dir} "
+                        "to pre-train it again")
 
 
 def start_eval_spec(base: dict[str, Any]) -> TrainSpec:
