@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from cleansweep.config import AttackSpec, DataSpec, MlflowSpec, ModelSpec, OptimSpec, RaySpec, Seed, Strict, check_name
 from cleansweep.limits import MAX_STEPS
 from cleansweep.methods import MethodSpec, method_spec
+from cleansweep.runtime import storage
 
 
 class TrainSpec(Strict):
@@ -56,12 +57,29 @@ class PretrainConfig(Strict):
         "best_top1", description="Which evaluation's model to hand to cleaning (the paper's rules)."
     )
     reference_top1: float | None = Field(None, ge=0, le=1, description="Target accuracy for closest_top1.")
+    # str, not Path: Path folds the `//` of an s3:// or gs:// URI (`runtime.storage`).
+    storage_path: str | Path | None = Field(
+        None, description="Where run NAME lives (checkpoints, candidate/, selected/): a folder, s3://BUCKET/PREFIX or "
+        "gs://BUCKET/PREFIX; None = <workdir>/pretrain.")
 
     @model_validator(mode="after")
     def _reference(self) -> PretrainConfig:
         if self.selection == "closest_top1" and self.reference_top1 is None:
             raise ValueError("selection 'closest_top1' needs reference_top1 (e.g. 0.2376)")
         return self
+
+    @model_validator(mode="after")
+    def _remote_needs_workers(self) -> PretrainConfig:
+        if storage.is_remote(self.storage_path) and self.ray.num_workers == 0:
+            # In-process runs keep their own checkpoints with local folder operations (`pretrain.worker`).
+            raise ValueError(f"storage_path {self.storage_path} needs Ray Train workers: use --num-workers 1 or more, "
+                             "or a local --storage-path for an in-process run (--num-workers 0)")
+        return self
+
+    @field_validator("storage_path", mode="before")
+    @classmethod
+    def _location(cls, v: str | Path | None) -> str | Path | None:
+        return storage.location_value(v)
 
     @field_validator("name")
     @classmethod

@@ -6,6 +6,7 @@ Generic on purpose so every module's tests can reuse them:
 - `tiny_spec`: a `TrainSpec` dict (plain dict: tests `deep_update` it) for one CPU epoch of tiny-rn on it.
 - `tiny_checkpoint`: a tiny backdoored pre-trained model (integration suites: sweeps, MLflow on PostgreSQL), built
   once per session.
+- `s3`: a moto S3 server on loopback with one empty bucket and the AWS variables pointing at it (tests/s3_server.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any
 import pytest
 
 ASR = "asr_top1"
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch):
+    from s3_server import serve
+
+    yield from serve(monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,9 @@
 storage the sweep cannot use is one line and exit 2 before Ray starts (fast); a tiny sweep whose trials, checkpoints
 and best model live in the bucket, then resumed from there (integration: real Ray, Tune, MLflow).
 
-The server is moto's standalone S3 HTTP server (`moto[server]`, a dev extra), started on a free loopback port per test:
-pyarrow's S3 filesystem talks to it over HTTP exactly as to AWS S3 or MinIO. The files are checked with pyarrow's own
-`S3FileSystem`, not with the module under test.
+The server is moto's standalone S3 HTTP server (`moto[server]`, a dev extra), started on a free loopback port per test
+(the `s3` fixture, tests/s3_server.py): pyarrow's S3 filesystem talks to it over HTTP exactly as to AWS S3 or MinIO.
+The files are checked with pyarrow's own `S3FileSystem`, not with the module under test.
 """
 
 from __future__ import annotations
@@ -12,46 +12,17 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
-import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from s3_server import BUCKET, break_access, bucket_objects
 
 from cleansweep import cli
 from cleansweep.errors import UserError
 from cleansweep.runtime import storage
 from cleansweep.sweep import delivery
 
-BUCKET = "cleansweep-test"
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 (a free port), one bucket, and the AWS variables pointing at it."""
-    pafs = pytest.importorskip("pyarrow.fs")
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # moto keeps its buckets per process, not per server: start each test from none.
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
-                           region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir(BUCKET)
-    yield SimpleNamespace(endpoint=endpoint, fs=fs, pafs=pafs)
-    server.stop()
-
-
-def _objects(s3, prefix: str) -> dict[str, int]:
-    """Every object under `prefix` of the bucket -> its size, listed with pyarrow's own S3 filesystem."""
-    infos = s3.fs.get_file_info(s3.pafs.FileSelector(f"{BUCKET}/{prefix}", allow_not_found=True, recursive=True))
-    return {i.path[len(BUCKET) + 1:]: i.size for i in infos if i.type == s3.pafs.FileType.File}
+_objects = bucket_objects
 
 
 def _free_port() -> int:
@@ -202,12 +173,7 @@ def test_bad_storage_is_one_line_and_exit_2_before_ray_starts(s3, tmp_path, caps
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = {"no bucket": "s3://no-such-bucket/sweeps", "bad scheme": "ftp://host/sweeps"}.get(case,
                                                                                            f"s3://{BUCKET}/sweeps")
-    if case == "no credentials":
-        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    if case == "unreachable":
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    break_access(monkeypatch, case, tmp_path)
     work = tmp_path / "w"
     code = cli.main(["search", str(_space(tmp_path)), "--name", "s", "--storage-path", uri, "--workdir", str(work)])
     err = capsys.readouterr().err

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from cleansweep import limits
 from cleansweep.cli.parser import add_workdir, tracking_store, workdir_of
-from cleansweep.runtime import layout
+from cleansweep.runtime import layout, storage
 
 if TYPE_CHECKING:  # imported when used: `cleansweep --help` stays quick
     from cleansweep.train_config import PretrainConfig
@@ -21,6 +21,7 @@ FLAG_KEYS = {
     "warmup_steps": "train.optim.warmup_steps", "eval_every": "train.eval_every", "seed": "train.seed",
     "num_workers": "ray.num_workers", "use_gpu": "ray.use_gpu", "cpus_per_worker": "ray.cpus_per_worker",
     "address": "ray.address", "selection": "selection", "reference_top1": "reference_top1",
+    "storage_path": "storage_path",
 }
 
 
@@ -30,7 +31,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="demo: build + poison the synthetic world if absent, then train; cc3m, cc6m: the "
                    "paper's settings on your --train-csv/--eval-data")
     p.add_argument("--objective", choices=sorted(layout.OBJECTIVES), help="pre-training loss: mmcl or mmcl+ssl")
-    p.add_argument("--name", help="run name: folder <workdir>/pretrain/NAME and the MLflow run name")
+    p.add_argument("--name", help="run name: folder <workdir>/pretrain/NAME (or --storage-path/NAME) and the MLflow "
+                   "run name")
     p.add_argument("--model", help="model config name (cleansweep.models.list_models())")
     p.add_argument("--train-csv", type=Path, help="image-caption CSV to train on")
     p.add_argument("--eval-data", type=Path, help="ImageNet-style evaluation folder")
@@ -55,6 +57,9 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--selection", choices=["best_top1", "closest_top1", "last"],
                    help="checkpoint handed to cleaning: best accuracy, accuracy closest to --reference-top1, last")
     p.add_argument("--reference-top1", type=limits.fraction, help="target accuracy for --selection closest_top1")
+    # str, not Path: Path folds the `//` of a URI (`runtime.storage`).
+    p.add_argument("--storage-path", type=str, help="where run NAME lives: a folder, s3://BUCKET/PREFIX or "
+                   "gs://BUCKET/PREFIX (default: <workdir>/pretrain; a URI needs --num-workers 1 or more)")
     p.add_argument("--resume", action="store_true", help="continue run NAME from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set train.optim.weight_decay=0.2 (repeatable; YAML values)")
@@ -73,6 +78,7 @@ def pretrain_config(args: argparse.Namespace, workdir: Path) -> PretrainConfig:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     workdir = workdir_of(args)
     cfg = pretrain_config(args, workdir)
+    storage.check_storage(cfg.storage_path)  # one line now, before the MLflow store or Ray
     tracking_store(cfg.mlflow.tracking_uri, workdir)
     from cleansweep.pretrain.driver import pretrain
 

@@ -4,7 +4,9 @@ It checks everything that can be checked before a cluster is touched (inputs, ru
 MLflow run, launches `TorchTrainer(worker.train_worker)` and, once training has ended, exports the selected
 evaluation's model (`selection.export_selected`) and logs its card.
 
-Layout of `<workdir>/pretrain/NAME/` (also Ray's `storage_path/name`): see `layout.py`. The last
+Layout of `<workdir>/pretrain/NAME/` (also Ray's `storage_path/name`): see `layout.py`; with `storage_path` set, the
+same run folder is `<storage_path>/NAME/`, and for an s3:// or gs:// URI everything in it is an object there
+(`run_location`), so the driver, the workers and a later `--resume` find it from any node. The last
 `keep_checkpoints` resumable checkpoints (Ray's, or ours with num_workers=0); `candidate/` holds the best evaluation
 so far under `selection` (written by rank 0 eagerly, so Ray pruning old checkpoints never loses the selected one);
 `selected/` is written once training ends and is what cleaning consumes.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +34,7 @@ from cleansweep import tracking
 from cleansweep.errors import UserError
 from cleansweep.pretrain.selection import CARD_KEYS, data_hashes, export_selected, objective_name
 from cleansweep.pretrain.worker import train_worker
-from cleansweep.runtime import atomic, cluster, layout, scratch
+from cleansweep.runtime import cluster, layout, scratch, storage
 from cleansweep.train_config import PretrainConfig
 
 RUN_FILE, DONE_FILE = layout.PRETRAIN_RUN_FILE, layout.PRETRAIN_DONE_FILE
@@ -42,16 +45,17 @@ def pretrain(cfg: PretrainConfig, *, workdir: Path, resume: bool = False) -> dic
 
     Args:
         cfg: Validated configuration; relative paths are taken relative to the current directory.
-        workdir: Holds `pretrain/NAME/` and, by default, the MLflow database.
+        workdir: Holds `pretrain/NAME/` (unless `cfg.storage_path` says where) and, by default, the MLflow database.
         resume: Continue run NAME from its last checkpoint (without it an existing NAME is an error).
 
     Returns:
-        Summary: `selected` (path of model.safetensors), `zeroshot_top1`, `asr_top1`, `step`, `epoch`, `minutes`,
+        Summary: `selected` (path or URI of model.safetensors), `zeroshot_top1`, `asr_top1`, `step`, `epoch`, `minutes`,
         `run_dir`, `mlflow_run_id`, `tracking_uri`.
     """
     started = time.monotonic()
     cfg = absolute_paths(cfg)
-    run_dir = layout.pretrain_dir(workdir, cfg.name)
+    run_dir = run_location(cfg, workdir)
+    storage.check_storage(run_dir)  # credentials, endpoint and bucket: one line now, not a Ray traceback later
     _check_run_folder(run_dir, cfg.name, resume)
     _check_inputs(cfg)
     # Cluster and resources first: a request that can never run leaves no run folder and no MLflow run behind.
@@ -64,11 +68,11 @@ def pretrain(cfg: PretrainConfig, *, workdir: Path, resume: bool = False) -> dic
                                  run_name=cfg.name, tags=run_tags(cfg))
         try:
             run.log_params(_driver_params(cfg), on_conflict="rename")
-            (run_dir / DONE_FILE).unlink(missing_ok=True)
+            storage.remove_file(storage.join(run_dir, DONE_FILE))
             _train(cfg, run_dir, _loop_config(cfg, run_dir, uri, run.run_id))
-            if not (run_dir / DONE_FILE).is_file():
+            if not storage.is_file(storage.join(run_dir, DONE_FILE)):
                 raise KeyboardInterrupt  # Ray aborted the run (Ctrl-C): what was reported is kept, resume later
-            scratch.remove(scratch.name(run_dir))  # what killed workers on this node left (other nodes: at resume)
+            scratch.remove(scratch.name(str(run_dir)))  # what killed workers on this node left (other nodes: at resume)
             summary = _export_selected(cfg, run_dir, run)
         except BaseException as e:
             run.end(tracking.exit_status(e))
@@ -101,29 +105,41 @@ def _check_inputs(cfg: PretrainConfig) -> None:
     session.preflight(cfg.train)
 
 
-def _check_run_folder(run_dir: Path, name: str, resume: bool) -> None:
+def run_location(cfg: PretrainConfig, workdir: Path) -> storage.Location:
+    """Folder of run NAME: `<storage_path>/NAME` (a `str` URI for object storage), else `<workdir>/pretrain/NAME`."""
+    if cfg.storage_path is None:
+        return layout.pretrain_dir(workdir, cfg.name)
+    if storage.is_remote(cfg.storage_path):
+        return storage.join(cfg.storage_path, cfg.name)
+    return Path(cfg.storage_path).resolve() / cfg.name
+
+
+def _check_run_folder(run_dir: storage.Location, name: str, resume: bool) -> None:
     """Refuse a re-used name unless `resume`: Ray Train restores any run it finds under `storage_path/name`.
 
     Its checkpoint manager loads the snapshot of an earlier run of that name when it starts
     (`_maybe_load_state_from_storage`, ray/train/v2/_internal/execution/checkpoint/checkpoint_manager.py), so without
     this check a new run would silently continue an old one.
     """
-    if run_dir.exists() and not resume:
+    if not storage.exists(run_dir):
+        return
+    if not resume:
         raise UserError(f"run {name} exists ({run_dir}); pass --resume to continue it or choose another --name")
-    if run_dir.exists() and not (run_dir / RUN_FILE).is_file():
+    if not storage.is_file(storage.join(run_dir, RUN_FILE)):
         raise UserError(f"{run_dir} is not a cleansweep pre-training run ({RUN_FILE} missing); choose another --name")
 
 
-def _open_run_folder(run_dir: Path, cfg: PretrainConfig, resume: bool) -> dict[str, Any]:
+def _open_run_folder(run_dir: storage.Location, cfg: PretrainConfig, resume: bool) -> dict[str, Any]:
     """The run's identity (the uid in its MLflow key): read on resume, created (atomically) on a fresh start."""
-    ident_path = run_dir / RUN_FILE
-    if run_dir.exists():
-        return json.loads(ident_path.read_text())
+    ident_path = storage.join(run_dir, RUN_FILE)
+    if storage.exists(run_dir):
+        return json.loads(storage.read_bytes(ident_path))
     if resume:
-        print(f"note: no run {cfg.name} under {run_dir.parent} yet; starting it")
+        print(f"note: no run {cfg.name} under {storage.parent(run_dir)} yet; starting it")
     identity = {"name": cfg.name, "uid": uuid.uuid4().hex, "config": cfg.model_dump(mode="json")}
-    run_dir.mkdir(parents=True)
-    atomic.write_json(ident_path, identity)
+    if not storage.is_remote(run_dir):
+        Path(run_dir).mkdir(parents=True)
+    storage.write_json(ident_path, identity)  # one object, whole or absent, on object storage
     return identity
 
 
@@ -143,10 +159,10 @@ def _driver_params(cfg: PretrainConfig) -> dict[str, Any]:
             "keep_checkpoints": cfg.keep_checkpoints}
 
 
-def _loop_config(cfg: PretrainConfig, run_dir: Path, uri: str, run_id: str) -> dict[str, Any]:
+def _loop_config(cfg: PretrainConfig, run_dir: storage.Location, uri: str, run_id: str) -> dict[str, Any]:
     """What every worker receives: plain values and absolute paths only (workers run in another CWD)."""
     return {"spec": cfg.train.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id, "name": cfg.name,
-            "run_dir": str(run_dir), "scratch": scratch.name(run_dir), "local": cfg.ray.num_workers == 0,
+            "run_dir": str(run_dir), "scratch": scratch.name(str(run_dir)), "local": cfg.ray.num_workers == 0,
             "keep": cfg.keep_checkpoints,
             "selection": cfg.selection, "reference_top1": cfg.reference_top1}
 
@@ -164,7 +180,7 @@ def _cluster(cfg: PretrainConfig) -> Iterator[None]:
         yield
 
 
-def _train(cfg: PretrainConfig, run_dir: Path, loop_config: dict[str, Any]) -> None:
+def _train(cfg: PretrainConfig, run_dir: storage.Location, loop_config: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
@@ -172,7 +188,9 @@ def _train(cfg: PretrainConfig, run_dir: Path, loop_config: dict[str, Any]) -> N
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=cfg.name, storage_path=str(run_dir.parent),
+            # A URI goes to Ray as it is: Train resolves it with pyarrow's `FileSystem.from_uri` (`get_fs_and_path`,
+            # ray/train/_internal/storage.py) and its workers persist checkpoints there themselves.
+            name=cfg.name, storage_path=str(storage.parent(run_dir)),
             # Deterministic failures (bad data, NaN loss) fail again when retried, and `controller_failure_limit`
             # defaults to -1: a worker group that never starts (WorkerGroupStartupTimeoutError) is retried forever
             # (FailureConfig, ray/train/v2/api/config.py; failure_handling/default.py). So: no retries.
@@ -230,10 +248,18 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool,
                             ask=ask, unit="worker", fix=fix)
 
 
-def _export_selected(cfg: PretrainConfig, run_dir: Path, run: tracking.RunHandle) -> dict[str, Any]:
+def _export_selected(cfg: PretrainConfig, run_dir: storage.Location, run: tracking.RunHandle) -> dict[str, Any]:
     """Write selected/ from candidate/ (`selection.export_selected`), log its card to MLflow; return the summary."""
     selected, card = export_selected(cfg, run_dir, run.run_id)
-    run.log_artifact(selected.with_suffix(".json"), layout.SELECTED)
+    card_file = storage.join(storage.parent(selected), Path(str(selected)).with_suffix(".json").name)
+    if storage.is_remote(card_file):  # MLflow logs a local file: the card as it landed in the bucket
+        staging = storage.local_staging("card")
+        try:
+            run.log_artifact(storage.download(card_file, staging / Path(str(card_file)).name), layout.SELECTED)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        run.log_artifact(Path(card_file), layout.SELECTED)
     run.set_tags(tracking.pretrain_tags(selection=cfg.selection, selected_step=card["step"],
                                         selected_zeroshot_top1=card["zeroshot_top1"],
                                         selected_asr_top1=card.get("asr_top1"), selected_path=str(selected)))

@@ -3,7 +3,9 @@
 During training rank 0 offers every evaluation to a `Selector`; the best one so far under the run's `selection` rule
 is copied eagerly to `candidate/` (so Ray pruning old checkpoints never loses it). When training has ended,
 `export_selected` writes `selected/model.safetensors` + `model.json` (the card) from it: what cleaning consumes and
-what `selected_card` reads back. No Ray and no MLflow here: the driver logs the card.
+what `selected_card` reads back. The run folder may be an object-storage URI (`runtime.storage`): then candidate/ and
+selected/ are objects there, written so that a reader never pairs a record with other weights. No Ray and no MLflow
+here: the driver logs the card.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import json
 import math
 import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cleansweep.errors import UserError
-from cleansweep.runtime import atomic, layout
+from cleansweep.runtime import atomic, layout, storage
 from cleansweep.train_config import PretrainConfig, TrainSpec
 
 CARD_KEYS = ("zeroshot_top1", "zeroshot_top5", "asr_top1", "epoch")  # the card's headline metrics (+ step)
@@ -56,12 +59,23 @@ class Selector:
 
 
 # ------------------------------------------------------------------------------------------------ candidate/
-def write_candidate(checkpoint_dir: Path, dest: Path, metrics: Mapping[str, float]) -> None:
+# A local candidate/ is replaced as one folder (`atomic.replace_dir`). Object storage has no rename, so there the
+# weights go to a new object of their own name first and candidate.json, written last, names them (WEIGHTS_KEY): a
+# crash between the two leaves the previous pair complete, and a reader never pairs metrics with other weights. The
+# weights objects no record names are deleted after each write.
+WEIGHTS_KEY = "weights"
+
+
+def write_candidate(checkpoint_dir: Path, dest: storage.Location, metrics: Mapping[str, float]) -> None:
     """Copy a checkpoint's weights and its metrics to `dest` (the run's `candidate/`), replacing it atomically."""
     weights = checkpoint_dir / layout.MODEL_FILE
     if not weights.is_file():
         raise RuntimeError(f"session checkpoint {checkpoint_dir} has no {layout.MODEL_FILE}; cannot keep the selected "
                            "model")
+    if storage.is_remote(dest):
+        _write_remote_candidate(weights, str(dest), metrics)
+        return
+    dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -70,16 +84,39 @@ def write_candidate(checkpoint_dir: Path, dest: Path, metrics: Mapping[str, floa
     atomic.replace_dir(tmp, dest)
 
 
+def _write_remote_candidate(weights: Path, dest: str, metrics: Mapping[str, float]) -> None:
+    name = f"model-{int(metrics['step']):09d}-{uuid.uuid4().hex[:8]}.safetensors"  # never an object already named
+    storage.upload(weights, storage.join(dest, name))
+    storage.write_json(storage.join(dest, layout.CANDIDATE_FILE), {**metrics, WEIGHTS_KEY: name})
+    for old in storage.list_files(dest):
+        if old.endswith(".safetensors") and old != name:
+            storage.remove_file(storage.join(dest, old))
+
+
 def candidate_dir(run_dir: Path) -> Path:
     """The run's `candidate/` folder, or the previous one that a crash inside `atomic.replace_dir` left as `.old`."""
     current = run_dir / layout.CANDIDATE
     return current if current.is_dir() else atomic.previous_dir(current)
 
 
-def read_candidate(run_dir: Path) -> dict[str, float] | None:
+def candidate_record(run_dir: storage.Location) -> tuple[dict[str, float], storage.Location] | None:
+    """The metrics of the run's current candidate and where its weights are, or None before its first evaluation with
+    a checkpoint (both read from one record, so they always belong together)."""
+    if storage.is_remote(run_dir):
+        record = storage.join(run_dir, layout.CANDIDATE, layout.CANDIDATE_FILE)
+        if not storage.is_file(record):
+            return None
+        metrics = json.loads(storage.read_bytes(record))
+        return metrics, storage.join(run_dir, layout.CANDIDATE, str(metrics.pop(WEIGHTS_KEY)))
+    folder = candidate_dir(Path(run_dir))
+    path = folder / layout.CANDIDATE_FILE
+    return (json.loads(path.read_text()), folder / layout.MODEL_FILE) if path.is_file() else None
+
+
+def read_candidate(run_dir: storage.Location) -> dict[str, float] | None:
     """The metrics of the run's current candidate, or None before its first evaluation with a checkpoint."""
-    path = candidate_dir(run_dir) / layout.CANDIDATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    record = candidate_record(run_dir)
+    return None if record is None else record[0]
 
 
 # ------------------------------------------------------------------------------------------------ selected/
@@ -119,27 +156,61 @@ def shards_sha256(shards: list[Path]) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def export_selected(cfg: PretrainConfig, run_dir: Path, mlflow_run_id: str) -> tuple[Path, dict[str, Any]]:
-    """candidate/ -> selected/model.safetensors + model.json (via `models.save_checkpoint`), replaced atomically.
+def export_selected(cfg: PretrainConfig, run_dir: storage.Location, mlflow_run_id: str
+                    ) -> tuple[storage.Location, dict[str, Any]]:
+    """candidate/ -> selected/model.safetensors + model.json (via `models.save_checkpoint`), replaced atomically
+    (`publish_selected` for object storage).
 
     Returns:
-        The selected weights' path and the card written beside them.
+        The selected weights' path (a URI for object storage) and the card written beside them.
     """
-    from cleansweep.models import create_model, load_state_dict_file, load_weights, save_checkpoint
+    from cleansweep.models import save_checkpoint
 
-    candidate = read_candidate(run_dir)
-    if candidate is None:
+    found = candidate_record(run_dir)
+    if found is None:
         raise RuntimeError(f"run {cfg.name} reported no evaluation with a checkpoint; nothing to select")
+    candidate, weights = found
+    if storage.is_remote(run_dir):
+        staging = storage.local_staging("selected")
+        try:
+            local = storage.download(weights, staging / "candidate.safetensors")
+            model, card = _selected_model(cfg, candidate, local, mlflow_run_id)
+            saved = save_checkpoint(staging / layout.MODEL_FILE, model, card)
+            return publish_selected(saved, str(storage.join(run_dir, layout.SELECTED))), card
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    model, card = _selected_model(cfg, candidate, Path(weights), mlflow_run_id)
+    staging = Path(tempfile.mkdtemp(prefix=".selected-", dir=run_dir))
+    saved = save_checkpoint(staging / layout.MODEL_FILE, model, card)
+    atomic.replace_dir(staging, Path(run_dir) / layout.SELECTED)
+    return Path(run_dir) / layout.SELECTED / saved.name, card
+
+
+def _selected_model(cfg: PretrainConfig, candidate: Mapping[str, float], weights: Path, mlflow_run_id: str
+                    ) -> tuple[Any, dict[str, Any]]:
+    """The candidate's model (loaded the safe way) and the card of selected/."""
+    from cleansweep.models import create_model, load_state_dict_file, load_weights
+
     model = create_model(cfg.train.model.name).model
-    load_weights(model, load_state_dict_file(candidate_dir(run_dir) / layout.MODEL_FILE))
+    load_weights(model, load_state_dict_file(weights))
     card = {**{k: candidate.get(k) for k in CARD_KEYS}, "step": int(candidate["step"]), "selection": cfg.selection,
-            "reference_top1": cfg.reference_top1, "metrics": candidate, "config": cfg.model_dump(mode="json"),
+            "reference_top1": cfg.reference_top1, "metrics": dict(candidate), "config": cfg.model_dump(mode="json"),
             "data": data_hashes(cfg.train), "objective": objective_name(cfg.train), "mlflow_run_id": mlflow_run_id,
             "model": cfg.train.model.name}
-    staging = Path(tempfile.mkdtemp(prefix=".selected-", dir=run_dir))
-    weights = save_checkpoint(staging / layout.MODEL_FILE, model, card)
-    atomic.replace_dir(staging, run_dir / layout.SELECTED)
-    return run_dir / layout.SELECTED / weights.name, card
+    return model, card
+
+
+def publish_selected(weights: Path, dest: str) -> str:
+    """Upload local weights and their card (model.json beside them) to folder URI `dest`; returns the weights' URI.
+
+    The card goes last and the previous one is deleted first: a card in the bucket always describes the weights
+    beside it, and a consumer that finds no card finds no finished export.
+    """
+    card = storage.join(dest, weights.with_suffix(".json").name)
+    storage.remove_file(card)
+    storage.upload(weights, storage.join(dest, weights.name))
+    storage.upload(weights.with_suffix(".json"), card)
+    return str(storage.join(dest, weights.name))
 
 
 def selected_card(workdir: Path, run_name: str) -> dict[str, Any] | None:

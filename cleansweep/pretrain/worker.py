@@ -22,7 +22,7 @@ import ray.train
 
 from cleansweep import tracking
 from cleansweep.pretrain.selection import Selector, read_candidate, write_candidate
-from cleansweep.runtime import atomic, layout, scratch
+from cleansweep.runtime import atomic, layout, scratch, storage
 from cleansweep.train_config import TrainSpec
 
 
@@ -31,7 +31,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from cleansweep import fit as session
 
     spec = TrainSpec.model_validate(config["spec"])
-    run_dir = Path(config["run_dir"])
+    run_dir = storage.parse_location(config["run_dir"])  # an object-storage URI stays a str
     rank = ray.train.get_context().get_world_rank()
     nodes = _worker_nodes(config["local"])
     handle = None
@@ -44,7 +44,7 @@ def train_worker(config: dict[str, Any]) -> None:
                          selector=selector, progress=progress)
     with scratch.folder(config["scratch"], f"rank{rank}") as in_flight:
         if config["local"]:
-            latest = latest_local_checkpoint(run_dir)
+            latest = latest_local_checkpoint(Path(run_dir))  # in-process runs keep a local folder (PretrainConfig)
             summary = session.fit(spec, reporter, resume_from=str(latest) if latest else None, scratch_dir=in_flight,
                                   progress=progress)
         elif (checkpoint := ray.train.get_checkpoint()) is None:
@@ -55,14 +55,14 @@ def train_worker(config: dict[str, Any]) -> None:
                                       progress=progress)
     if rank == 0:
         # The driver's proof that training ran to its end (an aborted Ray run also returns from fit()).
-        atomic.write_json(run_dir / layout.PRETRAIN_DONE_FILE, {"step": summary["step"],
-                                                                "last": flat_metrics(summary.get("last", {}))})
+        storage.write_json(storage.join(run_dir, layout.PRETRAIN_DONE_FILE),
+                           {"step": summary["step"], "last": flat_metrics(summary.get("last", {}))})
 
 
 class _Reporter:
     """The `report(metrics, checkpoint_dir)` adapter handed to `fit.fit`."""
 
-    def __init__(self, *, rank: int, local: bool, run_dir: Path, keep: int, run: tracking.RunHandle | None,
+    def __init__(self, *, rank: int, local: bool, run_dir: storage.Location, keep: int, run: tracking.RunHandle | None,
                  selector: Selector, progress: ProgressLine | None = None):
         self.rank, self.local, self.run_dir, self.keep = rank, local, run_dir, keep
         self.run, self.selector, self.progress = run, selector, progress
@@ -79,11 +79,11 @@ class _Reporter:
                 self.run.log_params(params, on_conflict="rename")
             self.run.log_metrics(flat, step)
             if checkpoint_dir and self.selector.consider(flat):
-                write_candidate(Path(checkpoint_dir), self.run_dir / layout.CANDIDATE, flat)
+                write_candidate(Path(checkpoint_dir), storage.join(self.run_dir, layout.CANDIDATE), flat)
         name = layout.checkpoint_name(step)
         if self.local:
             if checkpoint_dir:
-                _keep_local_checkpoint(Path(checkpoint_dir), self.run_dir / name, self.keep)
+                _keep_local_checkpoint(Path(checkpoint_dir), Path(self.run_dir) / name, self.keep)
             ray.train.report(flat)
             return
         # Every rank reports (a barrier); rank 0's files are the checkpoint (all ranks hold the same weights).

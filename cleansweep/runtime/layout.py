@@ -6,10 +6,12 @@ Everything under a working directory (`cleansweep-runs/` or $CLEANSWEEP_WORKDIR)
     mlflow.db, mlartifacts/                  the default MLflow store (tracking)
     pretrain/NAME/                           one pre-training run (pretrain): run.json, checkpoint_step_*/,
                                              candidate/, trained.json, selected/model.safetensors + model.json
+                                             (or STORAGE_PATH/NAME/ with `--storage-path`, a folder or a URI)
     sweeps/NAME/                             one sweep (search): sweep.json, space.yaml, preselect.json,
                                              main/ and preselect/ (Tune's experiments), leaderboard.csv, pareto.png
     reports/NAME/                            `cleansweep report NAME`
     scans/<checkpoint>-<folder>/             a proxy-ASR sweep's scan of its starting model (scan.json, inversion)
+    checkpoints/<uri hash>/                  a sweep's starting model downloaded from object storage (+ its card)
     study/PRESET/                            `cleansweep study PRESET`
 
 A training checkpoint directory (session): model.safetensors + model.json (weights and card), state.pt
@@ -83,6 +85,13 @@ def scan_dir(workdir: str | Path, checkpoint_sha256: str, eval_dir: str) -> Path
 
     folder = hashlib.sha1(str(Path(eval_dir).resolve()).encode()).hexdigest()[:8]
     return Path(workdir) / "scans" / f"{checkpoint_sha256[:16]}-{folder}"
+
+
+def fetched_checkpoint_dir(workdir: str | Path, uri: str) -> Path:
+    """Where a sweep keeps its copy of a starting model given as an s3:// or gs:// URI (one folder per URI)."""
+    import hashlib
+
+    return Path(workdir).resolve() / "checkpoints" / hashlib.sha1(uri.encode()).hexdigest()[:12]
 
 
 INVERSION_FILE = "inversion.safetensors"  # `cleansweep scan`: the inverted mask and pattern (+ inversion.json card)

@@ -1,4 +1,5 @@
-"""Where sweeps keep their trials: a local folder, or an object-storage URI (`s3://bucket/prefix`, `gs://bucket/prefix`).
+"""Where sweeps and pre-training runs keep their files: a local folder, or an object-storage URI (`s3://bucket/prefix`,
+`gs://bucket/prefix`).
 
 A URI stays a `str` all the way to Ray: `pathlib.Path` would fold its `//` (`s3://b/x` -> `s3:/b/x`). Ray Tune and
 Train resolve a URI storage path with `pyarrow.fs.FileSystem.from_uri` (`ray/train/_internal/storage.py`,
@@ -13,6 +14,7 @@ a missing bucket is one line naming the fix instead of a Ray traceback minutes l
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -48,6 +50,16 @@ def parse_location(value: str | Path) -> Location:
         raise UserError(f"storage {text!r}: no bucket; write it as {scheme}://BUCKET/PREFIX")
     path = "/".join(p for p in parts.path.split("/") if p)
     return f"{scheme}://{parts.netloc}" + (f"/{path}" if path else "") + (f"?{parts.query}" if parts.query else "")
+
+
+def location_value(value: str | Path | None) -> Location | None:
+    """`parse_location` for a pydantic field validator: a bad URI is a ValueError (reported on its key)."""
+    if value is None:
+        return None
+    try:
+        return parse_location(value)
+    except UserError as e:
+        raise ValueError(str(e)) from None
 
 
 def join(base: Location, *parts: str) -> Location:
@@ -139,6 +151,21 @@ def write_bytes(location: Location, data: bytes) -> None:
         f.write(data)
 
 
+def write_json(location: Location, data: object) -> None:
+    """Write `data` as indented JSON (non-JSON values as strings) to `location` (see `write_bytes`)."""
+    write_bytes(location, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def remove_file(location: Location) -> None:
+    """Delete the file at `location`; nothing there is fine."""
+    if not is_remote(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    if is_file(location):
+        fs, path = filesystem(str(location))
+        fs.delete_file(path)
+
+
 def upload(local_file: Path, location: Location) -> None:
     """Copy a local file to `location`."""
     write_bytes(location, Path(local_file).read_bytes())
@@ -148,6 +175,31 @@ def download(location: Location, local_file: Path) -> Path:
     """Copy the file at `location` to `local_file`; returns `local_file`."""
     Path(local_file).write_bytes(read_bytes(location))
     return Path(local_file)
+
+
+def fetch_checkpoint(uri: str, folder: Path, weights_name: str, what: str) -> Path:
+    """Copy a checkpoint from object storage into local `folder`, each file atomically: the weights object `uri`, or
+    `weights_name` under folder URI `uri`, and its card (the .json beside it; an earlier copy's card is removed when
+    there is none). Returns the local weights file, which the project's safe loaders read as any local checkpoint.
+
+    Raises:
+        UserError: (prefixed with `what`, the flag or key that named it) neither object exists.
+    """
+    from cleansweep.runtime import atomic
+
+    weights = uri if is_file(uri) else str(join(uri, weights_name))
+    if not is_file(weights):
+        raise UserError(f"{what} {uri}: no such object, nor {weights_name} under it; pass the URI of the weights or "
+                        "of the folder holding them")
+    name = Path(urlsplit(weights).path).name
+    folder.mkdir(parents=True, exist_ok=True)
+    local = atomic.write_atomic(folder / name, lambda tmp: download(weights, tmp))
+    card = join(parent(weights), Path(name).with_suffix(".json").name)
+    if is_file(card):
+        atomic.write_atomic(local.with_suffix(".json"), lambda tmp: download(card, tmp))
+    else:
+        local.with_suffix(".json").unlink(missing_ok=True)
+    return local
 
 
 def remove_tree(location: Location) -> None:

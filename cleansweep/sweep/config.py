@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 
 from cleansweep.config import AttackSpec, DataSpec, Domain, MlflowSpec, Scalar, Seed, Strict, check_name, number_or_text
 from cleansweep.limits import MAX_COUNT, MAX_GRID_POINTS, MAX_STEPS, MAX_WORKERS
+from cleansweep.runtime import storage
 
 
 class SweepAttackSpec(AttackSpec):
@@ -57,10 +58,18 @@ ParamSpace = Annotated[dict[str, Any], BeforeValidator(_param_space)]
 
 
 class StartModelSpec(Strict):
-    checkpoint: Path | None = Field(None, description="Pre-trained checkpoint to clean (its JSON card beside it).")
+    # str, not Path: Path folds the `//` of an s3:// or gs:// URI (`runtime.storage`).
+    checkpoint: str | Path | None = Field(None, description="Pre-trained checkpoint to clean (its JSON card beside "
+                                          "it): a file, or an s3:// / gs:// URI of one or of the folder holding "
+                                          "model.safetensors (a pre-training run's selected/).")
     preset: Literal["demo"] | None = Field(None, description="Build (or reuse the cached) pre-trained preset model.")
     objective: Literal["mmcl", "mmcl+ssl"] = Field("mmcl", description="Pre-training objective of the preset.")
     name: str | None = Field(None, description="Model config name; None = from the checkpoint's card.")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _location(cls, v: str | Path | None) -> str | Path | None:
+        return storage.location_value(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> StartModelSpec:

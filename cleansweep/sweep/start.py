@@ -20,7 +20,7 @@ from typing import Any
 from cleansweep.config import AttackSpec, DataSpec, validate
 from cleansweep.errors import UserError
 from cleansweep.objective import ASR, PROXY_ASR, TOP1
-from cleansweep.runtime import layout
+from cleansweep.runtime import layout, storage
 from cleansweep.sweep import space
 from cleansweep.sweep.config import SearchConfig
 from cleansweep.train_config import PretrainConfig, TrainSpec
@@ -77,9 +77,7 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
         if data is None:
             data = DataSpec(train_csv=paths["clean_csv"], eval_dir=paths["eval_dir"])
     else:
-        init = Path(cfg.model.checkpoint).resolve()
-        if not init.is_file():
-            raise UserError(f"model.checkpoint {init} not found; pass the pre-trained .safetensors (or .pt) file")
+        init = start_checkpoint(cfg.model.checkpoint, Path(workdir), echo)
     card = read_card(init)
     # The starting weights are read once here: a non-finite or unrecognisable model is refused before anything runs.
     model_name = checkpoint_model_name(init, cfg.model.name, load_state_dict_file(init), model_flag="model.name")
@@ -100,6 +98,29 @@ def resolve(cfg: SearchConfig, workdir: Path, *, echo: Callable[[str], None] = p
     warning = already_clean_warning(metrics, base, attack_source)  # printed by the sweep once nothing can refuse it
     return StartModel(init=init.resolve(), model_name=model_name, card=card, base=base, metrics=metrics,
                       source=source, attack_source=attack_source, warning=warning)
+
+
+def start_checkpoint(checkpoint: storage.Location, workdir: Path, echo: Callable[[str], None] = print) -> Path:
+    """The local weights file of `model.checkpoint`: the file itself, or for an s3:// / gs:// URI a copy.
+
+    A URI names the weights object or the folder holding `model.safetensors` (a pre-training run's `selected/`); the
+    weights and their card (the .json beside them) are downloaded to `<workdir>/checkpoints/<hash of the URI>/`
+    (`layout.fetched_checkpoint_dir`), where the loaders read them as any local checkpoint (safetensors, never
+    unpickled code). Trials read that copy: on several nodes it must be where each node sees it, like the data.
+
+    Raises:
+        UserError: a missing file or object, or object storage that cannot be used (`storage.check_storage`).
+    """
+    if not storage.is_remote(checkpoint):
+        init = Path(checkpoint).resolve()
+        if not init.is_file():
+            raise UserError(f"model.checkpoint {init} not found; pass the pre-trained .safetensors (or .pt) file")
+        return init
+    uri = str(checkpoint)
+    storage.check_storage(uri)
+    folder = layout.fetched_checkpoint_dir(workdir, uri)
+    echo(f"model.checkpoint: copying {uri} to {folder}")
+    return storage.fetch_checkpoint(uri, folder, layout.MODEL_FILE, "model.checkpoint")
 
 
 def sweep_attack(cfg: SearchConfig, card: Mapping[str, Any], init: Path, model_name: str) -> tuple[dict[str, Any],
