@@ -16,14 +16,15 @@ Demo calibration, the paper's regime (2026-12-05; every row, the BadNet history 
 docs/calibration.md; `benchmarks/calibrate_demo.py` reproduces them). World: 4,000 pre-training pairs, 30 classes,
 32 px; clean set 128 pairs (3.2%, the paper's 100K of 3M) from 15 of the 30 classes (`clean_classes`), evaluation
 on 900 images of all 30. Poison: SIG (horizontal sinusoid, amplitude 60/255, 6 periods) -> "banana", the lowest
-rate at which both objectives reach ASR >= 0.9 after 8 epochs (top-1 / ASR of the last evaluation):
+rate at which both objectives hold ASR >= 0.9 at every evaluation from epoch 4 on, so whichever epoch pre-training
+selects (highest top-1) is backdoored (top-1 / ASR of the last evaluation):
 
 | poisons | MMCL | MMCL+SSL |
 |---|---|---|
 | 2.5% (100) | 0.931 / 1.000 | 0.906 / 0.990 |
 | 1% (40) | 0.927 / 0.992 | 0.908 / 0.990 |
 | **0.5% (20), shipped** | 0.934 / 0.992 | 0.911 / 0.993 |
-| 0.25% (10) | SIG025_ROW |
+| 0.25% (10) | 0.934 / 0.970 | 0.913 / 0.954 (both dip under 0.9 mid-run: not shipped) |
 
 CleanCLIP (10 epochs, batch 32) on the 0.5% models, final top-1 / ASR: MMCL lr 3e-4 0.783 / 0.143, 1e-3 0.577 /
 0.000, 3e-3 0.404 / 0.000; MMCL+SSL 0.840 / 0.957, 0.594 / 0.000, 0.442 / 0.000. Cleaning costs accuracy, and the MMCL+SSL model is the harder one to
