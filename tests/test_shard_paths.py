@@ -55,6 +55,8 @@ def test_pretrain_tags_name_the_shard_pattern(shards, tiny_world):
                                                                          "eval_dir": tiny_world["eval_dir"]}}})
     tags = driver.run_tags(cfg)
     assert tags["cleansweep.dataset"] == shards and "cleansweep.train_csv_sha256" not in tags
+    # the shards' fingerprint, as the card records it, so MLflow can tell two pre-trainings' data apart
+    assert tags["cleansweep.train_shards_sha256"] == selection.data_hashes(cfg.train)["train_shards_sha256"]
 
 
 def test_pretrain_config_takes_shards_from_the_yaml(shards, tiny_world, tmp_path):

@@ -28,7 +28,8 @@ NODE_TAG = "cleansweep.node"  # the Ray node a trial ran on
 BEST_MODEL_TAG = "cleansweep.best_model"  # on a sweep's parent run: registered model name and version
 BEST_MODEL_PROBLEM_TAG = "cleansweep.best_model_problem"  # on a parent run: why its best model was not delivered
 _PRETRAIN_TAGS = {"objective": "cleansweep.objective", "dataset": "cleansweep.dataset",
-                  "train_csv_sha256": "cleansweep.train_csv_sha256", "attack": "cleansweep.attack",
+                  "train_csv_sha256": "cleansweep.train_csv_sha256",
+                  "train_shards_sha256": "cleansweep.train_shards_sha256", "attack": "cleansweep.attack",
                   "target": "cleansweep.target", "eval_dir": "cleansweep.eval_dir",
                   "poison_manifest_sha256": "cleansweep.poison_manifest_sha256",
                   "worker_nodes": "cleansweep.worker_nodes", "num_nodes": "cleansweep.num_nodes",
