@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--samples", type=int, default=24, help="Optuna trials")
     ap.add_argument("--seeds", default="0", help="Optuna sweeps, one per seed (the grid runs once)")
+    ap.add_argument("--grid-sweep", default=None, help="reuse this finished grid sweep of --workdir (its name)")
     ap.add_argument("--grace-period", type=int, default=3, help="ASHA grace period (epochs)")
     ap.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor")
     ap.add_argument("--startup", type=int, default=6, help="Optuna's random startup trials")
@@ -123,8 +124,11 @@ def main() -> None:
     work = root / "work"
     t0 = time.monotonic()
     g_cfg = spaces.load(grid)
-    g = driver.search(g_cfg, start_model.resolve(g_cfg, work), name=f"eff-grid-{stamp}", workdir=work,
-                      echo=lambda s: None)
+    if args.grid_sweep:  # a finished grid of the same shape, measured earlier in this workdir
+        g = {"tracking_uri": tracking.resolve_tracking_uri(None, work), "name": args.grid_sweep}
+    else:
+        g = driver.search(g_cfg, start_model.resolve(g_cfg, work), name=f"eff-grid-{stamp}", workdir=work,
+                          echo=lambda s: None)
     g_evals = evaluations(g["tracking_uri"], g["name"])
     feasible = g_evals[g_evals["asr_top1"] <= args.threshold]
     grid_epochs = float(g_evals.groupby("trial_id")["epoch"].max().sum())
@@ -137,7 +141,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     for seed in (int(x) for x in args.seeds.split(",")):
-        tpe = write_space(root / f"optuna-{seed}.yaml", head, common + f"""
+        tpe = write_space(root / f"optuna-{seed}.yaml", head, textwrap.dedent(common) + textwrap.dedent(f"""
             seed: {seed}
             space:
               optim.lr: {{loguniform: [{lo}, {hi}]}}
@@ -145,7 +149,7 @@ def main() -> None:
             search: {{algorithm: optuna, num_samples: {args.samples}, max_concurrent: 2,
                       n_startup_trials: {args.startup}}}
             scheduler: {{name: asha, grace_period: {args.grace_period}, reduction_factor: {args.reduction_factor}}}
-            """)
+            """))
         result["optuna"].append(optuna_run(tpe, work, f"eff-optuna-{stamp}-s{seed}", seed, grid_epochs,
                                            result["grid_best_feasible_top1"], args))
     print(json.dumps(result, indent=2))
