@@ -62,7 +62,7 @@ _TOY_CLEAN: dict[str, Any] = {  # the budget and space of search_spaces/demo.yam
 
 STUDIES: dict[str, dict[str, Any]] = {
     "toy": {"preset": "demo",
-            "description": "the built-in synthetic world; 2 pre-trainings + 2 sweeps, ~1 h on 2 CPU cores",
+            "description": "the built-in synthetic world; 2 pre-trainings + 2 sweeps, 26-36 min on 2 busy CPU cores",
             "clean": {"mmcl": _TOY_CLEAN, "mmcl+ssl": _TOY_CLEAN}, "ray": {"num_workers": 1, "cpus_per_worker": 1}},
     "cc3m": {"preset": "cc3m", "description": "the paper's CC3M setting (RN50, Appendix D.1/D.2 grids) on your data",
              "clean": {"mmcl": "paper_D01.yaml", "mmcl+ssl": "paper_D02.yaml"},
