@@ -33,3 +33,26 @@ def sigterm_as_sigint() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def tune_signal_handlers_removed_after() -> Iterator[None]:
+    """Restore SIGINT's and SIGUSR1's handlers when the block ends.
+
+    Tune's `_setup_signal_catching` (ray/tune/tune.py) installs its own SIGINT handler for a run and puts the old one
+    back only when a signal arrives: after a run that ended by itself, the next Ctrl-C in the same process (the
+    matrix's or the study's next in-process pre-training) would only set the finished run's stop flag and be lost.
+    """
+    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    try:
+        saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    except ValueError:
+        saved = {}
+    try:
+        yield
+    finally:
+        for name, handler in saved.items():
+            try:
+                signal.signal(getattr(signal, name), handler)
+            except (ValueError, TypeError):  # not the main thread, or a handler set from C
+                pass

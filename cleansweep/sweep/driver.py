@@ -205,7 +205,7 @@ def run_stage(cfg: SearchConfig, ctx: TrialContext, sweep_dir: storage.Location,
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                            run_config=_run_config(cfg, ctx, sweep_dir, echo))
     budget_start = time.monotonic()
-    with interrupts.sigterm_as_sigint():
+    with interrupts.sigterm_as_sigint(), interrupts.tune_signal_handlers_removed_after():
         try:
             grid = tuner.fit()
         except RuntimeError as e:
