@@ -106,13 +106,8 @@ def trigger_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def attack_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Dotted TrainSpec overrides that evaluate the ASR with the trigger the data was poisoned with."""
-    from cleansweep.config import AttackSpec
-
     target = presets.get_preset("demo")["poison"]["target"]
-    params = trigger_params(args)
-    own = {k: v for k, v in params.items() if k in AttackSpec.model_fields}
-    other = {k: v for k, v in params.items() if k not in AttackSpec.model_fields}
-    return {"attack": {"name": args.attack, "target": target, **own, "params": other}}
+    return {"attack": presets.attack_spec(args.attack, target, trigger_params(args))}
 
 
 class Printer:

@@ -27,9 +27,10 @@ selects (highest top-1) is backdoored (top-1 / ASR of the last evaluation):
 | 0.25% (10) | 0.934 / 0.970 | 0.913 / 0.954 (both dip under 0.9 mid-run: not shipped) |
 
 CleanCLIP (10 epochs, batch 32) on the 0.5% models, final top-1 / ASR: MMCL lr 3e-4 0.783 / 0.143, 1e-3 0.577 /
-0.000, 3e-3 0.404 / 0.000; MMCL+SSL 0.840 / 0.957, 0.594 / 0.000, 0.442 / 0.000. Cleaning costs accuracy, and the MMCL+SSL model is the harder one to
-clean (at 3e-4 its backdoor stays), as in the paper. A BadNet patch is learnt by MMCL but undone by MMCL+SSL's own
-SSL term at 32 px (ASR 0.5-0.6 at every rate from 2.5% to 15%): docs/calibration.md.
+0.000, 3e-3 0.404 / 0.000; MMCL+SSL 0.840 / 0.957, 0.594 / 0.000, 0.442 / 0.000. Cleaning costs accuracy, and
+the MMCL+SSL model is the harder one to clean (at 3e-4 its backdoor stays), as in the paper. A BadNet patch is
+learnt by MMCL but undone by MMCL+SSL's own SSL term at 32 px (ASR 0.51-0.71 at every rate from 2.5% to 15%):
+docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -144,10 +145,15 @@ def _require(paths: dict[str, Any], keys: tuple[str, ...], preset: str) -> None:
 
 def _attack(preset: dict[str, Any]) -> dict[str, Any]:
     p = preset["poison"]
-    # AttackSpec holds BadNet's patch fields itself and every other trigger parameter under `params`.
-    own = {k: v for k, v in p["params"].items() if k in AttackSpec.model_fields}
-    other = {k: v for k, v in p["params"].items() if k not in AttackSpec.model_fields}
-    return {"name": p["attack"], "target": p["target"], **own, **({"params": other} if other else {})}
+    return attack_spec(p["attack"], p["target"], p["params"])
+
+
+def attack_spec(name: str, target: str, params: dict[str, Any]) -> dict[str, Any]:
+    """An AttackSpec dict from a trigger's parameters: BadNet's patch fields are AttackSpec's own, every other
+    parameter goes under `params`."""
+    own = {k: v for k, v in params.items() if k in AttackSpec.model_fields}
+    other = {k: v for k, v in params.items() if k not in AttackSpec.model_fields}
+    return {"name": name, "target": target, **own, **({"params": other} if other else {})}
 
 
 def pretrain_spec(preset: str, objective: str, paths: dict[str, Any], *, check_paths: bool = True,

@@ -149,7 +149,8 @@ def run_tags(cfg: PretrainConfig) -> dict[str, str]:
     hashes = data_hashes(spec)
     return {tracking.KIND_TAG: "pretrain", **tracking.pretrain_tags(
         objective=objective_name(spec), dataset=spec.data.train_source, train_csv_sha256=hashes.get("train_csv_sha256"),
-        train_shards_sha256=hashes.get("train_shards_sha256"), attack=spec.attack.name, target=spec.attack.target, eval_dir=hashes["eval_dir"],
+        train_shards_sha256=hashes.get("train_shards_sha256"), attack=spec.attack.name, target=spec.attack.target,
+        eval_dir=hashes["eval_dir"],
         poison_manifest_sha256=hashes["poison_manifest_sha256"])}
 
 
